@@ -1,0 +1,240 @@
+use super::connect;
+use super::publisher::declare_exchange;
+use crate::error::BusError;
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ExchangeKind};
+
+/// The queue a subscriber consumes from.
+#[derive(Debug, Clone)]
+pub struct QueueSpec {
+    /// Queue name; one durable queue per subscriber app.
+    pub name: String,
+    /// Publisher namespaces to follow (bound as `<namespace>.#`).
+    pub namespaces: Vec<String>,
+    /// Unacknowledged messages the broker may hand us at once.
+    pub prefetch: u16,
+    /// A temporary queue (`kausal tail`): exclusive, auto-deleted, no dead letters.
+    pub temporary: bool,
+    /// Messages older than this are dropped by the broker (a laptop subscriber's queue).
+    pub message_ttl_ms: Option<u32>,
+}
+
+impl QueueSpec {
+    pub fn durable(name: &str, namespaces: &[&str]) -> Self {
+        QueueSpec {
+            name: name.to_string(),
+            namespaces: namespaces.iter().map(|s| s.to_string()).collect(),
+            prefetch: 256,
+            temporary: false,
+            message_ttl_ms: None,
+        }
+    }
+
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dlq", self.name)
+    }
+}
+
+/// One received message, to be acked after it was applied or rejected to dead letters.
+pub struct Delivery {
+    pub body: Vec<u8>,
+    pub redelivered: bool,
+    pub routing_key: String,
+    acker: lapin::Acker,
+}
+
+impl Delivery {
+    pub async fn ack(&self) -> Result<(), BusError> {
+        self.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|source| BusError::Amqp {
+                operation: "basic.ack",
+                source,
+            })
+    }
+
+    /// Sends the message to the dead-letter queue (no requeue).
+    pub async fn dead_letter(&self) -> Result<(), BusError> {
+        self.acker
+            .nack(BasicNackOptions {
+                requeue: false,
+                multiple: false,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|source| BusError::Amqp {
+                operation: "basic.nack",
+                source,
+            })
+    }
+
+    /// Hands the message back to the queue so it is delivered again.
+    pub async fn requeue(&self) -> Result<(), BusError> {
+        self.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                multiple: false,
+            })
+            .await
+            .map(|_| ())
+            .map_err(|source| BusError::Amqp {
+                operation: "basic.nack",
+                source,
+            })
+    }
+}
+
+/// Consumes one subscriber queue with manual acks and a prefetch window.
+pub struct AmqpConsumer {
+    conn: Connection,
+    channel: Channel,
+    consumer: lapin::Consumer,
+}
+
+impl AmqpConsumer {
+    /// Connects, declares the exchange, the queue, its bindings and its dead-letter
+    /// queue, and starts consuming.
+    pub async fn connect(url: &str, exchange: &str, spec: &QueueSpec) -> Result<Self, BusError> {
+        let conn = connect(url).await?;
+        let channel = conn.create_channel().await.map_err(|source| BusError::Amqp {
+            operation: "open channel",
+            source,
+        })?;
+        declare_queue(&channel, exchange, spec).await?;
+        channel
+            .basic_qos(spec.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|source| BusError::Amqp {
+                operation: "basic.qos",
+                source,
+            })?;
+        let consumer = channel
+            .basic_consume(
+                spec.name.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    exclusive: spec.temporary,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|source| BusError::Amqp {
+                operation: "basic.consume",
+                source,
+            })?;
+        Ok(AmqpConsumer {
+            conn,
+            channel,
+            consumer,
+        })
+    }
+
+    /// The next delivery; `None` when the consumer was cancelled.
+    pub async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
+        let item = self.consumer.next().await?;
+        Some(
+            item.map(|d| Delivery {
+                body: d.data,
+                redelivered: d.redelivered,
+                routing_key: d.routing_key.to_string(),
+                acker: d.acker,
+            })
+            .map_err(|source| BusError::Amqp {
+                operation: "consume",
+                source,
+            }),
+        )
+    }
+
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+/// Declares the exchange, the queue with its bindings, and the dead-letter path.
+/// Idempotent; safe to call from every worker.
+pub async fn declare_queue(channel: &Channel, exchange: &str, spec: &QueueSpec) -> Result<(), BusError> {
+    declare_exchange(channel, exchange).await?;
+    let amqp = |operation| move |source| BusError::Amqp { operation, source };
+    let mut args = FieldTable::default();
+    if !spec.temporary {
+        let dlx = format!("{exchange}.dlx");
+        channel
+            .exchange_declare(
+                dlx.as_str().into(),
+                ExchangeKind::Direct,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("exchange.declare"))?;
+        let dlq = spec.dead_letter_queue();
+        channel
+            .queue_declare(
+                dlq.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("queue.declare"))?;
+        channel
+            .queue_bind(
+                dlq.as_str().into(),
+                dlx.as_str().into(),
+                spec.name.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("queue.bind"))?;
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(dlx.as_str().into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(spec.name.as_str().into()),
+        );
+    }
+    if let Some(ttl) = spec.message_ttl_ms {
+        args.insert("x-message-ttl".into(), AMQPValue::LongUInt(ttl));
+    }
+    let options = if spec.temporary {
+        QueueDeclareOptions {
+            exclusive: true,
+            auto_delete: true,
+            ..QueueDeclareOptions::default()
+        }
+    } else {
+        QueueDeclareOptions::durable()
+    };
+    channel
+        .queue_declare(spec.name.as_str().into(), options, args)
+        .await
+        .map_err(amqp("queue.declare"))?;
+    for ns in &spec.namespaces {
+        channel
+            .queue_bind(
+                spec.name.as_str().into(),
+                exchange.into(),
+                format!("{ns}.#").as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(amqp("queue.bind"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,103 @@
+use super::connect;
+use crate::error::BusError;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+
+/// Publishes persistent messages to the topic exchange with publisher confirms.
+///
+/// `publish` returns as soon as the message is handed to the connection; the returned
+/// [`PendingConfirm`] resolves when the broker has taken responsibility for it. Callers
+/// keep many in flight and await them in order: RabbitMQ confirms on one channel arrive
+/// in publish order.
+pub struct AmqpPublisher {
+    conn: Connection,
+    channel: Channel,
+    exchange: String,
+}
+
+/// A published message the broker has not confirmed yet.
+pub struct PendingConfirm(lapin::PublisherConfirm);
+
+impl PendingConfirm {
+    /// Resolves once the broker confirmed the message; a nack is an error.
+    pub async fn wait(self) -> Result<(), BusError> {
+        let confirm = self.0.await.map_err(|source| BusError::Amqp {
+            operation: "publisher confirm",
+            source,
+        })?;
+        if confirm.is_nack() {
+            return Err(BusError::Nacked);
+        }
+        Ok(())
+    }
+}
+
+impl AmqpPublisher {
+    /// Connects, declares the durable topic exchange and turns on confirms.
+    pub async fn connect(url: &str, exchange: &str) -> Result<Self, BusError> {
+        let conn = connect(url).await?;
+        let channel = conn.create_channel().await.map_err(|source| BusError::Amqp {
+            operation: "open channel",
+            source,
+        })?;
+        declare_exchange(&channel, exchange).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|source| BusError::Amqp {
+                operation: "confirm.select",
+                source,
+            })?;
+        Ok(AmqpPublisher {
+            conn,
+            channel,
+            exchange: exchange.to_string(),
+        })
+    }
+
+    /// Publishes one persistent message.
+    pub async fn publish(&self, routing_key: &str, body: &[u8]) -> Result<PendingConfirm, BusError> {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/vnd.kausal".into());
+        let confirm = self
+            .channel
+            .basic_publish(
+                self.exchange.as_str().into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await
+            .map_err(|source| BusError::Amqp {
+                operation: "basic.publish",
+                source,
+            })?;
+        Ok(PendingConfirm(confirm))
+    }
+
+    pub async fn close(self) {
+        let _ = self.channel.close(200, "bye".into()).await;
+        let _ = self.conn.close(200, "bye".into()).await;
+    }
+}
+
+pub(crate) async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), BusError> {
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|source| BusError::Amqp {
+            operation: "exchange.declare",
+            source,
+        })
+}

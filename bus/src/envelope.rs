@@ -1,0 +1,317 @@
+//! The wire format: what one AMQP message carries.
+//!
+//! A message body is a 4-byte header — the magic `KSL` and the major format version —
+//! followed by a JSON document holding one or more [`Envelope`]s (one per source
+//! transaction, or per part of a split transaction). The header lets a decoder reject a
+//! newer major version or foreign bytes before parsing anything; JSON keeps the payload
+//! readable with standard tools and lets minor versions add fields that older
+//! subscribers ignore. See `docs/wire-format.md` for an annotated example.
+//!
+//! This module is pure: no I/O, no clocks. Decoding never panics on any input.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Magic prefix of every Kausal message body.
+pub const MAGIC: &[u8; 3] = b"KSL";
+/// Major version of the format this build writes and reads. A decoder refuses messages
+/// with a higher major version rather than guess at their meaning.
+pub const FORMAT_MAJOR: u8 = 1;
+
+/// One source transaction (or one part of a large one), as published.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The publisher namespace (also the first segment of the routing key).
+    pub namespace: String,
+    /// Changes whenever the publisher lost its checkpoint and restarted its counters and
+    /// sequence numbers; subscribers reset their state for this namespace on a new one.
+    pub generation: u64,
+    /// Gap-free, starting at 1 in each generation. All parts of a split transaction
+    /// share the sequence number.
+    pub seq: u64,
+    /// Zero-based index of this part within the transaction.
+    #[serde(default)]
+    pub part: u32,
+    /// Set on the final part only: the number of parts of this transaction. Unsplit
+    /// transactions have `part = 0, parts = Some(1)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts: Option<u32>,
+    /// Where this transaction ends in the source log, e.g. `pg:0/16B3748` or
+    /// `mysql:0-1-42`. Opaque to subscribers; useful to operators.
+    pub position: String,
+    /// Commit time at the source, microseconds since the Unix epoch.
+    pub commit_ts_us: i64,
+    /// Transaction id at the source (Postgres xid, MySQL GTID or similar).
+    pub txid: String,
+    /// Who and why, as the application attached it.
+    #[serde(default, skip_serializing_if = "Context::is_empty")]
+    pub context: Context,
+    /// Tables whose published schema this envelope carries: always the first time a
+    /// table appears after a publisher start, and whenever it changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub schemas: Vec<TableSchema>,
+    /// The row changes of this part, in source order.
+    #[serde(default)]
+    pub changes: Vec<Change>,
+    /// Dependencies of this part; see `docs/wire-format.md` for the rule.
+    #[serde(default)]
+    pub deps: Vec<Dep>,
+}
+
+impl Envelope {
+    /// True when this is the last (or only) part of its transaction.
+    pub fn is_last_part(&self) -> bool {
+        self.parts.is_some()
+    }
+}
+
+/// Application context, from `pg_logical_emit_message(true, 'kausal', '<json>')` or the
+/// MySQL equivalent.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Context {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Session names the application tagged this transaction with.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions: Vec<String>,
+    /// Free-form application context, passed through untouched.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub extra: Map<String, Value>,
+}
+
+impl Context {
+    pub fn is_empty(&self) -> bool {
+        self.user.is_none()
+            && self.request_id.is_none()
+            && self.host.is_none()
+            && self.sessions.is_empty()
+            && self.extra.is_empty()
+    }
+}
+
+/// The published shape of one table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TableSchema {
+    pub table: String,
+    /// Published columns in source order: `(name, source type name)`.
+    pub columns: Vec<Column>,
+    /// Names of the primary key columns (always published).
+    pub key: Vec<String>,
+    /// True when the columns differ from what this publisher announced before for the
+    /// table (DDL happened at the source).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub changed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    /// Source type, e.g. `int4`, `text`, `numeric`, `_int4` (array), `timestamptz`.
+    #[serde(rename = "type")]
+    pub type_name: String,
+}
+
+/// Kinds of row change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+    /// The whole table was emptied; `key` and row images are absent.
+    Truncate,
+}
+
+/// One row change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub op: Op,
+    /// Published table name.
+    pub table: String,
+    /// Primary key of the row after the change (before it, for deletes).
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub key: Map<String, Value>,
+    /// Primary key before the change, only when an update changed the key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_key: Option<Map<String, Value>>,
+    /// Published columns after the change (insert, update).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub new: Option<Map<String, Value>>,
+    /// Published columns before the change, when the source logs them
+    /// (Postgres `REPLICA IDENTITY FULL`, MySQL `binlog_row_image=FULL`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old: Option<Map<String, Value>>,
+    /// Columns left out of `new` because the source did not log them (unchanged
+    /// out-of-line TOAST values): the subscriber keeps its stored value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unchanged: Vec<String>,
+}
+
+/// Read or write dependency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DepKind {
+    #[serde(rename = "r")]
+    Read,
+    #[serde(rename = "w")]
+    Write,
+}
+
+/// A dependency on a hashed key: see `docs/wire-format.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dep {
+    /// Hashed key (FNV-1a, modulo the publisher's key space).
+    pub k: u32,
+    /// Version: for a write, this transaction's operation number on `k`; for a read,
+    /// the operation number of the last write to `k` it observed.
+    pub v: u64,
+    pub kind: DepKind,
+    /// Sequence number of the latest earlier transaction this dependency waits for
+    /// (0: none). Lets a subscriber without counters wait on its applied-through mark.
+    pub after: u64,
+}
+
+/// Errors decoding a message body.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message is {len} bytes, too short for a Kausal header")]
+    Truncated { len: usize },
+    #[error("not a Kausal message (bad magic bytes)")]
+    NotKausal,
+    #[error(
+        "message uses wire format version {found}, this subscriber reads up to {supported}: \
+         upgrade the subscriber"
+    )]
+    NewerVersion { found: u8, supported: u8 },
+    #[error("malformed Kausal message body")]
+    Malformed(#[source] serde_json::Error),
+    #[error("message holds no envelopes")]
+    Empty,
+}
+
+#[derive(Serialize)]
+struct BatchRef<'a> {
+    envelopes: &'a [Envelope],
+}
+
+#[derive(Deserialize)]
+struct Batch {
+    envelopes: Vec<Envelope>,
+}
+
+/// Encodes one or more envelopes as one message body.
+pub fn encode(envelopes: &[Envelope]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 * envelopes.len().max(1));
+    out.extend_from_slice(MAGIC);
+    out.push(FORMAT_MAJOR);
+    // Serializing plain data structs into a Vec cannot fail.
+    serde_json::to_writer(&mut out, &BatchRef { envelopes })
+        .expect("envelope serialization is infallible");
+    out
+}
+
+/// Decodes a message body. Never panics.
+pub fn decode(bytes: &[u8]) -> Result<Vec<Envelope>, DecodeError> {
+    if bytes.len() < 4 {
+        if !bytes.is_empty() && !MAGIC.starts_with(&bytes[..bytes.len().min(3)]) {
+            return Err(DecodeError::NotKausal);
+        }
+        return Err(DecodeError::Truncated { len: bytes.len() });
+    }
+    if &bytes[..3] != MAGIC {
+        return Err(DecodeError::NotKausal);
+    }
+    if bytes[3] > FORMAT_MAJOR {
+        return Err(DecodeError::NewerVersion {
+            found: bytes[3],
+            supported: FORMAT_MAJOR,
+        });
+    }
+    let batch: Batch = serde_json::from_slice(&bytes[4..]).map_err(DecodeError::Malformed)?;
+    if batch.envelopes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    Ok(batch.envelopes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Envelope {
+        Envelope {
+            namespace: "shop".into(),
+            generation: 7,
+            seq: 42,
+            part: 0,
+            parts: Some(1),
+            position: "pg:0/16B3748".into(),
+            commit_ts_us: 1_700_000_000_000_000,
+            txid: "731".into(),
+            context: Context {
+                user: Some("alice".into()),
+                sessions: vec!["user:1".into()],
+                ..Context::default()
+            },
+            schemas: vec![],
+            changes: vec![Change {
+                op: Op::Insert,
+                table: "users".into(),
+                key: json!({"id": 1}).as_object().unwrap().clone(),
+                old_key: None,
+                new: Some(json!({"id": 1, "name": "Ann"}).as_object().unwrap().clone()),
+                old: None,
+                unchanged: vec![],
+            }],
+            deps: vec![Dep {
+                k: 17,
+                v: 3,
+                kind: DepKind::Write,
+                after: 40,
+            }],
+        }
+    }
+
+    #[test]
+    fn round_trips_a_batch() {
+        let batch = vec![sample(), Envelope { seq: 43, ..sample() }];
+        assert_eq!(decode(&encode(&batch)).unwrap(), batch);
+    }
+
+    #[test]
+    fn refuses_a_newer_major_version() {
+        let mut bytes = encode(&[sample()]);
+        bytes[3] = FORMAT_MAJOR + 1;
+        assert!(matches!(
+            decode(&bytes),
+            Err(DecodeError::NewerVersion { found, .. }) if found == FORMAT_MAJOR + 1
+        ));
+    }
+
+    #[test]
+    fn refuses_truncated_and_foreign_bytes() {
+        let bytes = encode(&[sample()]);
+        for cut in [0, 2, 4, 10, bytes.len() - 1] {
+            assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(matches!(decode(b"{\"a\":1}"), Err(DecodeError::NotKausal)));
+        assert!(matches!(decode(b"KSL\x01[]"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode(b"KSL\x01{\"envelopes\":[]}"),
+            Err(DecodeError::Empty)
+        ));
+    }
+
+    #[test]
+    fn ignores_unknown_fields_from_a_newer_minor_version() {
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["added_in_1_1"] = json!(true);
+        let mut bytes = b"KSL\x01".to_vec();
+        bytes.extend(serde_json::to_vec(&json!({"envelopes": [v], "more": 1})).unwrap());
+        assert_eq!(decode(&bytes).unwrap(), vec![sample()]);
+    }
+}

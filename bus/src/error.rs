@@ -1,0 +1,50 @@
+//! Errors of the bus crate.
+
+/// How a caller should react to an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Retry with backoff: the broker may come back (restart, network blip).
+    Transient,
+    /// Retrying the same thing will fail the same way: fix configuration or input.
+    Definite,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error(
+        "cannot reach RabbitMQ at {endpoint}: is the broker running and the address right? \
+         (set broker.url or KAUSAL_BROKER_URL)"
+    )]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error(
+        "RabbitMQ refused the login at {endpoint}: check the user and password in broker.url"
+    )]
+    AccessRefused {
+        endpoint: String,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("RabbitMQ {operation} failed")]
+    Amqp {
+        operation: &'static str,
+        #[source]
+        source: lapin::Error,
+    },
+    #[error("RabbitMQ rejected (nacked) a published message; it will be published again")]
+    Nacked,
+    #[error("invalid broker URL: {reason}")]
+    BadUrl { reason: String },
+}
+
+impl BusError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            BusError::AccessRefused { .. } | BusError::BadUrl { .. } => ErrorClass::Definite,
+            _ => ErrorClass::Transient,
+        }
+    }
+}
