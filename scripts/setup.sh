@@ -87,9 +87,11 @@ PG_WANT_WAL_LEVEL=logical
 PG_WANT_SLOTS=64
 PG_WANT_SENDERS=64
 
+# shellcheck disable=SC2012  # version dirs: plain names
 PG_VER=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n1 || true)
 if [ -z "$PG_VER" ] || [ ! -f "/etc/postgresql/$PG_VER/main/postgresql.conf" ]; then
   # No cluster yet (e.g. create_main_cluster = false): create main.
+  # shellcheck disable=SC2012
   PG_VER=$(ls /usr/lib/postgresql 2>/dev/null | sort -V | tail -n1 || true)
   [ -n "$PG_VER" ] || die "postgres: no server version found under /usr/lib/postgresql"
   log "postgres: creating cluster $PG_VER/main"
