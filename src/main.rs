@@ -1,1 +1,64 @@
-fn main(){}
+//! The `kausal` command line.
+
+mod cli;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "kausal",
+    version,
+    about = "Causal-order replication out of your primary database"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Tail the source log and publish committed transactions to RabbitMQ.
+    Publish {
+        /// Publisher configuration (TOML); `KAUSAL_*` variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Follow a publisher's live changes in the terminal (temporary queue, leaves nothing behind).
+    Tail(cli::tail::TailArgs),
+    /// The live demo: a workload writes to Postgres, the publisher publishes, tail shows it.
+    Demo(cli::demo::DemoArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lapin=warn,pgwire_replication=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Publish { config } => {
+            let cfg: kausal::publisher::PublisherConfig =
+                kausal::config::load(&config, std::env::vars())
+                    .with_context(|| format!("loading {}", config.display()))?;
+            let shutdown = cli::shutdown_signal();
+            if let Err(error) = kausal::publisher::run(cfg, shutdown).await {
+                eprintln!("error: {error}");
+                let mut source = std::error::Error::source(&error);
+                while let Some(cause) = source {
+                    eprintln!("  caused by: {cause}");
+                    source = cause.source();
+                }
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Command::Tail(args) => cli::tail::run(args, cli::shutdown_signal()).await,
+        Command::Demo(args) => cli::demo::run(args).await,
+    }
+}

@@ -59,7 +59,9 @@ pub fn row_key<'a>(table: &str, key_values: impl IntoIterator<Item = &'a str>, s
 
 /// Key of an application session (`pg_logical_emit_message` context `session`).
 pub fn session_key(session: &str, space: u32) -> u32 {
-    KeyHasher::new("session").field(session.as_bytes()).finish(space)
+    KeyHasher::new("session")
+        .field(session.as_bytes())
+        .finish(space)
 }
 
 #[cfg(test)]

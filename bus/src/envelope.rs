@@ -192,25 +192,64 @@ pub enum DecodeError {
     Empty,
 }
 
-#[derive(Serialize)]
-struct BatchRef<'a> {
-    envelopes: &'a [Envelope],
-}
-
 #[derive(Deserialize)]
 struct Batch {
     envelopes: Vec<Envelope>,
 }
 
+/// Builds one message body envelope by envelope, so a publisher knows the exact size
+/// of the message it is filling.
+pub struct BatchWriter {
+    buf: Vec<u8>,
+    count: usize,
+}
+
+impl Default for BatchWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BatchWriter {
+    pub fn new() -> Self {
+        let mut buf = Vec::with_capacity(4096);
+        buf.extend_from_slice(MAGIC);
+        buf.push(FORMAT_MAJOR);
+        buf.extend_from_slice(b"{\"envelopes\":[");
+        BatchWriter { buf, count: 0 }
+    }
+
+    pub fn push(&mut self, envelope: &Envelope) {
+        if self.count > 0 {
+            self.buf.push(b',');
+        }
+        // Serializing plain data structs into a Vec cannot fail.
+        serde_json::to_writer(&mut self.buf, envelope)
+            .expect("envelope serialization is infallible");
+        self.count += 1;
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn finish(mut self) -> Vec<u8> {
+        self.buf.extend_from_slice(b"]}");
+        self.buf
+    }
+}
+
 /// Encodes one or more envelopes as one message body.
 pub fn encode(envelopes: &[Envelope]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 * envelopes.len().max(1));
-    out.extend_from_slice(MAGIC);
-    out.push(FORMAT_MAJOR);
-    // Serializing plain data structs into a Vec cannot fail.
-    serde_json::to_writer(&mut out, &BatchRef { envelopes })
-        .expect("envelope serialization is infallible");
-    out
+    let mut w = BatchWriter::new();
+    for e in envelopes {
+        w.push(e);
+    }
+    w.finish()
 }
 
 /// Decodes a message body. Never panics.
@@ -278,7 +317,13 @@ mod tests {
 
     #[test]
     fn round_trips_a_batch() {
-        let batch = vec![sample(), Envelope { seq: 43, ..sample() }];
+        let batch = vec![
+            sample(),
+            Envelope {
+                seq: 43,
+                ..sample()
+            },
+        ];
         assert_eq!(decode(&encode(&batch)).unwrap(), batch);
     }
 
@@ -299,7 +344,10 @@ mod tests {
             assert!(decode(&bytes[..cut]).is_err(), "cut at {cut}");
         }
         assert!(matches!(decode(b"{\"a\":1}"), Err(DecodeError::NotKausal)));
-        assert!(matches!(decode(b"KSL\x01[]"), Err(DecodeError::Malformed(_))));
+        assert!(matches!(
+            decode(b"KSL\x01[]"),
+            Err(DecodeError::Malformed(_))
+        ));
         assert!(matches!(
             decode(b"KSL\x01{\"envelopes\":[]}"),
             Err(DecodeError::Empty)

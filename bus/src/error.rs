@@ -20,9 +20,7 @@ pub enum BusError {
         #[source]
         source: lapin::Error,
     },
-    #[error(
-        "RabbitMQ refused the login at {endpoint}: check the user and password in broker.url"
-    )]
+    #[error("RabbitMQ refused the login at {endpoint}: check the user and password in broker.url")]
     AccessRefused {
         endpoint: String,
         #[source]

@@ -12,6 +12,7 @@ pub mod envelope;
 mod error;
 
 pub use envelope::{
-    decode, encode, Change, Column, Context, DecodeError, Dep, DepKind, Envelope, Op, TableSchema,
+    decode, encode, BatchWriter, Change, Column, Context, DecodeError, Dep, DepKind, Envelope, Op,
+    TableSchema,
 };
 pub use error::{BusError, ErrorClass};

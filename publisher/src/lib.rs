@@ -1,1 +1,100 @@
+//! `kausal-publisher`: committed source transactions become envelopes on RabbitMQ.
+//!
+//! Layout:
+//! - [`config`]: what is published (tables, column allowlist, renames, references).
+//! - [`source::postgres`]: logical replication (`pgoutput`), catalog checks, and the
+//!   assembler that turns row changes into envelopes.
+//! - [`tracker`]: dependency counters, in memory, in commit order.
+//! - [`checkpoint`]: position + counters, saved once RabbitMQ confirmed everything
+//!   before them.
+//! - [`publish`]: batching and confirms in flight.
+//!
+//! [`run`] supervises it all: transient failures (database or broker restarts, network)
+//! restart the stream from the checkpoint with backoff; definite ones stop with a
+//! message naming the fix.
 
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod publish;
+pub mod source;
+pub mod tracker;
+
+pub use config::PublisherConfig;
+pub use error::{ErrorClass, PublisherError, SourceError};
+
+use config::SourceConfig;
+use kausal_bus::amqp::{changes_routing_key, AmqpPublisher};
+use publish::{PublishLoop, Stats};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Items buffered between the source and the publish loop: enough to keep batches full,
+/// small enough to bound memory (at most this many envelope parts).
+const CHANNEL_CAPACITY: usize = 1024;
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Runs the publisher until `shutdown` turns true (then flushes in-flight confirms and
+/// writes a final checkpoint) or a definite error.
+pub async fn run(
+    cfg: PublisherConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PublisherError> {
+    cfg.validate()?;
+    let stats = Arc::new(Stats::default());
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        match run_once(&cfg, shutdown.clone(), stats.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(error) if error.class() == ErrorClass::Transient => {
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(250);
+                }
+                tracing::warn!(error = %error, cause = ?std::error::Error::source(&error).map(|s| s.to_string()),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "publisher stream failed, restarting from the checkpoint");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+async fn run_once(
+    cfg: &PublisherConfig,
+    shutdown: watch::Receiver<bool>,
+    stats: Arc<Stats>,
+) -> Result<(), PublisherError> {
+    let path = cfg.checkpoint_path();
+    let checkpoint = checkpoint::load(&path)?;
+    let SourceConfig::Postgres(pg) = &cfg.source;
+    let bus = AmqpPublisher::connect(&cfg.broker.url, &cfg.broker.exchange).await?;
+    let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+    let (durable_tx, durable_rx) = watch::channel(0u64);
+    let publisher = PublishLoop {
+        bus,
+        routing_key: changes_routing_key(&cfg.namespace),
+        tuning: cfg.tuning.clone(),
+        checkpoint_path: path.clone(),
+        durable: durable_tx,
+        stats,
+    };
+    let publishing = tokio::spawn(publisher.run(rx));
+    let streamed =
+        source::postgres::stream(cfg, pg, checkpoint, &path, tx, durable_rx, shutdown).await;
+    let published = publishing.await.expect("publish loop does not panic");
+    match (streamed, published) {
+        (_, Err(e)) => Err(e),
+        (Err(e), Ok(())) => Err(e),
+        (Ok(()), Ok(())) => Ok(()),
+    }
+}

@@ -103,10 +103,13 @@ impl AmqpConsumer {
     /// queue, and starts consuming.
     pub async fn connect(url: &str, exchange: &str, spec: &QueueSpec) -> Result<Self, BusError> {
         let conn = connect(url).await?;
-        let channel = conn.create_channel().await.map_err(|source| BusError::Amqp {
-            operation: "open channel",
-            source,
-        })?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|source| BusError::Amqp {
+                operation: "open channel",
+                source,
+            })?;
         declare_queue(&channel, exchange, spec).await?;
         channel
             .basic_qos(spec.prefetch, BasicQosOptions::default())
@@ -162,7 +165,11 @@ impl AmqpConsumer {
 
 /// Declares the exchange, the queue with its bindings, and the dead-letter path.
 /// Idempotent; safe to call from every worker.
-pub async fn declare_queue(channel: &Channel, exchange: &str, spec: &QueueSpec) -> Result<(), BusError> {
+pub async fn declare_queue(
+    channel: &Channel,
+    exchange: &str,
+    spec: &QueueSpec,
+) -> Result<(), BusError> {
     declare_exchange(channel, exchange).await?;
     let amqp = |operation| move |source| BusError::Amqp { operation, source };
     let mut args = FieldTable::default();

@@ -37,10 +37,13 @@ impl AmqpPublisher {
     /// Connects, declares the durable topic exchange and turns on confirms.
     pub async fn connect(url: &str, exchange: &str) -> Result<Self, BusError> {
         let conn = connect(url).await?;
-        let channel = conn.create_channel().await.map_err(|source| BusError::Amqp {
-            operation: "open channel",
-            source,
-        })?;
+        let channel = conn
+            .create_channel()
+            .await
+            .map_err(|source| BusError::Amqp {
+                operation: "open channel",
+                source,
+            })?;
         declare_exchange(&channel, exchange).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -57,7 +60,11 @@ impl AmqpPublisher {
     }
 
     /// Publishes one persistent message.
-    pub async fn publish(&self, routing_key: &str, body: &[u8]) -> Result<PendingConfirm, BusError> {
+    pub async fn publish(
+        &self,
+        routing_key: &str,
+        body: &[u8],
+    ) -> Result<PendingConfirm, BusError> {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/vnd.kausal".into());

@@ -1,0 +1,152 @@
+//! Errors of the publisher, each classified: transient errors restart the stream from the
+//! checkpoint with backoff; definite ones stop the publisher with a message that names
+//! the problem and the fix.
+
+pub use kausal_bus::ErrorClass;
+
+/// Problems with the source database.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("cannot reach Postgres at {endpoint}: is the server running and source.url right?")]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "Postgres rejected the login for user {user:?} at {endpoint}: check the password \
+         (source.password_env / source.password_file / the URL) and pg_hba.conf"
+    )]
+    BadLogin {
+        endpoint: String,
+        user: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "Postgres has wal_level = {found}, logical replication needs wal_level = logical: \
+         set it in postgresql.conf (or run scripts/setup.sh) and restart Postgres"
+    )]
+    WalLevel { found: String },
+    #[error(
+        "Postgres has {setting} = {limit} and {used} in use: raise {setting} in \
+         postgresql.conf and restart Postgres"
+    )]
+    Limit {
+        setting: &'static str,
+        limit: i64,
+        used: i64,
+    },
+    #[error(
+        "user {user:?} may not replicate: run `ALTER ROLE \"{user}\" REPLICATION;` as a \
+         superuser"
+    )]
+    NoReplicationPrivilege { user: String },
+    #[error(
+        "published table {table} does not exist in database {database:?}: create it or \
+         remove it from the [[table]] list"
+    )]
+    MissingTable { table: String, database: String },
+    #[error(
+        "user {user:?} cannot read published table {table}: run `GRANT SELECT ON {table} \
+         TO \"{user}\";`"
+    )]
+    NoSelect { table: String, user: String },
+    #[error(
+        "table {table} has no primary key and REPLICA IDENTITY {identity}: add a primary \
+         key, or run `ALTER TABLE {table} REPLICA IDENTITY FULL;`"
+    )]
+    NoKey { table: String, identity: String },
+    #[error("table {table} has no column {column:?}: fix `columns` of that [[table]]")]
+    MissingColumn { table: String, column: String },
+    #[error(
+        "key column {column:?} of table {table} is not published: subscribers need the key \
+         to apply changes; add it to `columns`"
+    )]
+    KeyNotPublished { table: String, column: String },
+    #[error(
+        "reference of table {table} names {referenced}, which is not published with a \
+         primary key: publish it or remove the reference"
+    )]
+    BadReference { table: String, referenced: String },
+    #[error(
+        "replication slot {slot:?} is gone but checkpoint {checkpoint} expects it (dropped \
+         by an administrator?): changes since the checkpoint may be lost. Move the \
+         checkpoint away to start a new generation and re-bootstrap subscribers"
+    )]
+    SlotDropped { slot: String, checkpoint: String },
+    #[error(
+        "replication slot {slot:?} uses plugin {plugin:?}, Kausal needs pgoutput: drop it or \
+         configure another source.slot"
+    )]
+    SlotPlugin { slot: String, plugin: String },
+    #[error("Postgres query failed: {context}")]
+    Query {
+        context: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("replication stream failed")]
+    Replication(#[source] pgwire_replication::PgWireError),
+    #[error("cannot decode the replication stream")]
+    Protocol(#[from] crate::source::postgres::pgoutput::ProtocolError),
+    #[error("change for relation {oid} arrived before its relation message")]
+    UnknownRelation { oid: u32 },
+    #[error("the publish loop stopped")]
+    PublisherGone,
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+impl SourceError {
+    pub fn class(&self) -> ErrorClass {
+        use SourceError::*;
+        match self {
+            Query { source, .. } => {
+                let code = source
+                    .code()
+                    .map(|c| c.code().to_string())
+                    .unwrap_or_default();
+                if source.is_closed()
+                    || code.starts_with("08")
+                    || code.starts_with("57")
+                    || code == "40001"
+                    || code == "55006"
+                {
+                    ErrorClass::Transient
+                } else {
+                    ErrorClass::Definite
+                }
+            }
+            Unreachable { .. } | UnknownRelation { .. } | PublisherGone => ErrorClass::Transient,
+            Replication(e) if e.is_transient() || e.is_io() => ErrorClass::Transient,
+            Replication(e) if e.is_server() && !e.to_string().contains("does not exist") => {
+                ErrorClass::Transient
+            }
+            _ => ErrorClass::Definite,
+        }
+    }
+}
+
+/// Any error that ends a publisher run.
+#[derive(Debug, thiserror::Error)]
+pub enum PublisherError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Bus(#[from] kausal_bus::BusError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
+}
+
+impl PublisherError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            PublisherError::Source(e) => e.class(),
+            PublisherError::Bus(e) => e.class(),
+            PublisherError::Config(_) | PublisherError::Checkpoint(_) => ErrorClass::Definite,
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! The publish loop: packs envelopes into AMQP messages, keeps many in flight awaiting
+//! confirms, and writes the checkpoint once every envelope before a checkpoint marker is
+//! confirmed — only then may the source position be confirmed to the database.
+
+use crate::checkpoint::{self, Checkpoint};
+use crate::config::Tuning;
+use crate::error::PublisherError;
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use kausal_bus::amqp::AmqpPublisher;
+use kausal_bus::{BatchWriter, Envelope};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+
+/// What the source hands the publish loop, in source order.
+pub enum Item {
+    Envelope(Envelope),
+    /// Everything before this is to be checkpointed with this state.
+    Marker(Box<Checkpoint>),
+}
+
+/// Counters for logs and status.
+#[derive(Default)]
+pub struct Stats {
+    pub envelopes: AtomicU64,
+    pub messages: AtomicU64,
+    pub changes: AtomicU64,
+    pub confirmed_seq: AtomicU64,
+    pub checkpointed_position: AtomicU64,
+}
+
+type Pending =
+    Pin<Box<dyn Future<Output = Result<Option<Box<Checkpoint>>, PublisherError>> + Send>>;
+
+pub struct PublishLoop {
+    pub bus: AmqpPublisher,
+    pub routing_key: String,
+    pub tuning: Tuning,
+    pub checkpoint_path: PathBuf,
+    pub durable: watch::Sender<u64>,
+    pub stats: Arc<Stats>,
+}
+
+impl PublishLoop {
+    /// Runs until the source closes the channel and everything is confirmed.
+    pub async fn run(self, mut rx: mpsc::Receiver<Item>) -> Result<(), PublisherError> {
+        let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
+        let mut open = true;
+        let mut held: Option<Item> = None;
+        loop {
+            if !open && held.is_none() && inflight.is_empty() {
+                break;
+            }
+            let room = inflight.len() < self.tuning.max_in_flight;
+            tokio::select! {
+                biased;
+                Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    if let Some(cp) = done? {
+                        self.save(*cp).await?;
+                    }
+                }
+                item = async { match held.take() { Some(i) => Some(i), None => rx.recv().await } },
+                    if room && (open || held.is_some()) =>
+                {
+                    match item {
+                        None => open = false,
+                        Some(Item::Marker(cp)) => inflight.push_back(Box::pin(async move { Ok(Some(cp)) })),
+                        Some(Item::Envelope(first)) => {
+                            let mut batch = BatchWriter::new();
+                            let last_seq = self.fill(&mut batch, first, &mut rx, &mut held);
+                            let body = batch.finish();
+                            let confirm = self.bus.publish(&self.routing_key, &body).await?;
+                            self.stats.messages.fetch_add(1, Ordering::Relaxed);
+                            let stats = self.stats.clone();
+                            inflight.push_back(Box::pin(async move {
+                                confirm.wait().await?;
+                                stats.confirmed_seq.fetch_max(last_seq, Ordering::Relaxed);
+                                Ok(None)
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Packs `first` and whatever else is ready into one message, up to the limits; at
+    /// low load that is just `first`, so nothing waits for a batch to fill.
+    fn fill(
+        &self,
+        batch: &mut BatchWriter,
+        first: Envelope,
+        rx: &mut mpsc::Receiver<Item>,
+        held: &mut Option<Item>,
+    ) -> u64 {
+        let mut last_seq = self.add(batch, first);
+        while batch.count() < self.tuning.max_batch_envelopes
+            && batch.bytes() < self.tuning.max_batch_bytes
+        {
+            match rx.try_recv() {
+                Ok(Item::Envelope(e)) => last_seq = self.add(batch, e),
+                Ok(marker) => {
+                    *held = Some(marker);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        last_seq
+    }
+
+    fn add(&self, batch: &mut BatchWriter, e: Envelope) -> u64 {
+        self.stats.envelopes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .changes
+            .fetch_add(e.changes.len() as u64, Ordering::Relaxed);
+        batch.push(&e);
+        e.seq
+    }
+
+    async fn save(&self, cp: Checkpoint) -> Result<(), PublisherError> {
+        let path = self.checkpoint_path.clone();
+        let position = cp.position;
+        tokio::task::spawn_blocking(move || checkpoint::save(&path, &checkpoint::encode(&cp)))
+            .await
+            .expect("checkpoint writer does not panic")?;
+        self.stats
+            .checkpointed_position
+            .store(position, Ordering::Relaxed);
+        let _ = self.durable.send(position);
+        Ok(())
+    }
+}

@@ -1,0 +1,2 @@
+//! Sources of row changes.
+pub mod postgres;

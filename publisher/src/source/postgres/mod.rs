@@ -1,0 +1,326 @@
+//! The Postgres source: logical replication with `pgoutput` through
+//! `pgwire-replication`, turned into envelopes by [`assemble`].
+
+pub mod assemble;
+pub mod catalog;
+pub mod pgoutput;
+pub mod values;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{split_name, PostgresSource, PublisherConfig};
+use crate::error::{PublisherError, SourceError};
+use crate::publish::Item;
+use crate::tracker::{Tracker, TrackerState};
+use assemble::{schema_of, Assembler, ColumnRt, TableRt};
+use catalog::{ConnInfo, TableMeta, TypeCache};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch};
+
+/// Names of slot and publication for a config.
+pub fn slot_name(cfg: &PublisherConfig, pg: &PostgresSource) -> String {
+    pg.slot
+        .clone()
+        .unwrap_or_else(|| format!("kausal_{}", cfg.namespace.replace('-', "_")))
+}
+
+pub fn publication_name(cfg: &PublisherConfig, pg: &PostgresSource) -> String {
+    pg.publication
+        .clone()
+        .unwrap_or_else(|| format!("kausal_{}", cfg.namespace.replace('-', "_")))
+}
+
+/// Checks the server, prepares publication and slot, and streams until shutdown or an
+/// error. Envelopes and checkpoint markers go to `tx` in commit order; `durable` reports
+/// positions whose checkpoint is on disk, which are then confirmed to Postgres.
+pub async fn stream(
+    cfg: &PublisherConfig,
+    pg: &PostgresSource,
+    checkpoint: Option<Checkpoint>,
+    checkpoint_path: &Path,
+    tx: mpsc::Sender<Item>,
+    mut durable: watch::Receiver<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), PublisherError> {
+    let conn = ConnInfo::parse(&pg.url, pg.password()?)?;
+    let sql = conn.connect().await?;
+    let slot = slot_name(cfg, pg);
+    let publication = publication_name(cfg, pg);
+    let metas = catalog::preflight(&sql, cfg, &conn.user, &conn.database, &slot).await?;
+    catalog::ensure_publication(&sql, &publication, cfg).await?;
+    let (state, start) = match (catalog::slot_state(&sql, &slot).await?, checkpoint) {
+        (Some((plugin, _)), _) if plugin != "pgoutput" => {
+            return Err(SourceError::SlotPlugin { slot, plugin }.into())
+        }
+        (None, Some(_)) => {
+            return Err(SourceError::SlotDropped {
+                slot,
+                checkpoint: checkpoint_path.display().to_string(),
+            }
+            .into())
+        }
+        (Some(_), Some(cp)) => (cp.state, cp.position),
+        (existing, None) => {
+            let start = match existing {
+                Some((_, confirmed)) => confirmed,
+                None => catalog::create_slot(&sql, &slot).await?,
+            };
+            let generation = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(1);
+            tracing::warn!(
+                generation,
+                checkpoint = %checkpoint_path.display(),
+                "no checkpoint found: starting a NEW GENERATION (sequence numbers restart at 1; \
+                 subscribers of this namespace reset their dependency state)"
+            );
+            (TrackerState::new(generation), start)
+        }
+    };
+    tracing::info!(slot, publication, start = %Lsn(start), generation = state.generation,
+        next_seq = state.next_seq, "starting replication");
+
+    let key_columns = cfg
+        .tables
+        .iter()
+        .filter_map(|t| {
+            let meta = metas.get(&t.qualified())?;
+            Some((
+                t.published_name(),
+                meta.key.iter().map(|k| t.published_column(k)).collect(),
+            ))
+        })
+        .collect();
+    let mut asm = Assembler::new(
+        &cfg.namespace,
+        cfg.tuning.key_space,
+        cfg.tuning.max_part_changes,
+        Tracker::new(state),
+        key_columns,
+    );
+    let mut metas = metas;
+    let mut types = TypeCache::default();
+
+    let repl_cfg = ReplicationConfig::new(
+        conn.host.clone(),
+        conn.user.clone(),
+        conn.password.clone(),
+        conn.database.clone(),
+        slot.clone(),
+        publication.clone(),
+    )
+    .with_port(conn.port)
+    .with_start_lsn(Lsn(start))
+    .with_options(catalog::SESSION_OPTIONS)
+    .with_application_name(format!("kausal-{}", cfg.namespace))
+    .with_status_interval(Duration::from_millis(500))
+    .with_wakeup_interval(Duration::from_secs(2));
+    let mut client = ReplicationClient::connect(repl_cfg)
+        .await
+        .map_err(SourceError::Replication)?;
+    client
+        .wait_started()
+        .await
+        .map_err(SourceError::Replication)?;
+
+    let interval = Duration::from_millis(cfg.checkpoint.interval_ms);
+    let mut last_marker = Instant::now();
+    let mut last_commit_end = start;
+    let mut dirty = false;
+    let mut marker_pos = start;
+    let mut lag_timer = tokio::time::interval(Duration::from_secs(30));
+    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
+
+    let marker = |asm: &Assembler, pos: u64| {
+        Item::Marker(Box::new(Checkpoint {
+            position: pos,
+            state: asm.tracker.state.clone(),
+        }))
+    };
+
+    loop {
+        let clean = !dirty && *durable.borrow() >= marker_pos;
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => {
+                if !asm.in_transaction() && dirty {
+                    let _ = tx.send(marker(&asm, last_commit_end)).await;
+                }
+                client.stop();
+                return Ok(());
+            }
+            Ok(()) = durable.changed() => {
+                let pos = *durable.borrow_and_update();
+                client.update_applied_lsn(Lsn(pos));
+            }
+            _ = tick.tick() => {
+                if dirty && !asm.in_transaction() && last_marker.elapsed() >= interval {
+                    send(&tx, marker(&asm, last_commit_end)).await?;
+                    marker_pos = last_commit_end;
+                    dirty = false;
+                    last_marker = Instant::now();
+                }
+            }
+            _ = lag_timer.tick() => {
+                if let Ok(Some(lag)) = catalog::slot_lag_bytes(&sql, &slot).await {
+                    tracing::info!(slot, lag_bytes = lag, "replication slot lag");
+                }
+            }
+            event = client.recv() => {
+                let Some(event) = event.map_err(SourceError::Replication)? else {
+                    return Ok(());
+                };
+                match event {
+                    ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                        asm.begin(&final_lsn.to_string(), xid, commit_time_micros);
+                    }
+                    ReplicationEvent::XLogData { data, .. } => {
+                        let msg = pgoutput::decode(&data).map_err(SourceError::from)?;
+                        if let pgoutput::Message::Relation(rel) = msg {
+                            let table = relation(cfg, &sql, &mut metas, &mut types, &rel).await?;
+                            if let Some(t) = table {
+                                asm.relation(rel.oid, t);
+                            }
+                            continue;
+                        }
+                        if let Some(part) = asm
+                            .change(msg)
+                            .map_err(|oid| SourceError::UnknownRelation { oid })?
+                        {
+                            send(&tx, Item::Envelope(part)).await?;
+                        }
+                    }
+                    ReplicationEvent::Message { transactional: true, prefix, content, .. }
+                        if prefix == "kausal" =>
+                    {
+                        asm.context_message(&content);
+                    }
+                    ReplicationEvent::Message { .. } => {}
+                    ReplicationEvent::Commit { end_lsn, .. } => {
+                        last_commit_end = end_lsn.as_u64();
+                        if let Some(last) = asm.commit() {
+                            send(&tx, Item::Envelope(last)).await?;
+                            dirty = true;
+                        } else if clean {
+                            // Nothing of ours in flight: let the slot move past it.
+                            client.update_applied_lsn(end_lsn);
+                        }
+                        if dirty && last_marker.elapsed() >= interval {
+                            send(&tx, marker(&asm, last_commit_end)).await?;
+                            marker_pos = last_commit_end;
+                            dirty = false;
+                            last_marker = Instant::now();
+                        }
+                    }
+                    ReplicationEvent::KeepAlive { wal_end, .. } => {
+                        if clean && !asm.in_transaction() {
+                            // Idle: confirm the server's position so the slot does not
+                            // hold WAL and Postgres can shut down fast.
+                            client.update_applied_lsn(wal_end);
+                        }
+                    }
+                    ReplicationEvent::StoppedAt { .. } => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+async fn send(tx: &mpsc::Sender<Item>, item: Item) -> Result<(), PublisherError> {
+    // The publish loop only goes away when it failed; its error is the one reported.
+    tx.send(item)
+        .await
+        .map_err(|_| SourceError::PublisherGone.into())
+}
+
+/// Builds the runtime description of a relation from its relation message and the
+/// catalog. `None` for tables this publisher does not publish.
+async fn relation(
+    cfg: &PublisherConfig,
+    sql: &tokio_postgres::Client,
+    metas: &mut HashMap<(String, String), TableMeta>,
+    types: &mut TypeCache,
+    rel: &pgoutput::Relation,
+) -> Result<Option<TableRt>, SourceError> {
+    let qualified = (rel.schema.clone(), rel.name.clone());
+    let Some(tcfg) = cfg.tables.iter().find(|t| t.qualified() == qualified) else {
+        return Ok(None);
+    };
+    // Refresh catalog facts when the relation differs from what we know (DDL).
+    let stale = metas.get(&qualified).is_none_or(|m| {
+        m.columns.len() != rel.columns.len()
+            || m.columns
+                .iter()
+                .zip(&rel.columns)
+                .any(|(a, b)| *a != b.name)
+    });
+    if stale {
+        if let Some(meta) = catalog::table_meta(sql, &rel.schema, &rel.name).await? {
+            metas.insert(qualified.clone(), meta);
+        }
+    }
+    let meta = metas.get(&qualified).cloned().unwrap_or_default();
+    let oids: Vec<u32> = rel.columns.iter().map(|c| c.type_oid).collect();
+    types.resolve(sql, &oids).await?;
+    let published = tcfg.published_name();
+    let mut columns = Vec::with_capacity(rel.columns.len());
+    let mut described = Vec::with_capacity(rel.columns.len());
+    for c in &rel.columns {
+        let (type_name, conv) = types.get(c.type_oid);
+        let on = tcfg.publishes(&c.name);
+        let out = on.then(|| tcfg.published_column(&c.name));
+        described.push((out.clone().unwrap_or_default(), type_name, on));
+        columns.push(ColumnRt { out, conv });
+    }
+    let index_of = |name: &str| rel.columns.iter().position(|c| c.name == name);
+    let key: Vec<usize> = meta.key.iter().filter_map(|k| index_of(k)).collect();
+    let key_names: Vec<String> = meta.key.iter().map(|k| tcfg.published_column(k)).collect();
+    let mut refs = Vec::new();
+    let mut push_ref = |local: &[String],
+                        target: (String, String),
+                        target_cols: Option<&[String]>| {
+        let Some(tt) = cfg.tables.iter().find(|t| t.qualified() == target) else {
+            return;
+        };
+        let Some(tmeta) = metas.get(&target) else {
+            return;
+        };
+        // Map local columns onto the referenced table's key order.
+        let ordered: Option<Vec<usize>> = match target_cols {
+            Some(rc) => tmeta
+                .key
+                .iter()
+                .map(|k| {
+                    rc.iter()
+                        .position(|c| c == k)
+                        .and_then(|p| index_of(&local[p]))
+                })
+                .collect(),
+            None if local.len() == tmeta.key.len() => local.iter().map(|c| index_of(c)).collect(),
+            None => None,
+        };
+        if let Some(ordered) = ordered.filter(|o| o.len() == tmeta.key.len()) {
+            refs.push((ordered, tt.published_name()));
+        }
+    };
+    for (local, rs, rt, rc) in &meta.foreign_keys {
+        if rc.len() == local.len() {
+            push_ref(local, (rs.clone(), rt.clone()), Some(rc));
+        }
+    }
+    for r in &tcfg.references {
+        push_ref(&r.columns, split_name(&r.table), None);
+    }
+    let (schema, fingerprint) = schema_of(&published, &described, &key_names);
+    Ok(Some(TableRt {
+        published,
+        columns,
+        key,
+        refs,
+        schema,
+        fingerprint,
+    }))
+}

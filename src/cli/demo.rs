@@ -1,0 +1,173 @@
+//! `kausal demo`: the live demo. Creates a `kausal_demo` database with users and
+//! messages, runs a workload against it, runs the publisher, and prints what arrives on
+//! the bus — one envelope per committed transaction, with its dependencies.
+
+use anyhow::Context as _;
+use std::time::Duration;
+use tokio_postgres::NoTls;
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Postgres server (the demo creates database `kausal_demo` there).
+    #[arg(
+        long,
+        env = "KAUSAL_DEMO_POSTGRES",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
+    pub postgres: String,
+    #[arg(
+        long,
+        env = "KAUSAL_BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub broker: String,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    pub seconds: Option<u64>,
+    /// Transactions per second the workload writes.
+    #[arg(long, default_value_t = 2.0)]
+    pub rate: f64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS users (
+  id serial PRIMARY KEY, name text NOT NULL, email text NOT NULL,
+  password_hash text NOT NULL DEFAULT 'secret');
+CREATE TABLE IF NOT EXISTS messages (
+  id serial PRIMARY KEY, user_id int NOT NULL REFERENCES users(id) ON DELETE CASCADE,
+  body text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
+";
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let admin = connect(&format!("{}/postgres", args.postgres)).await?;
+    if admin
+        .query_opt(
+            "SELECT 1 FROM pg_database WHERE datname = 'kausal_demo'",
+            &[],
+        )
+        .await?
+        .is_none()
+    {
+        admin.batch_execute("CREATE DATABASE kausal_demo").await?;
+    }
+    let db_url = format!("{}/kausal_demo", args.postgres);
+    let db = connect(&db_url).await?;
+    db.batch_execute(SCHEMA).await?;
+
+    let config = format!(
+        r#"
+namespace = "demo"
+[source]
+kind = "postgres"
+url = "{db_url}"
+[broker]
+url = "{broker}"
+[checkpoint]
+path = "target/kausal-demo.checkpoint"
+[[table]]
+name = "public.users"
+columns = ["id", "name", "email"]   # password_hash never leaves the database
+[[table]]
+name = "public.messages"
+columns = ["*"]
+rename = {{ body = "text" }}
+"#,
+        broker = args.broker
+    );
+    let cfg: kausal::publisher::PublisherConfig = toml::from_str(&config)?;
+    eprintln!("--- publisher config ---{config}------------------------");
+
+    let shutdown = super::shutdown_signal();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut sd = shutdown.clone();
+    let seconds = args.seconds;
+    tokio::spawn(async move {
+        match seconds {
+            Some(s) => {
+                tokio::select! { _ = tokio::time::sleep(Duration::from_secs(s)) => {}, _ = sd.changed() => {} }
+            }
+            None => {
+                let _ = sd.changed().await;
+            }
+        }
+        let _ = stop_tx.send(true);
+    });
+
+    let tail = super::tail::TailArgs {
+        broker: args.broker.clone(),
+        exchange: kausal::bus::amqp::DEFAULT_EXCHANGE.into(),
+        namespace: "demo".into(),
+        table: None,
+        json: false,
+    };
+    let tailing = tokio::spawn(super::tail::run(tail, stop_rx.clone()));
+    // Let the temporary queue bind before anything is published.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let publishing = tokio::spawn(kausal::publisher::run(cfg, stop_rx.clone()));
+    let writing = tokio::spawn(workload(db, args.rate, stop_rx));
+    writing.await??;
+    publishing.await??;
+    tailing.await??;
+    Ok(())
+}
+
+async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .with_context(|| format!("connecting to {url} (did you run scripts/setup.sh?)"))?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// Signs users up and has them post; each transaction tags its session so the publisher
+/// orders a user's transactions.
+async fn workload(
+    mut db: tokio_postgres::Client,
+    rate: f64,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let names = ["ada", "grace", "alan", "edsger", "barbara", "ken"];
+    let pause = Duration::from_secs_f64(1.0 / rate.max(0.1));
+    let mut i: usize = 0;
+    loop {
+        tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = stop.changed() => return Ok(()) }
+        let tx = db.transaction().await?;
+        let name = names[i % names.len()];
+        if i % 3 == 0 {
+            let ctx =
+                format!(r#"{{"session": "signup", "user": "{name}", "request_id": "req-{i}"}}"#);
+            tx.execute(
+                "SELECT pg_logical_emit_message(true, 'kausal', $1::text)",
+                &[&ctx],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO users (name, email) VALUES ($1, $1 || '@example.com')",
+                &[&name],
+            )
+            .await?;
+        } else {
+            let row = tx
+                .query_opt("SELECT id, name FROM users ORDER BY random() LIMIT 1", &[])
+                .await?;
+            if let Some(row) = row {
+                let id: i32 = row.get(0);
+                let who: String = row.get(1);
+                let ctx = format!(r#"{{"session": "user:{id}", "user": "{who}"}}"#);
+                tx.execute(
+                    "SELECT pg_logical_emit_message(true, 'kausal', $1::text)",
+                    &[&ctx],
+                )
+                .await?;
+                tx.execute(
+                    "INSERT INTO messages (user_id, body) VALUES ($1, $2)",
+                    &[&id, &format!("hello #{i} from {who}")],
+                )
+                .await?;
+            }
+        }
+        tx.commit().await?;
+        i += 1;
+    }
+}

@@ -1,0 +1,104 @@
+//! `kausal tail`: prints a publisher's envelopes as they arrive, from a temporary,
+//! exclusive, auto-deleted queue.
+
+use kausal::bus::amqp::{AmqpConsumer, QueueSpec};
+use kausal::bus::{decode, Envelope};
+use tokio::sync::watch;
+
+#[derive(clap::Args)]
+pub struct TailArgs {
+    /// Broker URL.
+    #[arg(
+        long,
+        env = "KAUSAL_BROKER_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub broker: String,
+    #[arg(long, default_value = kausal::bus::amqp::DEFAULT_EXCHANGE)]
+    pub exchange: String,
+    /// Publisher namespace to follow.
+    #[arg(long)]
+    pub namespace: String,
+    /// Only changes of this (published) table.
+    #[arg(long)]
+    pub table: Option<String>,
+    /// One JSON envelope per line instead of the human format.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: TailArgs, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let spec = QueueSpec {
+        name: format!("kausal.tail.{}.{}", args.namespace, std::process::id()),
+        namespaces: vec![args.namespace.clone()],
+        prefetch: 512,
+        temporary: true,
+        message_ttl_ms: None,
+    };
+    let mut consumer = AmqpConsumer::connect(&args.broker, &args.exchange, &spec).await?;
+    eprintln!("following namespace {:?} (Ctrl-C to stop)", args.namespace);
+    loop {
+        let delivery = tokio::select! {
+            _ = shutdown.changed() => break,
+            d = consumer.next() => match d { Some(d) => d?, None => break },
+        };
+        match decode(&delivery.body) {
+            Ok(envelopes) => {
+                for e in envelopes {
+                    print_envelope(&e, &args);
+                }
+            }
+            Err(error) => eprintln!("undecodable message: {error}"),
+        }
+        delivery.ack().await?;
+    }
+    consumer.close().await;
+    Ok(())
+}
+
+fn print_envelope(e: &Envelope, args: &TailArgs) {
+    if let Some(t) = &args.table {
+        if !e.changes.iter().any(|c| &c.table == t) {
+            return;
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(e).unwrap_or_default());
+        return;
+    }
+    let part = match e.parts {
+        Some(1) => String::new(),
+        Some(n) => format!(" part {}/{}", e.part + 1, n),
+        None => format!(" part {}", e.part + 1),
+    };
+    let mut who = String::new();
+    if let Some(u) = &e.context.user {
+        who += &format!(" user={u}");
+    }
+    if !e.context.sessions.is_empty() {
+        who += &format!(" session={}", e.context.sessions.join(","));
+    }
+    println!(
+        "#{} {}{} txid={} {} deps={}{}",
+        e.seq,
+        e.namespace,
+        part,
+        e.txid,
+        e.position,
+        e.deps.len(),
+        who
+    );
+    for c in &e.changes {
+        if args.table.as_ref().is_some_and(|t| t != &c.table) {
+            continue;
+        }
+        let row = c.new.as_ref().or(c.old.as_ref()).unwrap_or(&c.key);
+        println!(
+            "  {:?} {} {}",
+            c.op,
+            c.table,
+            serde_json::to_string(row).unwrap_or_default()
+        );
+    }
+}

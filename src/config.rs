@@ -1,0 +1,153 @@
+//! Configuration loading: a TOML file, then `KAUSAL_*` environment variables on top.
+//!
+//! `KAUSAL_BROKER_URL=amqp://…` sets `broker.url`; `KAUSAL_SOURCE_URL` sets `source.url`;
+//! `KAUSAL_NAMESPACE` sets `namespace`; `KAUSAL_TUNING_MAX_IN_FLIGHT` sets
+//! `tuning.max_in_flight`. The first `_`-separated word names the section when a section
+//! of that name exists (in the file or among the known sections), the rest is the key.
+//! Values are read as TOML scalars (`10`, `true`) and fall back to plain strings.
+
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+
+/// Sections every Kausal config may have, for variables naming a section absent from
+/// the file.
+const KNOWN_SECTIONS: &[&str] = &["source", "broker", "checkpoint", "tuning", "redis"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Loads `path` with environment overrides from `vars` (normally `std::env::vars()`).
+pub fn load<T: DeserializeOwned>(
+    path: &Path,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut value: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| LoadError::Invalid {
+            path: path.to_path_buf(),
+            // The message names line and column; the offending text is left out because
+            // the line may hold a password.
+            message: e.message().to_string() + &location(&text, e.span()),
+        })?;
+    for (name, raw) in vars {
+        let Some(rest) = name.strip_prefix("KAUSAL_") else {
+            continue;
+        };
+        let rest = rest.to_ascii_lowercase();
+        let target = match rest.split_once('_') {
+            Some((section, key))
+                if value.get(section).is_some_and(|v| v.is_table())
+                    || KNOWN_SECTIONS.contains(&section) =>
+            {
+                value
+                    .entry(section.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .map(|t| (t, key.to_string()))
+            }
+            _ => Some((&mut value, rest.clone())),
+        };
+        if let Some((table, key)) = target {
+            table.insert(key, scalar(&raw));
+        }
+    }
+    T::deserialize(toml::Value::Table(value)).map_err(|e| LoadError::Invalid {
+        path: path.to_path_buf(),
+        message: e.message().to_string(),
+    })
+}
+
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+fn scalar(raw: &str) -> toml::Value {
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) if !matches!(t.get("v"), Some(toml::Value::Table(_))) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kausal_publisher::PublisherConfig;
+
+    const FILE: &str = r#"
+namespace = "shop"
+[source]
+kind = "postgres"
+url = "postgres://postgres@127.0.0.1/shop"
+[broker]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+[[table]]
+name = "users"
+columns = ["id", "name"]
+"#;
+
+    fn write(text: &str) -> PathBuf {
+        let path = std::env::temp_dir().join(format!(
+            "kausal-config-{}-{}.toml",
+            std::process::id(),
+            text.len()
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let path = write(FILE);
+        let cfg: PublisherConfig = load(
+            &path,
+            [
+                ("KAUSAL_BROKER_URL".to_string(), "amqp://other".to_string()),
+                ("KAUSAL_TUNING_MAX_IN_FLIGHT".to_string(), "7".to_string()),
+                ("KAUSAL_NAMESPACE".to_string(), "shop2".to_string()),
+                ("UNRELATED".to_string(), "x".to_string()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.broker.url, "amqp://other");
+        assert_eq!(cfg.tuning.max_in_flight, 7);
+        assert_eq!(cfg.namespace, "shop2");
+        assert_eq!(cfg.tables[0].name, "users");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_their_name() {
+        let path = write(&format!("{FILE}\n[checkpoint]\nintervall_ms = 5\n"));
+        let err = load::<PublisherConfig>(&path, []).unwrap_err().to_string();
+        assert!(err.contains("intervall_ms"), "{err}");
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line_but_not_its_text() {
+        let path = write("namespace = \"a\"\n[broker]\nurl = \"amqp://u:hunter2@x\n");
+        let err = load::<PublisherConfig>(&path, []).unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}

@@ -1,0 +1,11 @@
+//! Kausal: causal-order replication from a primary database's log into other services'
+//! read models. This facade re-exports the crates and holds configuration loading; the
+//! `kausal` binary is the command line.
+//!
+//! - [`bus`]: wire format and RabbitMQ plumbing.
+//! - [`publisher`]: Postgres logical replication → envelopes with dependencies.
+
+pub mod config;
+
+pub use kausal_bus as bus;
+pub use kausal_publisher as publisher;
