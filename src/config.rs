@@ -9,9 +9,11 @@
 use serde::de::DeserializeOwned;
 use std::path::{Path, PathBuf};
 
-/// Sections every Kausal config may have, for variables naming a section absent from
-/// the file.
-const KNOWN_SECTIONS: &[&str] = &["source", "broker", "checkpoint", "tuning", "redis"];
+/// Sections and top-level keys of the publisher config that environment variables may
+/// set. Other `KAUSAL_*` variables (e.g. `KAUSAL_DEMO_POSTGRES`) belong to other commands
+/// and are ignored here.
+pub const PUBLISHER_SECTIONS: &[&str] = &["source", "broker", "checkpoint", "tuning"];
+pub const PUBLISHER_KEYS: &[&str] = &["namespace"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -29,6 +31,8 @@ pub enum LoadError {
 pub fn load<T: DeserializeOwned>(
     path: &Path,
     vars: impl IntoIterator<Item = (String, String)>,
+    sections: &[&str],
+    keys: &[&str],
 ) -> Result<T, LoadError> {
     let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
         path: path.to_path_buf(),
@@ -48,17 +52,13 @@ pub fn load<T: DeserializeOwned>(
         };
         let rest = rest.to_ascii_lowercase();
         let target = match rest.split_once('_') {
-            Some((section, key))
-                if value.get(section).is_some_and(|v| v.is_table())
-                    || KNOWN_SECTIONS.contains(&section) =>
-            {
-                value
-                    .entry(section.to_string())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                    .as_table_mut()
-                    .map(|t| (t, key.to_string()))
-            }
-            _ => Some((&mut value, rest.clone())),
+            _ if keys.contains(&rest.as_str()) => Some((&mut value, rest.clone())),
+            Some((section, key)) if sections.contains(&section) => value
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .map(|t| (t, key.to_string())),
+            _ => None,
         };
         if let Some((table, key)) = target {
             table.insert(key, scalar(&raw));
@@ -126,8 +126,14 @@ columns = ["id", "name"]
                 ("KAUSAL_BROKER_URL".to_string(), "amqp://other".to_string()),
                 ("KAUSAL_TUNING_MAX_IN_FLIGHT".to_string(), "7".to_string()),
                 ("KAUSAL_NAMESPACE".to_string(), "shop2".to_string()),
+                (
+                    "KAUSAL_DEMO_POSTGRES".to_string(),
+                    "postgres://x".to_string(),
+                ),
                 ("UNRELATED".to_string(), "x".to_string()),
             ],
+            PUBLISHER_SECTIONS,
+            PUBLISHER_KEYS,
         )
         .unwrap();
         assert_eq!(cfg.broker.url, "amqp://other");
@@ -139,14 +145,18 @@ columns = ["id", "name"]
     #[test]
     fn unknown_keys_are_refused_with_their_name() {
         let path = write(&format!("{FILE}\n[checkpoint]\nintervall_ms = 5\n"));
-        let err = load::<PublisherConfig>(&path, []).unwrap_err().to_string();
+        let err = load::<PublisherConfig>(&path, [], PUBLISHER_SECTIONS, PUBLISHER_KEYS)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("intervall_ms"), "{err}");
     }
 
     #[test]
     fn syntax_errors_name_the_line_but_not_its_text() {
         let path = write("namespace = \"a\"\n[broker]\nurl = \"amqp://u:hunter2@x\n");
-        let err = load::<PublisherConfig>(&path, []).unwrap_err().to_string();
+        let err = load::<PublisherConfig>(&path, [], PUBLISHER_SECTIONS, PUBLISHER_KEYS)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 3"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
     }

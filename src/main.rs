@@ -43,9 +43,13 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Publish { config } => {
-            let cfg: kausal::publisher::PublisherConfig =
-                kausal::config::load(&config, std::env::vars())
-                    .with_context(|| format!("loading {}", config.display()))?;
+            let cfg: kausal::publisher::PublisherConfig = kausal::config::load(
+                &config,
+                std::env::vars(),
+                kausal::config::PUBLISHER_SECTIONS,
+                kausal::config::PUBLISHER_KEYS,
+            )
+            .with_context(|| format!("loading {}", config.display()))?;
             let shutdown = cli::shutdown_signal();
             if let Err(error) = kausal::publisher::run(cfg, shutdown).await {
                 eprintln!("error: {error}");

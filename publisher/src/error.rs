@@ -53,8 +53,9 @@ pub enum SourceError {
     )]
     NoSelect { table: String, user: String },
     #[error(
-        "table {table} has no primary key and REPLICA IDENTITY {identity}: add a primary \
-         key, or run `ALTER TABLE {table} REPLICA IDENTITY FULL;`"
+        "table {table} has no primary key (REPLICA IDENTITY {identity}): add a primary \
+         key, or pick a unique index over NOT NULL columns with `ALTER TABLE {table} \
+         REPLICA IDENTITY USING INDEX <index>;`"
     )]
     NoKey { table: String, identity: String },
     #[error("table {table} has no column {column:?}: fix `columns` of that [[table]]")]
@@ -92,6 +93,11 @@ pub enum SourceError {
     Protocol(#[from] crate::source::postgres::pgoutput::ProtocolError),
     #[error("change for relation {oid} arrived before its relation message")]
     UnknownRelation { oid: u32 },
+    #[error(
+        "a change of table {table} arrived without its key values (key column stored out of \
+         line?): run `ALTER TABLE {table} REPLICA IDENTITY FULL;` so the old row carries them"
+    )]
+    KeyMissing { table: String },
     #[error("the publish loop stopped")]
     PublisherGone,
     #[error(transparent)]

@@ -69,6 +69,17 @@ pub async fn run(
     }
 }
 
+/// Checks a configuration against the real servers once — source settings, tables,
+/// privileges, broker — and returns the first problem found.
+pub async fn check(cfg: &PublisherConfig) -> Result<(), PublisherError> {
+    cfg.validate()?;
+    let SourceConfig::Postgres(pg) = &cfg.source;
+    source::postgres::check(cfg, pg).await?;
+    let bus = AmqpPublisher::connect(&cfg.broker.url, &cfg.broker.exchange).await?;
+    bus.close().await;
+    Ok(())
+}
+
 async fn run_once(
     cfg: &PublisherConfig,
     shutdown: watch::Receiver<bool>,

@@ -157,6 +157,18 @@ impl AmqpConsumer {
         )
     }
 
+    /// Deletes a queue (and nothing else); for tests and `kausal tail` cleanup.
+    pub async fn delete_queue(&self, name: &str) -> Result<(), BusError> {
+        self.channel
+            .queue_delete(name.into(), lapin::options::QueueDeleteOptions::default())
+            .await
+            .map(|_| ())
+            .map_err(|source| BusError::Amqp {
+                operation: "queue.delete",
+                source,
+            })
+    }
+
     pub async fn close(self) {
         let _ = self.channel.close(200, "bye".into()).await;
         let _ = self.conn.close(200, "bye".into()).await;

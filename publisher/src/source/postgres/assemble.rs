@@ -7,6 +7,7 @@
 
 use super::pgoutput::{Datum, Message, OldKind};
 use super::values::Conv;
+use crate::error::SourceError;
 use crate::tracker::Tracker;
 use kausal_bus::deps::{session_key, KeyHasher};
 use kausal_bus::{Change, Column, Context, Envelope, Op, TableSchema};
@@ -224,7 +225,7 @@ impl Assembler {
     }
 
     /// Adds a row change; returns a full part when the transaction must be split.
-    pub fn change(&mut self, msg: Message<'_>) -> Result<Option<Envelope>, u32> {
+    pub fn change(&mut self, msg: Message<'_>) -> Result<Option<Envelope>, SourceError> {
         match msg {
             Message::Insert { rel, new } => self.row(rel, Op::Insert, None, Some(new))?,
             Message::Update { rel, old, new } => self.row(rel, Op::Update, old, Some(new))?,
@@ -270,10 +271,13 @@ impl Assembler {
         op: Op,
         old: Option<(OldKind, Vec<Datum<'_>>)>,
         new: Option<Vec<Datum<'_>>>,
-    ) -> Result<(), u32> {
+    ) -> Result<(), SourceError> {
         self.start_change();
         let space = self.key_space;
-        let t = self.tables.get(&rel).ok_or(rel)?;
+        let t = self
+            .tables
+            .get(&rel)
+            .ok_or(SourceError::UnknownRelation { oid: rel })?;
         let key_of = |tuple: &[Datum<'_>]| -> Option<Vec<Vec<u8>>> {
             t.key
                 .iter()
@@ -328,8 +332,11 @@ impl Assembler {
         let mut unchanged = Vec::new();
         let new_image = new.as_deref().map(|n| image(n, full_old, &mut unchanged));
         let old_image = full_old.map(|o| image(o, None, &mut Vec::new()));
-        let new_key = new.as_deref().and_then(key_of);
         let old_key = old.as_ref().and_then(|(_, o)| key_of(o));
+        // An unchanged key column may come as an unchanged-TOAST marker: take the old key.
+        let new_key = new
+            .as_deref()
+            .and_then(|n| key_of(n).or_else(|| old_key.clone()));
         // Reads through references, from the new row image.
         let mut reads: Vec<u32> = vec![table_key(&t.published, space)];
         if let Some(n) = &new {
@@ -347,7 +354,13 @@ impl Assembler {
             }
         }
         let published = t.published.clone();
-        let key_texts = new_key.clone().or_else(|| old_key.clone()).ok_or(rel)?;
+        let key_texts =
+            new_key
+                .clone()
+                .or_else(|| old_key.clone())
+                .ok_or_else(|| SourceError::KeyMissing {
+                    table: published.clone(),
+                })?;
         let key = key_map(&key_texts);
         let moved_from = match (&old_key, &new_key) {
             (Some(o), Some(n)) if o != n => Some(o.clone()),

@@ -32,6 +32,14 @@ pub fn publication_name(cfg: &PublisherConfig, pg: &PostgresSource) -> String {
         .unwrap_or_else(|| format!("kausal_{}", cfg.namespace.replace('-', "_")))
 }
 
+/// Connects and runs the preflight checks, changing nothing.
+pub async fn check(cfg: &PublisherConfig, pg: &PostgresSource) -> Result<(), SourceError> {
+    let conn = ConnInfo::parse(&pg.url, pg.password()?)?;
+    let sql = conn.connect().await?;
+    catalog::preflight(&sql, cfg, &conn.user, &conn.database, &slot_name(cfg, pg)).await?;
+    Ok(())
+}
+
 /// Checks the server, prepares publication and slot, and streams until shutdown or an
 /// error. Envelopes and checkpoint markers go to `tx` in commit order; `durable` reports
 /// positions whose checkpoint is on disk, which are then confirmed to Postgres.
@@ -186,10 +194,7 @@ pub async fn stream(
                             }
                             continue;
                         }
-                        if let Some(part) = asm
-                            .change(msg)
-                            .map_err(|oid| SourceError::UnknownRelation { oid })?
-                        {
+                        if let Some(part) = asm.change(msg)? {
                             send(&tx, Item::Envelope(part)).await?;
                         }
                     }

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs the whole test suite against the real local servers (the README's second command).
+# Prepares the servers first (idempotent), and removes what crashed earlier test runs
+# left behind (inactive test replication slots hold WAL; their databases).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/setup.sh
+psql -h 127.0.0.1 -U postgres -d postgres -qAt <<'SQL' >/dev/null
+SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
+ WHERE slot_name LIKE 'kausal\_t\_%' AND NOT active;
+SQL
+for db in $(psql -h 127.0.0.1 -U postgres -d postgres -qAt -c \
+    "SELECT datname FROM pg_database WHERE datname LIKE 't\_%'"); do
+  psql -h 127.0.0.1 -U postgres -d postgres -qAt -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
+done
+cargo test --workspace --all-targets "$@"

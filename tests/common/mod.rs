@@ -1,0 +1,229 @@
+//! Shared helpers of the end-to-end tests. Every test gets its own database, namespace
+//! (hence slot, publication, queue) and checkpoint file, so tests run in parallel.
+#![allow(dead_code)]
+
+use kausal::bus::amqp::{AmqpConsumer, QueueSpec};
+use kausal::bus::{decode, Envelope};
+use kausal::publisher::PublisherConfig;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_postgres::{Client, NoTls};
+
+pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
+pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// A name unique to this test run: `t_<label>_<pid>_<nanos>`.
+pub fn unique(label: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("t_{label}_{}_{nanos}", std::process::id())
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e} (run scripts/setup.sh)"));
+    tokio::spawn(conn);
+    client
+}
+
+/// A fresh database with `schema` applied.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub client: Client,
+}
+
+impl TestDb {
+    pub async fn new(name: &str, schema: &str) -> TestDb {
+        let admin = connect(&format!("{PG}/postgres")).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let url = format!("{PG}/{name}");
+        let client = connect(&url).await;
+        client.batch_execute(schema).await.unwrap();
+        TestDb {
+            name: name.to_string(),
+            url,
+            client,
+        }
+    }
+
+    /// Drops the slot and the database (call after the publisher stopped).
+    pub async fn drop(self) {
+        drop(self.client);
+        let admin = connect(&format!("{PG}/postgres")).await;
+        for _ in 0..50 {
+            let r = admin
+                .batch_execute(&format!(
+                    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+                     WHERE database = '{0}' AND NOT active; DROP DATABASE IF EXISTS {0} WITH (FORCE)",
+                    self.name
+                ))
+                .await;
+            if r.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Publisher configuration for a test: `tables` is TOML for the `[[table]]` entries.
+pub fn config(namespace: &str, db_url: &str, tables: &str) -> PublisherConfig {
+    let text = format!(
+        "namespace = \"{namespace}\"\n\
+         [source]\nkind = \"postgres\"\nurl = \"{db_url}\"\n\
+         [broker]\nurl = \"{AMQP}\"\n\
+         [checkpoint]\npath = \"{}\"\ninterval_ms = 200\n{tables}",
+        checkpoint_path(namespace).display()
+    );
+    toml::from_str(&text).unwrap_or_else(|e| panic!("test config: {e}\n{text}"))
+}
+
+pub fn checkpoint_path(namespace: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("kausal-tests/{namespace}.checkpoint"))
+}
+
+/// A publisher running in this process.
+pub struct Running {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), kausal::publisher::PublisherError>>,
+}
+
+/// Starts a publisher and waits until it streams (its slot is active), so that every
+/// transaction committed afterwards is published.
+pub async fn start(cfg: PublisherConfig, db: &TestDb) -> Running {
+    let slot = format!("kausal_{}", cfg.namespace);
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(kausal::publisher::run(cfg, rx));
+    wait_for_slot(&db.client, &slot).await;
+    Running { stop, task }
+}
+
+pub async fn wait_for_slot(client: &Client, slot: &str) {
+    for _ in 0..600 {
+        let active = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        if active.is_some() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("publisher did not start streaming from slot {slot} within 60 s");
+}
+
+/// Logs of the code under test, shown for failing tests.
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info,lapin=warn,pgwire_replication=warn")
+        .with_test_writer()
+        .try_init();
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task
+            .await
+            .unwrap()
+            .expect("publisher ended with an error");
+    }
+}
+
+/// A durable test queue bound to a namespace; reconnects after broker restarts.
+pub struct Tap {
+    pub spec: QueueSpec,
+    consumer: Option<AmqpConsumer>,
+    /// Envelopes received, in arrival order, duplicates included.
+    pub received: Vec<Envelope>,
+}
+
+impl Tap {
+    pub async fn new(namespace: &str) -> Tap {
+        let mut spec = QueueSpec::durable(&format!("test.{namespace}"), &[namespace]);
+        spec.prefetch = 1000;
+        let consumer = AmqpConsumer::connect(AMQP, "kausal", &spec)
+            .await
+            .expect("connect to RabbitMQ (run scripts/setup.sh)");
+        Tap {
+            spec,
+            consumer: Some(consumer),
+            received: Vec::new(),
+        }
+    }
+
+    /// Receives until `done(received)` holds; panics after `timeout` with what it has.
+    pub async fn until(&mut self, timeout: Duration, done: impl Fn(&[Envelope]) -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !done(&self.received) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!(
+                    "timed out after {timeout:?} with {} envelopes (last seq {:?})",
+                    self.received.len(),
+                    self.received.last().map(|e| e.seq)
+                );
+            }
+            if self.consumer.is_none() {
+                match AmqpConsumer::connect(AMQP, "kausal", &self.spec).await {
+                    Ok(c) => self.consumer = Some(c),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                }
+            }
+            let consumer = self.consumer.as_mut().unwrap();
+            match tokio::time::timeout(left.min(Duration::from_secs(1)), consumer.next()).await {
+                Err(_) => continue,
+                Ok(Some(Ok(d))) => {
+                    let envelopes = decode(&d.body).expect("publisher sent an undecodable message");
+                    self.received.extend(envelopes);
+                    if d.ack().await.is_err() {
+                        self.consumer = None;
+                    }
+                }
+                Ok(_) => self.consumer = None,
+            }
+        }
+    }
+
+    /// Last part of each distinct sequence number seen so far.
+    pub fn by_seq(&self) -> BTreeMap<u64, &Envelope> {
+        self.received
+            .iter()
+            .filter(|e| e.is_last_part())
+            .map(|e| (e.seq, e))
+            .collect()
+    }
+
+    pub async fn delete(mut self) {
+        if let Some(c) = self.consumer.take() {
+            let _ = c.delete_queue(&self.spec.name).await;
+            let _ = c.delete_queue(&self.spec.dead_letter_queue()).await;
+            c.close().await;
+        }
+    }
+}
+
+/// Number of distinct sequence numbers whose last part arrived.
+pub fn complete(envelopes: &[Envelope]) -> usize {
+    envelopes
+        .iter()
+        .filter(|e| e.is_last_part())
+        .map(|e| e.seq)
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+}
