@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, watch};
 
 /// Items buffered between the source and the publish loop: enough to keep batches full,
 /// small enough to bound memory (at most this many envelope parts).
-const CHANNEL_CAPACITY: usize = 1024;
+const CHANNEL_CAPACITY: usize = 256;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Runs the publisher until `shutdown` turns true (then flushes in-flight confirms and

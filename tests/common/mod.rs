@@ -227,3 +227,83 @@ pub fn complete(envelopes: &[Envelope]) -> usize {
         .collect::<std::collections::BTreeSet<_>>()
         .len()
 }
+
+/// A `kausal publish` process (the real binary), for crash and memory tests.
+pub struct Process {
+    pub child: std::process::Child,
+    pub config: PathBuf,
+}
+
+pub fn write_config(cfg_text: &str, namespace: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("kausal-tests/{namespace}.toml"));
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, cfg_text).unwrap();
+    path
+}
+
+/// The TOML of [`config`], for the binary.
+pub fn config_text(namespace: &str, db_url: &str, tables: &str) -> String {
+    format!(
+        "namespace = \"{namespace}\"\n\
+         [source]\nkind = \"postgres\"\nurl = \"{db_url}\"\n\
+         [broker]\nurl = \"{AMQP}\"\n\
+         [checkpoint]\npath = \"{}\"\ninterval_ms = 200\n{tables}",
+        checkpoint_path(namespace).display()
+    )
+}
+
+impl Process {
+    pub fn spawn(config: &std::path::Path) -> Process {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
+            .args(["publish", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start kausal publish");
+        Process {
+            child,
+            config: config.to_path_buf(),
+        }
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Peak resident memory so far, in KiB (`VmHWM`).
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until no process holds the slot (after a kill).
+pub async fn wait_for_slot_released(client: &Client, slot: &str) {
+    for _ in 0..300 {
+        let active = client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                &[&slot],
+            )
+            .await
+            .unwrap();
+        if active.is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("slot {slot} still active 30 s after the publisher was killed");
+}

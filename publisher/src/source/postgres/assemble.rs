@@ -226,6 +226,14 @@ impl Assembler {
 
     /// Adds a row change; returns a full part when the transaction must be split.
     pub fn change(&mut self, msg: Message<'_>) -> Result<Option<Envelope>, SourceError> {
+        if matches!(msg, Message::Relation(_) | Message::Ignored(_)) {
+            return Ok(None);
+        }
+        // A full part is cut only when another change follows, so the commit closes
+        // the last full part instead of sending an empty one.
+        let full = (self.changes.len() >= self.max_part_changes
+            || self.part_bytes >= MAX_PART_BYTES)
+            .then(|| self.cut(false));
         match msg {
             Message::Insert { rel, new } => self.row(rel, Op::Insert, None, Some(new))?,
             Message::Update { rel, old, new } => self.row(rel, Op::Update, old, Some(new))?,
@@ -250,12 +258,9 @@ impl Assembler {
                     });
                 }
             }
-            Message::Relation(_) | Message::Ignored(_) => return Ok(None),
+            Message::Relation(_) | Message::Ignored(_) => {}
         }
-        if self.changes.len() >= self.max_part_changes || self.part_bytes >= MAX_PART_BYTES {
-            return Ok(Some(self.cut(false)));
-        }
-        Ok(None)
+        Ok(full)
     }
 
     fn start_change(&mut self) {
