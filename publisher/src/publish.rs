@@ -15,7 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
-/// What the source hands the publish loop, in source order.
+/// What the source hands the publish loop, in source order. Envelopes dominate the
+/// traffic, so they are not boxed; markers come once a second.
+#[allow(clippy::large_enum_variant)]
 pub enum Item {
     Envelope(Envelope),
     /// Everything before this is to be checkpointed with this state.

@@ -133,8 +133,8 @@ async fn workload(
     loop {
         tokio::select! { _ = tokio::time::sleep(pause) => {}, _ = stop.changed() => return Ok(()) }
         let tx = db.transaction().await?;
-        let name = names[i % names.len()];
-        if i % 3 == 0 {
+        let name = names[(i / 3) % names.len()];
+        if i.is_multiple_of(3) {
             let ctx =
                 format!(r#"{{"session": "signup", "user": "{name}", "request_id": "req-{i}"}}"#);
             tx.execute(
