@@ -353,3 +353,53 @@ async fn a_schema_change_is_flagged_and_a_wildcard_publishes_the_added_column() 
     tap.delete().await;
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_slot_keeps_moving_while_published_tables_are_idle() {
+    logs();
+    let ns = unique("idle");
+    let db = TestDb::new(
+        &ns,
+        "CREATE TABLE published (id int PRIMARY KEY); CREATE TABLE busy (id serial PRIMARY KEY, x text);",
+    )
+    .await;
+    let mut tap = Tap::new(&ns).await;
+    let publisher = start(config(&ns, &db.url, "[[table]]\nname = \"published\"\ncolumns = [\"*\"]\n"), &db).await;
+    db.client.batch_execute("INSERT INTO published VALUES (1)").await.unwrap();
+    tap.until(Duration::from_secs(60), |r| complete(r) >= 1).await;
+    // Only an unpublished table is written from now on: WAL grows, nothing is published.
+    for _ in 0..200 {
+        db.client
+            .batch_execute("INSERT INTO busy (x) SELECT repeat('x', 1000) FROM generate_series(1, 50)")
+            .await
+            .unwrap();
+    }
+    let target: String = db
+        .client
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let slot = format!("kausal_{ns}");
+    let mut moved = false;
+    for _ in 0..300 {
+        moved = db
+            .client
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $2::text::pg_lsn FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot, &target],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if moved {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    publisher.stop().await;
+    assert!(moved, "the slot did not advance past {target} while published tables were idle");
+    assert_eq!(complete(&tap.received), 1, "nothing of the busy table is published");
+    tap.delete().await;
+    db.drop().await;
+}
