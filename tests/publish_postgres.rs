@@ -364,13 +364,27 @@ async fn the_slot_keeps_moving_while_published_tables_are_idle() {
     )
     .await;
     let mut tap = Tap::new(&ns).await;
-    let publisher = start(config(&ns, &db.url, "[[table]]\nname = \"published\"\ncolumns = [\"*\"]\n"), &db).await;
-    db.client.batch_execute("INSERT INTO published VALUES (1)").await.unwrap();
-    tap.until(Duration::from_secs(60), |r| complete(r) >= 1).await;
+    let publisher = start(
+        config(
+            &ns,
+            &db.url,
+            "[[table]]\nname = \"published\"\ncolumns = [\"*\"]\n",
+        ),
+        &db,
+    )
+    .await;
+    db.client
+        .batch_execute("INSERT INTO published VALUES (1)")
+        .await
+        .unwrap();
+    tap.until(Duration::from_secs(60), |r| complete(r) >= 1)
+        .await;
     // Only an unpublished table is written from now on: WAL grows, nothing is published.
     for _ in 0..200 {
         db.client
-            .batch_execute("INSERT INTO busy (x) SELECT repeat('x', 1000) FROM generate_series(1, 50)")
+            .batch_execute(
+                "INSERT INTO busy (x) SELECT repeat('x', 1000) FROM generate_series(1, 50)",
+            )
             .await
             .unwrap();
     }
@@ -398,8 +412,15 @@ async fn the_slot_keeps_moving_while_published_tables_are_idle() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     publisher.stop().await;
-    assert!(moved, "the slot did not advance past {target} while published tables were idle");
-    assert_eq!(complete(&tap.received), 1, "nothing of the busy table is published");
+    assert!(
+        moved,
+        "the slot did not advance past {target} while published tables were idle"
+    );
+    assert_eq!(
+        complete(&tap.received),
+        1,
+        "nothing of the busy table is published"
+    );
     tap.delete().await;
     db.drop().await;
 }

@@ -54,7 +54,13 @@ pub fn encode(cp: &Checkpoint) -> Vec<u8> {
     let s = &cp.state;
     let mut out = Vec::with_capacity(48 + s.keys.len() * 36);
     out.extend_from_slice(MAGIC);
-    for v in [cp.position, s.generation, s.next_seq, s.keys.len() as u64] {
+    for v in [
+        cp.position,
+        s.generation,
+        u64::from(s.key_space),
+        s.next_seq,
+        s.keys.len() as u64,
+    ] {
         out.extend_from_slice(&v.to_le_bytes());
     }
     // Sorted so the same state always gives the same bytes.
@@ -95,9 +101,10 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, &'static str> {
     };
     let position = u64_()?;
     let generation = u64_()?;
+    let key_space = u32::try_from(u64_()?).map_err(|_| "bad key space")?;
     let next_seq = u64_()?;
     let n = u64_()? as usize;
-    let mut state = TrackerState::new(generation);
+    let mut state = TrackerState::new(generation, key_space);
     state.next_seq = next_seq;
     state.keys.reserve(n.min(1 << 24));
     for _ in 0..n {
@@ -183,7 +190,7 @@ mod tests {
     use super::*;
 
     fn sample() -> Checkpoint {
-        let mut state = TrackerState::new(77);
+        let mut state = TrackerState::new(77, 1 << 20);
         state.next_seq = 1234;
         for k in 0..100u32 {
             state.keys.insert(

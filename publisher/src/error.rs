@@ -77,6 +77,15 @@ pub enum SourceError {
     )]
     SlotDropped { slot: String, checkpoint: String },
     #[error(
+        "tuning.key_space is {configured} but checkpoint {checkpoint} was written with \
+         {checkpointed}: set it back, or move the checkpoint away to start a new generation"
+    )]
+    KeySpaceChanged {
+        configured: u32,
+        checkpointed: u32,
+        checkpoint: String,
+    },
+    #[error(
         "replication slot {slot:?} uses plugin {plugin:?}, Kausal needs pgoutput: drop it or \
          configure another source.slot"
     )]

@@ -26,6 +26,9 @@ pub struct KeyState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrackerState {
     pub generation: u64,
+    /// Size of the hashed key space the counters were computed in; fixed for a
+    /// generation (a different space would give the same rows different keys).
+    pub key_space: u32,
     /// Sequence number the next transaction gets.
     pub next_seq: u64,
     pub keys: HashMap<u32, KeyState>,
@@ -34,9 +37,10 @@ pub struct TrackerState {
 }
 
 impl TrackerState {
-    pub fn new(generation: u64) -> Self {
+    pub fn new(generation: u64, key_space: u32) -> Self {
         TrackerState {
             generation,
+            key_space,
             next_seq: 1,
             keys: HashMap::new(),
             schemas: HashMap::new(),
@@ -186,7 +190,7 @@ mod tests {
 
     #[test]
     fn writes_chain_and_reads_between_writes_share_a_version() {
-        let mut t = Tracker::new(TrackerState::new(1));
+        let mut t = Tracker::new(TrackerState::new(1, 1 << 20));
         t.write(5);
         assert_eq!(t.take_part(), vec![dep(5, 1, DepKind::Write, 0)]);
         t.commit();
@@ -205,7 +209,7 @@ mod tests {
 
     #[test]
     fn one_operation_per_key_per_transaction() {
-        let mut t = Tracker::new(TrackerState::new(1));
+        let mut t = Tracker::new(TrackerState::new(1, 1 << 20));
         t.read(9);
         t.write(9);
         t.write(9);
@@ -218,7 +222,7 @@ mod tests {
 
     #[test]
     fn a_read_upgraded_in_a_later_part_keeps_its_version() {
-        let mut t = Tracker::new(TrackerState::new(1));
+        let mut t = Tracker::new(TrackerState::new(1, 1 << 20));
         t.write(1);
         t.commit();
         t.read(1);

@@ -69,6 +69,14 @@ pub async fn stream(
             }
             .into())
         }
+        (Some(_), Some(cp)) if cp.state.key_space != cfg.tuning.key_space => {
+            return Err(SourceError::KeySpaceChanged {
+                configured: cfg.tuning.key_space,
+                checkpointed: cp.state.key_space,
+                checkpoint: checkpoint_path.display().to_string(),
+            }
+            .into())
+        }
         (Some(_), Some(cp)) => (cp.state, cp.position),
         (existing, None) => {
             let start = match existing {
@@ -85,7 +93,7 @@ pub async fn stream(
                 "no checkpoint found: starting a NEW GENERATION (sequence numbers restart at 1; \
                  subscribers of this namespace reset their dependency state)"
             );
-            (TrackerState::new(generation), start)
+            (TrackerState::new(generation, cfg.tuning.key_space), start)
         }
     };
     tracing::info!(slot, publication, start = %Lsn(start), generation = state.generation,
