@@ -359,9 +359,16 @@ mod tests {
         // Found by the fuzzer: without serde_json's float_roundtrip these came back 1 ulp off.
         for f in [1.13599760451127e77, 0.9529788629959415, f64::MAX, 5e-324] {
             let mut e = sample();
-            e.changes[0].new.as_mut().unwrap().insert("f".into(), json!(f));
+            e.changes[0]
+                .new
+                .as_mut()
+                .unwrap()
+                .insert("f".into(), json!(f));
             let back = decode(&encode(std::slice::from_ref(&e))).unwrap();
-            assert_eq!(back[0].changes[0].new.as_ref().unwrap()["f"].as_f64(), Some(f));
+            assert_eq!(
+                back[0].changes[0].new.as_ref().unwrap()["f"].as_f64(),
+                Some(f)
+            );
         }
     }
 
