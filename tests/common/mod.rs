@@ -108,20 +108,30 @@ pub async fn start(cfg: PublisherConfig, db: &TestDb) -> Running {
 }
 
 pub async fn wait_for_slot(client: &Client, slot: &str) {
+    wait_for_slot_activity(client, slot, true).await
+}
+
+/// Waits until no process holds the slot (after a kill).
+pub async fn wait_for_slot_released(client: &Client, slot: &str) {
+    wait_for_slot_activity(client, slot, false).await
+}
+
+async fn wait_for_slot_activity(client: &Client, slot: &str, active: bool) {
     for _ in 0..600 {
-        let active = client
+        let held = client
             .query_opt(
                 "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
                 &[&slot],
             )
             .await
-            .unwrap();
-        if active.is_some() {
+            .unwrap()
+            .is_some();
+        if held == active {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("publisher did not start streaming from slot {slot} within 60 s");
+    panic!("slot {slot} did not become active={active} within 60 s");
 }
 
 /// Logs of the code under test, shown for failing tests.
@@ -288,22 +298,4 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-/// Waits until no process holds the slot (after a kill).
-pub async fn wait_for_slot_released(client: &Client, slot: &str) {
-    for _ in 0..300 {
-        let active = client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                &[&slot],
-            )
-            .await
-            .unwrap();
-        if active.is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("slot {slot} still active 30 s after the publisher was killed");
 }
