@@ -1,4 +1,4 @@
-use super::connect;
+use super::open_channel;
 use super::publisher::declare_exchange;
 use crate::error::BusError;
 use futures_util::StreamExt;
@@ -102,14 +102,7 @@ impl AmqpConsumer {
     /// Connects, declares the exchange, the queue, its bindings and its dead-letter
     /// queue, and starts consuming.
     pub async fn connect(url: &str, exchange: &str, spec: &QueueSpec) -> Result<Self, BusError> {
-        let conn = connect(url).await?;
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(|source| BusError::Amqp {
-                operation: "open channel",
-                source,
-            })?;
+        let (conn, channel) = open_channel(url).await?;
         declare_queue(&channel, exchange, spec).await?;
         channel
             .basic_qos(spec.prefetch, BasicQosOptions::default())

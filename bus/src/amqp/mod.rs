@@ -35,7 +35,20 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-pub(crate) async fn connect(url: &str) -> Result<Connection, BusError> {
+/// Connects and opens the one channel each publisher or consumer uses.
+pub(crate) async fn open_channel(url: &str) -> Result<(Connection, lapin::Channel), BusError> {
+    let conn = connect(url).await?;
+    let channel = conn
+        .create_channel()
+        .await
+        .map_err(|source| BusError::Amqp {
+            operation: "open channel",
+            source,
+        })?;
+    Ok((conn, channel))
+}
+
+async fn connect(url: &str) -> Result<Connection, BusError> {
     let endpoint = redact_url(url);
     let props = ConnectionProperties::default().with_connection_name("kausal".into());
     Connection::connect(url, props).await.map_err(|source| {

@@ -1,4 +1,4 @@
-use super::connect;
+use super::open_channel;
 use crate::error::BusError;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
@@ -36,14 +36,7 @@ impl PendingConfirm {
 impl AmqpPublisher {
     /// Connects, declares the durable topic exchange and turns on confirms.
     pub async fn connect(url: &str, exchange: &str) -> Result<Self, BusError> {
-        let conn = connect(url).await?;
-        let channel = conn
-            .create_channel()
-            .await
-            .map_err(|source| BusError::Amqp {
-                operation: "open channel",
-                source,
-            })?;
+        let (conn, channel) = open_channel(url).await?;
         declare_exchange(&channel, exchange).await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
