@@ -4,8 +4,10 @@
 //!
 //! - [`bus`]: wire format and RabbitMQ plumbing.
 //! - [`publisher`]: Postgres logical replication → envelopes with dependencies.
+//! - [`subscriber`]: envelopes → your store and callbacks, in causal order.
 
 pub mod config;
 
 pub use kausal_bus as bus;
 pub use kausal_publisher as publisher;
+pub use kausal_subscriber as subscriber;

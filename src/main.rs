@@ -25,6 +25,12 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Apply the publishers' transactions to this app's store, in causal order.
+    Subscribe {
+        /// Subscriber configuration (TOML); `KAUSAL_*` variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Follow a publisher's live changes in the terminal (temporary queue, leaves nothing behind).
     Tail(cli::tail::TailArgs),
     /// The live demo: a workload writes to Postgres, the publisher publishes, tail shows it.
@@ -52,17 +58,36 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("loading {}", config.display()))?;
             let shutdown = cli::shutdown_signal();
             if let Err(error) = kausal::publisher::run(cfg, shutdown).await {
-                eprintln!("error: {error}");
-                let mut source = std::error::Error::source(&error);
-                while let Some(cause) = source {
-                    eprintln!("  caused by: {cause}");
-                    source = cause.source();
-                }
+                report(&error);
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Command::Subscribe { config } => {
+            let cfg: kausal::subscriber::SubscriberConfig = kausal::config::load(
+                &config,
+                std::env::vars(),
+                kausal::config::SUBSCRIBER_SECTIONS,
+                kausal::config::SUBSCRIBER_KEYS,
+            )
+            .with_context(|| format!("loading {}", config.display()))?;
+            let shutdown = cli::shutdown_signal();
+            if let Err(error) = kausal::subscriber::run(cfg, shutdown).await {
+                report(&error);
                 std::process::exit(2);
             }
             Ok(())
         }
         Command::Tail(args) => cli::tail::run(args, cli::shutdown_signal()).await,
         Command::Demo(args) => cli::demo::run(args).await,
+    }
+}
+
+fn report(error: &dyn std::error::Error) {
+    eprintln!("error: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        eprintln!("  caused by: {cause}");
+        source = cause.source();
     }
 }

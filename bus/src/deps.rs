@@ -64,6 +64,13 @@ pub fn session_key(session: &str, space: u32) -> u32 {
         .finish(space)
 }
 
+/// Key of a whole table: every row change reads it, a truncate writes it.
+pub fn table_key(table: &str, space: u32) -> u32 {
+    KeyHasher::new("table")
+        .field(table.as_bytes())
+        .finish(space)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,1 +1,24 @@
+//! `kausal-subscriber`: apply a publisher's transactions to your own store, in causal
+//! order.
+//!
+//! Layout:
+//! - [`config`]: what an app subscribes, its store, coordination and ordering mode.
+//! - [`txn`]: envelopes assembled into [`txn::Transaction`]s, mapped onto the
+//!   subscribed tables and columns.
+//! - [`schedule`]: the causal gate (the dependency rule, counters, the watermark).
+//! - [`coord`]: where gate state lives: in memory (one worker process) or Redis (many).
+//! - [`sink`]: the SQL store and callbacks.
+//! - [`runtime`]: consume, gate, apply in groups, ack; the worker loop.
 
+pub mod config;
+pub mod coord;
+pub mod error;
+pub mod runtime;
+pub mod schedule;
+pub mod sink;
+pub mod txn;
+
+pub use config::{Mode, SubscriberConfig};
+pub use error::{ErrorClass, SinkError, SubscriberError};
+pub use runtime::{run, Subscriber};
+pub use sink::{CallbackError, Callbacks, Event};

@@ -12,6 +12,8 @@ use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
 pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
+pub mod sub;
+
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 /// A name unique to this test run: `t_<label>_<pid>_<nanos>`.

@@ -96,6 +96,8 @@ pub struct AmqpConsumer {
     conn: Connection,
     channel: Channel,
     consumer: lapin::Consumer,
+    exchange: String,
+    queue: String,
 }
 
 impl AmqpConsumer {
@@ -130,6 +132,8 @@ impl AmqpConsumer {
             conn,
             channel,
             consumer,
+            exchange: exchange.to_string(),
+            queue: spec.name.clone(),
         })
     }
 
@@ -148,6 +152,37 @@ impl AmqpConsumer {
                 source,
             }),
         )
+    }
+
+    /// Puts `body` into this queue's dead-letter queue with the reason in the header
+    /// `x-kausal-reason`, so an operator sees why. Used for one envelope of a message
+    /// whose other envelopes were fine; the caller acks the original afterwards (on the
+    /// same channel, so the broker has the copy before the ack).
+    pub async fn send_to_dead_letters(&self, body: Vec<u8>, reason: &str) -> Result<(), BusError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-kausal-reason".into(),
+            AMQPValue::LongString(reason.into()),
+        );
+        let props = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/vnd.kausal".into())
+            .with_headers(headers);
+        let dlx = format!("{}.dlx", self.exchange);
+        self.channel
+            .basic_publish(
+                dlx.as_str().into(),
+                self.queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await
+            .map(|_| ())
+            .map_err(|source| BusError::Amqp {
+                operation: "basic.publish (dead letter)",
+                source,
+            })
     }
 
     /// Deletes a queue (and nothing else); for tests and `kausal tail` cleanup.
@@ -249,4 +284,53 @@ pub async fn declare_queue(
             .map_err(amqp("queue.bind"))?;
     }
     Ok(())
+}
+
+/// A message in a dead-letter queue, with the reason Kausal recorded (when it recorded
+/// one: messages rejected by the broker's own dead-lettering carry only `x-death`).
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub reason: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// Reads up to `max` messages of a dead-letter queue without removing them (they are
+/// handed back when the channel closes).
+pub async fn peek_dead_letters(
+    url: &str,
+    queue: &str,
+    max: usize,
+) -> Result<Vec<DeadLetter>, BusError> {
+    let (conn, channel) = open_channel(url).await?;
+    let mut out = Vec::new();
+    while out.len() < max {
+        let got = channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(|source| BusError::Amqp {
+                operation: "basic.get",
+                source,
+            })?;
+        let Some(message) = got else { break };
+        let reason = message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-kausal-reason").cloned())
+            .and_then(|v| match v {
+                AMQPValue::LongString(s) => Some(s.to_string()),
+                _ => None,
+            });
+        out.push(DeadLetter {
+            reason,
+            body: message.delivery.data.clone(),
+        });
+    }
+    let _ = channel.close(200, "bye".into()).await;
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(out)
 }

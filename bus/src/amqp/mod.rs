@@ -9,7 +9,7 @@
 mod consumer;
 mod publisher;
 
-pub use consumer::{AmqpConsumer, Delivery, QueueSpec};
+pub use consumer::{peek_dead_letters, AmqpConsumer, DeadLetter, Delivery, QueueSpec};
 pub use publisher::{AmqpPublisher, PendingConfirm};
 
 use crate::error::BusError;

@@ -58,11 +58,7 @@ fn as_refs(v: &[Vec<u8>]) -> Vec<&[u8]> {
 
 /// Key hash standing for a whole table: every change reads it, a truncate writes it, so
 /// a truncate is ordered after all earlier changes of the table and before later ones.
-pub fn table_key(table: &str, space: u32) -> u32 {
-    KeyHasher::new("table")
-        .field(table.as_bytes())
-        .finish(space)
-}
+pub use kausal_bus::deps::table_key;
 
 struct Open {
     position: String,

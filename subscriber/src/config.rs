@@ -1,0 +1,262 @@
+//! What a subscriber app follows, where it puts it, and how it orders it.
+
+use kausal_bus::deps::DEFAULT_KEY_SPACE;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// Messages RabbitMQ hands a worker before it acks any: the window in which it looks for
+/// transactions it can apply while others wait. Publishers pack up to 128 envelopes per
+/// message under load, so 64 messages is thousands of transactions.
+pub const DEFAULT_PREFETCH: u16 = 64;
+/// Independent transactions applied in one sink transaction: one commit (one fsync) for
+/// many small source transactions. Never splits one.
+pub const DEFAULT_MAX_GROUP: usize = 256;
+/// Sink transactions in flight at once. SQLite has one writer, so 1 is its best; a
+/// server database gains from a few.
+pub const DEFAULT_APPLIERS: usize = 1;
+/// A transaction waiting longer than this for a dependency is reported with what it
+/// waits for (log line and metric), and again at this interval while it waits.
+pub const DEFAULT_REPORT_WAIT_MS: u64 = 10_000;
+/// Attempts of a failing callback before its transaction is dead-lettered.
+pub const DEFAULT_CALLBACK_ATTEMPTS: u32 = 5;
+/// First retry delay of a failing callback or store; doubles per attempt.
+pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 100;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubscriberConfig {
+    /// Names this subscriber app: its durable queue is `kausal.<app>`, its Redis keys and
+    /// bookkeeping are per app. Every worker process of the app uses the same name.
+    pub app: String,
+    pub broker: BrokerConfig,
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub coordination: Coordination,
+    #[serde(default)]
+    pub ordering: OrderingConfig,
+    #[serde(default)]
+    pub callbacks: CallbackConfig,
+    /// Subscribed tables.
+    #[serde(rename = "table", default)]
+    pub tables: Vec<TableSubscription>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub url: String,
+    #[serde(default = "default_exchange")]
+    pub exchange: String,
+    /// Queue name; default `kausal.<app>`.
+    #[serde(default)]
+    pub queue: Option<String>,
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+}
+
+fn default_exchange() -> String {
+    kausal_bus::amqp::DEFAULT_EXCHANGE.to_string()
+}
+fn default_prefetch() -> u16 {
+    DEFAULT_PREFETCH
+}
+
+/// The SQL database the subscriber writes its read model to. It also holds Kausal's
+/// bookkeeping (which transactions were applied), written in the same transaction as the
+/// rows, which is what makes redelivery harmless.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://path.db`, `postgres://…`, or `mysql://…`.
+    pub url: String,
+    #[serde(default = "default_max_group")]
+    pub max_group: usize,
+    #[serde(default = "default_appliers")]
+    pub appliers: usize,
+}
+
+fn default_max_group() -> usize {
+    DEFAULT_MAX_GROUP
+}
+fn default_appliers() -> usize {
+    DEFAULT_APPLIERS
+}
+
+/// Where workers keep dependency counters and wake each other.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum Coordination {
+    /// One worker process (the default): counters in memory, no Redis.
+    #[default]
+    Memory,
+    /// Several worker processes share the queue; counters and wake-ups in Redis.
+    Redis {
+        url: String,
+        /// Key prefix; keys are `<prefix>:<app>:…`.
+        #[serde(default = "default_prefix")]
+        prefix: String,
+    },
+}
+
+fn default_prefix() -> String {
+    "kausal".to_string()
+}
+
+/// How strictly transactions are ordered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// A transaction waits for every transaction it may depend on (rows it reads or
+    /// writes, foreign keys, sessions, hints); independent ones run in parallel.
+    #[default]
+    Causal,
+    /// Only per-key order: writes of a row (or session) in order, truncates before later
+    /// changes of their table; foreign keys and read hints are not waited for.
+    Key,
+    /// Exact commit order, one transaction after the other.
+    Serial,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrderingConfig {
+    pub mode: Mode,
+    /// The publisher's `tuning.key_space`; `key` mode needs it to recognise table keys.
+    pub key_space: u32,
+    pub report_wait_ms: u64,
+}
+
+impl Default for OrderingConfig {
+    fn default() -> Self {
+        OrderingConfig {
+            mode: Mode::Causal,
+            key_space: DEFAULT_KEY_SPACE,
+            report_wait_ms: DEFAULT_REPORT_WAIT_MS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CallbackConfig {
+    pub attempts: u32,
+    pub backoff_ms: u64,
+}
+
+impl Default for CallbackConfig {
+    fn default() -> Self {
+        CallbackConfig {
+            attempts: DEFAULT_CALLBACK_ATTEMPTS,
+            backoff_ms: DEFAULT_RETRY_BACKOFF_MS,
+        }
+    }
+}
+
+/// How a subscribed table lands in the store.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableMode {
+    /// Kausal creates the table from the published column types and keeps it equal to
+    /// the source (plus a `_kausal_seq` column: the sequence number of the last change).
+    #[default]
+    Mirror,
+    /// Rows go into a table the application owns and created; Kausal only upserts and
+    /// deletes by key, in the subscribed columns.
+    Map,
+    /// Not stored at all: only callbacks see the changes.
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSubscription {
+    /// The publisher's namespace.
+    pub namespace: String,
+    /// Published table name.
+    pub name: String,
+    /// Destination table; default the published name.
+    #[serde(default)]
+    pub into: Option<String>,
+    /// Subscribed columns (published names); default all. Key columns are always kept.
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Published name → name in the store and in callbacks.
+    #[serde(default)]
+    pub rename: BTreeMap<String, String>,
+    #[serde(default)]
+    pub mode: TableMode,
+}
+
+impl SubscriberConfig {
+    pub fn queue(&self) -> String {
+        self.broker
+            .queue
+            .clone()
+            .unwrap_or_else(|| format!("kausal.{}", self.app))
+    }
+
+    /// Namespaces to bind the queue to.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.tables.iter().map(|t| t.namespace.clone()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.app.is_empty()
+            || !self
+                .app
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(format!(
+                "app `{}` must be non-empty letters, digits, `_` or `-`",
+                self.app
+            ));
+        }
+        if self.tables.is_empty() {
+            return Err("no [[table]] subscribed: add at least one".into());
+        }
+        if !self.ordering.key_space.is_power_of_two() {
+            return Err("ordering.key_space must be a power of two".into());
+        }
+        if self.store.max_group == 0 || self.store.appliers == 0 || self.broker.prefetch == 0 {
+            return Err("store.max_group, store.appliers and broker.prefetch must be > 0".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for t in &self.tables {
+            if !seen.insert((t.namespace.clone(), t.name.clone())) {
+                return Err(format!(
+                    "table {}.{} is subscribed twice",
+                    t.namespace, t.name
+                ));
+            }
+            let into = t.into.as_deref().unwrap_or(&t.name);
+            if !is_identifier(into) {
+                return Err(format!(
+                    "table {}.{}: destination `{into}` must be letters, digits and `_`",
+                    t.namespace, t.name
+                ));
+            }
+            for dest in t.rename.values() {
+                if !is_identifier(dest) {
+                    return Err(format!(
+                        "table {}.{}: column name `{dest}` must be letters, digits and `_`",
+                        t.namespace, t.name
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names Kausal puts into SQL it generates: plain identifiers only, so quoting can never
+/// be escaped.
+pub fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+}

@@ -1,0 +1,73 @@
+//! In-process coordination: one worker process, gate state in a map.
+
+use super::{Check, Query};
+use crate::config::Mode;
+use crate::schedule::Progress;
+use crate::txn::TxId;
+use kausal_bus::Dep;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+#[derive(Default)]
+pub struct MemoryCoord {
+    state: Mutex<HashMap<(Arc<str>, u64), Progress>>,
+    pub(crate) wake: Arc<Notify>,
+}
+
+impl MemoryCoord {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(Arc<str>, u64), Progress>> {
+        // A panic while holding the lock cannot leave Progress half-updated in a way
+        // that breaks the rule (every update is a single insert/max), so poison is moot.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn check(&self, mode: Mode, queries: &[Query<'_>]) -> Vec<Check> {
+        let state = self.lock();
+        queries
+            .iter()
+            .map(
+                |q| match state.get(&(q.id.namespace.clone(), q.id.generation)) {
+                    None => Check::Unknown,
+                    Some(p) => match p.check(mode, q.id.seq, q.deps, q.table_keys) {
+                        None => Check::Ready,
+                        Some(w) => Check::Waiting(w),
+                    },
+                },
+            )
+            .collect()
+    }
+
+    pub fn init(&self, namespace: &str, generation: u64, through: u64, applied: &[u64]) {
+        self.lock()
+            .entry((namespace.into(), generation))
+            .or_insert_with(|| Progress::from_store(through, applied.iter().copied()));
+    }
+
+    pub fn applied(&self, done: &[(&TxId, Option<&[Dep]>)]) -> Vec<TxId> {
+        let mut missing = Vec::new();
+        {
+            let mut state = self.lock();
+            for (id, deps) in done {
+                match state.get_mut(&(id.namespace.clone(), id.generation)) {
+                    Some(p) => {
+                        p.applied(id.seq, *deps);
+                    }
+                    None => missing.push((*id).clone()),
+                }
+            }
+        }
+        self.wake.notify_waiters();
+        missing
+    }
+
+    pub fn watermark(&self, namespace: &str, generation: u64) -> Option<u64> {
+        self.lock()
+            .get(&(namespace.into(), generation))
+            .map(|p| p.watermark)
+    }
+}

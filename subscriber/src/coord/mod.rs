@@ -1,0 +1,96 @@
+//! Where the gate's state lives: in this process, or in Redis for several worker
+//! processes sharing one queue. Both implement the same rule ([`crate::schedule`]); the
+//! Redis one evaluates it in Lua scripts, pipelined, so one wake-up costs one round trip
+//! however many transactions it re-checks.
+
+pub mod memory;
+pub mod redis;
+
+use crate::config::Mode;
+use crate::error::CoordError;
+use crate::schedule::Wait;
+use crate::txn::TxId;
+use kausal_bus::Dep;
+use std::sync::Arc;
+use tokio::sync::Notify;
+
+/// Result of checking one transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    Ready,
+    Waiting(Wait),
+    /// The namespace/generation has no state here yet (first sight, or Redis lost it):
+    /// load it from the store with [`Coordinator::init`] and check again.
+    Unknown,
+}
+
+/// A transaction to check: its id, its dependencies and the table keys it reads.
+pub struct Query<'a> {
+    pub id: &'a TxId,
+    pub deps: &'a [Dep],
+    pub table_keys: &'a [u32],
+}
+
+/// Gate state, shared by the workers of one subscriber app.
+pub enum Coordinator {
+    Memory(memory::MemoryCoord),
+    Redis(redis::RedisCoord),
+}
+
+impl Coordinator {
+    pub async fn check(&self, mode: Mode, queries: &[Query<'_>]) -> Result<Vec<Check>, CoordError> {
+        match self {
+            Coordinator::Memory(c) => Ok(c.check(mode, queries)),
+            Coordinator::Redis(c) => c.check(mode, queries).await,
+        }
+    }
+
+    /// Seeds the state of a namespace/generation from what the store recorded (the
+    /// contiguous `through` and the applied sequence numbers above it). A no-op when the
+    /// state exists.
+    pub async fn init(
+        &self,
+        namespace: &str,
+        generation: u64,
+        through: u64,
+        applied: &[u64],
+    ) -> Result<(), CoordError> {
+        match self {
+            Coordinator::Memory(c) => {
+                c.init(namespace, generation, through, applied);
+                Ok(())
+            }
+            Coordinator::Redis(c) => c.init(namespace, generation, through, applied).await,
+        }
+    }
+
+    /// Records transactions the store applied (`Some(deps)`: this worker applied it and
+    /// its counters move) or found already applied (`None`). Wakes waiting workers.
+    /// Returns the ids whose state was missing (to `init` and repeat).
+    pub async fn applied(&self, done: &[(&TxId, Option<&[Dep]>)]) -> Result<Vec<TxId>, CoordError> {
+        match self {
+            Coordinator::Memory(c) => Ok(c.applied(done)),
+            Coordinator::Redis(c) => c.applied(done).await,
+        }
+    }
+
+    /// The applied-through watermark of a namespace/generation, if known.
+    pub async fn watermark(
+        &self,
+        namespace: &str,
+        generation: u64,
+    ) -> Result<Option<u64>, CoordError> {
+        match self {
+            Coordinator::Memory(c) => Ok(c.watermark(namespace, generation)),
+            Coordinator::Redis(c) => c.watermark(namespace, generation).await,
+        }
+    }
+
+    /// Notified whenever any worker applied something: time to re-check waiters.
+    pub fn wakeups(&self) -> Arc<Notify> {
+        match self {
+            Coordinator::Memory(c) => c.wake.clone(),
+            Coordinator::Redis(c) => c.wake.clone(),
+        }
+    }
+}

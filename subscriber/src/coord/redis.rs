@@ -1,0 +1,315 @@
+//! Redis coordination: worker processes on any host share gate state.
+//!
+//! Keys, per app, namespace and generation (`<p>` = `<prefix>:<app>:<namespace>:<gen>`):
+//! - `<p>:i` — present once the state was seeded from a store; `1` while complete
+//!   (nothing was ever applied before seeding, so absent counters are 0);
+//! - `<p>:w` — the applied-through watermark;
+//! - `<p>:a` — sorted set of applied sequence numbers above the watermark;
+//! - `<p>:c` — hash of known counters.
+//!
+//! Checks and updates are Lua scripts (atomic per transaction) sent in one pipeline per
+//! batch. After a flush `<p>:i` is gone, a script answers "unknown", and the worker seeds
+//! the state again from its store: the watermark and applied set are exact, counters
+//! start unknown and are re-learned (see [`crate::schedule`]). Wake-ups go through a
+//! pub/sub channel, `<prefix>:<app>:wake`.
+
+use super::{Check, Query};
+use crate::config::Mode;
+use crate::error::CoordError;
+use crate::schedule::{relevant, Wait};
+use crate::txn::TxId;
+use kausal_bus::{Dep, DepKind};
+use redis::aio::ConnectionManager;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+const CHECK: &str = r#"
+local init = redis.call('GET', KEYS[1])
+if not init then return -1 end
+local complete = init == '1'
+local w = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[2]) <= w or redis.call('ZSCORE', KEYS[4], ARGV[2]) then return 0 end
+if ARGV[1] == 's' then
+  if w + 1 >= tonumber(ARGV[2]) then return 0 else return 1 end
+end
+local n = (#ARGV - 2) / 4
+for i = 0, n - 1 do
+  local b = 3 + i * 4
+  local after = tonumber(ARGV[b + 3])
+  if w < after then
+    local c = redis.call('HGET', KEYS[3], ARGV[b])
+    if c then c = tonumber(c) elseif complete then c = 0 end
+    local v = tonumber(ARGV[b + 1])
+    local ok = false
+    if c then
+      if ARGV[b + 2] == 'w' then ok = c + 1 >= v else ok = c >= v end
+    end
+    if not ok then return i + 1 end
+  end
+end
+return 0
+"#;
+
+const APPLIED: &str = r#"
+local init = redis.call('GET', KEYS[1])
+if not init then return -1 end
+local complete = init == '1'
+local seq = tonumber(ARGV[1])
+local w = tonumber(redis.call('GET', KEYS[2]) or '0')
+if seq <= w or redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+while redis.call('ZSCORE', KEYS[3], tostring(w + 1)) do
+  redis.call('ZREM', KEYS[3], tostring(w + 1))
+  w = w + 1
+end
+redis.call('SET', KEYS[2], tostring(w))
+local n = (#ARGV - 1) / 3
+for i = 0, n - 1 do
+  local b = 2 + i * 3
+  local k = ARGV[b]
+  local v = tonumber(ARGV[b + 1])
+  local c = redis.call('HGET', KEYS[4], k)
+  if ARGV[b + 2] == 'w' then
+    if (not c) or tonumber(c) < v then redis.call('HSET', KEYS[4], k, ARGV[b + 1]) end
+  else
+    if c then redis.call('HINCRBY', KEYS[4], k, 1)
+    elseif complete then redis.call('HSET', KEYS[4], k, '1') end
+  end
+end
+return 1
+"#;
+
+const INIT: &str = r#"
+if redis.call('GET', KEYS[1]) then return 0 end
+local w = tonumber(ARGV[1])
+local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
+if cur > w then w = cur end
+for i = 3, #ARGV do
+  local s = tonumber(ARGV[i])
+  if s > w then redis.call('ZADD', KEYS[3], s, ARGV[i]) end
+end
+while redis.call('ZSCORE', KEYS[3], tostring(w + 1)) do
+  redis.call('ZREM', KEYS[3], tostring(w + 1))
+  w = w + 1
+end
+redis.call('SET', KEYS[2], tostring(w))
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"#;
+
+pub struct RedisCoord {
+    conn: ConnectionManager,
+    base: String,
+    channel: String,
+    pub(crate) wake: Arc<Notify>,
+}
+
+impl RedisCoord {
+    /// Connects and starts listening for wake-ups.
+    pub async fn connect(url: &str, prefix: &str, app: &str) -> Result<Self, CoordError> {
+        let endpoint = kausal_bus::amqp::redact_url(url);
+        let unreachable = |source| CoordError::Unreachable {
+            endpoint: endpoint.clone(),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(unreachable)?;
+        let conn = ConnectionManager::new(client.clone())
+            .await
+            .map_err(unreachable)?;
+        let wake = Arc::new(Notify::new());
+        let channel = format!("{prefix}:{app}:wake");
+        tokio::spawn(listen(client, channel.clone(), wake.clone()));
+        Ok(RedisCoord {
+            conn,
+            base: format!("{prefix}:{app}"),
+            channel,
+            wake,
+        })
+    }
+
+    fn keys(&self, namespace: &str, generation: u64) -> [String; 4] {
+        let p = format!("{}:{namespace}:{generation}", self.base);
+        [
+            format!("{p}:i"),
+            format!("{p}:w"),
+            format!("{p}:a"),
+            format!("{p}:c"),
+        ]
+    }
+
+    pub async fn check(&self, mode: Mode, queries: &[Query<'_>]) -> Result<Vec<Check>, CoordError> {
+        if queries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        let mut relevant_deps: Vec<Vec<Dep>> = Vec::with_capacity(queries.len());
+        for q in queries {
+            let [i, w, a, c] = self.keys(&q.id.namespace, q.id.generation);
+            let deps: Vec<Dep> = q
+                .deps
+                .iter()
+                .filter(|d| mode != Mode::Serial && relevant(mode, d, q.table_keys))
+                .copied()
+                .collect();
+            let cmd = pipe
+                .cmd("EVAL")
+                .arg(CHECK)
+                .arg(4)
+                .arg(i)
+                .arg(w)
+                .arg(c)
+                .arg(a);
+            cmd.arg(if mode == Mode::Serial { "s" } else { "c" })
+                .arg(q.id.seq);
+            for d in &deps {
+                cmd.arg(d.k).arg(d.v).arg(kind(d.kind)).arg(d.after);
+            }
+            relevant_deps.push(deps);
+        }
+        let answers: Vec<i64> =
+            pipe.query_async(&mut self.conn.clone())
+                .await
+                .map_err(|source| CoordError::Redis {
+                    operation: "check",
+                    source,
+                })?;
+        Ok(answers
+            .into_iter()
+            .zip(queries.iter().zip(&relevant_deps))
+            .map(|(a, (q, deps))| match a {
+                -1 => Check::Unknown,
+                0 => Check::Ready,
+                n if mode == Mode::Serial => {
+                    let _ = n;
+                    Check::Waiting(Wait::Previous { seq: q.id.seq - 1 })
+                }
+                n => {
+                    let d = deps[(n - 1) as usize];
+                    Check::Waiting(Wait::Dep {
+                        k: d.k,
+                        v: d.v,
+                        after: d.after,
+                    })
+                }
+            })
+            .collect())
+    }
+
+    pub async fn init(
+        &self,
+        namespace: &str,
+        generation: u64,
+        through: u64,
+        applied: &[u64],
+    ) -> Result<(), CoordError> {
+        let [i, w, a, _] = self.keys(namespace, generation);
+        let complete = through == 0 && applied.is_empty();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(INIT)
+            .arg(3)
+            .arg(i)
+            .arg(w)
+            .arg(a)
+            .arg(through)
+            .arg(if complete { "1" } else { "0" });
+        for s in applied {
+            cmd.arg(*s);
+        }
+        let _: i64 = cmd
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| CoordError::Redis {
+                operation: "init",
+                source,
+            })?;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    pub async fn applied(&self, done: &[(&TxId, Option<&[Dep]>)]) -> Result<Vec<TxId>, CoordError> {
+        if done.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for (id, deps) in done {
+            let [i, w, a, c] = self.keys(&id.namespace, id.generation);
+            let cmd = pipe
+                .cmd("EVAL")
+                .arg(APPLIED)
+                .arg(4)
+                .arg(i)
+                .arg(w)
+                .arg(a)
+                .arg(c);
+            cmd.arg(id.seq);
+            for d in deps.unwrap_or(&[]) {
+                cmd.arg(d.k).arg(d.v).arg(kind(d.kind));
+            }
+        }
+        pipe.cmd("PUBLISH").arg(&self.channel).arg(1).ignore();
+        let answers: Vec<i64> =
+            pipe.query_async(&mut self.conn.clone())
+                .await
+                .map_err(|source| CoordError::Redis {
+                    operation: "applied",
+                    source,
+                })?;
+        self.wake.notify_waiters();
+        Ok(answers
+            .into_iter()
+            .zip(done)
+            .filter(|(a, _)| *a == -1)
+            .map(|(_, (id, _))| (*id).clone())
+            .collect())
+    }
+
+    pub async fn watermark(
+        &self,
+        namespace: &str,
+        generation: u64,
+    ) -> Result<Option<u64>, CoordError> {
+        let [i, w, _, _] = self.keys(namespace, generation);
+        let (init, w): (Option<String>, Option<u64>) = redis::pipe()
+            .get(i)
+            .get(w)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| CoordError::Redis {
+                operation: "watermark",
+                source,
+            })?;
+        Ok(init.map(|_| w.unwrap_or(0)))
+    }
+}
+
+fn kind(k: DepKind) -> &'static str {
+    match k {
+        DepKind::Read => "r",
+        DepKind::Write => "w",
+    }
+}
+
+/// Forwards wake-ups from other workers. Pub/sub is at-most-once (a reconnect loses
+/// messages), so the runtime also re-checks on a slow timer; this only makes the common
+/// case immediate.
+async fn listen(client: redis::Client, channel: String, wake: Arc<Notify>) {
+    use futures_util::StreamExt;
+    loop {
+        match client.get_async_pubsub().await {
+            Ok(mut pubsub) => {
+                if pubsub.subscribe(&channel).await.is_ok() {
+                    wake.notify_waiters();
+                    let mut messages = pubsub.on_message();
+                    while messages.next().await.is_some() {
+                        wake.notify_waiters();
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::debug!(error = %error, "redis pub/sub unavailable; retrying");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,158 @@
+//! Errors of the subscriber, each with a class that decides what the runtime does.
+
+/// What the runtime does about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Retry with backoff: a server restarted, a connection dropped, a deadlock.
+    Transient,
+    /// The same input will fail the same way: dead-letter it with the reason, or stop
+    /// with a message naming the fix when it is configuration.
+    Definite,
+}
+
+/// A sink (store or callback) failed to apply a transaction.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot reach the store at {endpoint}: is it running and the URL right?")]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("store {operation} failed")]
+    Store {
+        operation: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("store rejected {table}: {reason}")]
+    Rejected { table: String, reason: String },
+    #[error("callback for {table} failed: {message}")]
+    Callback {
+        table: String,
+        message: String,
+        /// Callbacks say themselves whether a retry can help.
+        class: ErrorClass,
+    },
+    #[error("{0}")]
+    Mapping(#[from] MappingError),
+}
+
+impl SinkError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SinkError::Unreachable { .. } => ErrorClass::Transient,
+            // Another worker recorded the same transaction first: a retry finds it applied.
+            SinkError::Store { operation, .. }
+                if *operation == crate::sink::sql::CONCURRENT_APPLY =>
+            {
+                ErrorClass::Transient
+            }
+            SinkError::Store { source, .. } => sqlx_class(source),
+            SinkError::Rejected { .. } | SinkError::Mapping(_) => ErrorClass::Definite,
+            SinkError::Callback { class, .. } => *class,
+        }
+    }
+}
+
+/// Database errors that name the data (a constraint, a type) are definite; everything
+/// else (I/O, pool timeouts, deadlocks, serialization failures) is worth a retry.
+pub fn sqlx_class(error: &sqlx::Error) -> ErrorClass {
+    match error {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            // Postgres: 40001 serialization, 40P01 deadlock, 57P01 admin shutdown, 08*
+            // connection. MySQL: 1213 deadlock, 1205 lock wait timeout. SQLite: 5 busy,
+            // 6 locked.
+            let transient = code.starts_with("40")
+                || code.starts_with("08")
+                || code.starts_with("57P")
+                || code == "1213"
+                || code == "1205"
+                || code == "5"
+                || code == "6"
+                || code == "517";
+            if transient {
+                ErrorClass::Transient
+            } else {
+                ErrorClass::Definite
+            }
+        }
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::TypeNotFound { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::Configuration(_) => ErrorClass::Definite,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// A subscription does not fit what the publisher sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MappingError {
+    #[error(
+        "subscription to {namespace}.{table} asks for column `{column}`, which the publisher \
+         does not publish (it publishes: {published}); remove it from `columns` or add it to \
+         the publisher's allowlist"
+    )]
+    MissingColumn {
+        namespace: String,
+        table: String,
+        column: String,
+        published: String,
+    },
+    #[error(
+        "envelope seq {seq} of {namespace} changes table `{table}` but carries no schema for it"
+    )]
+    MissingSchema {
+        namespace: String,
+        seq: u64,
+        table: String,
+    },
+}
+
+/// Coordination (in-process or Redis) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordError {
+    #[error("cannot reach Redis at {endpoint}: is it running and coordination.url right?")]
+    Unreachable {
+        endpoint: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error("redis {operation} failed")]
+    Redis {
+        operation: &'static str,
+        #[source]
+        source: redis::RedisError,
+    },
+}
+
+/// Why the subscriber stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriberError {
+    #[error("invalid subscriber configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Bus(#[from] kausal_bus::BusError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Coord(#[from] CoordError),
+    #[error("the broker closed the consumer (connection lost or queue deleted)")]
+    ConsumerCancelled,
+}
+
+impl SubscriberError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            SubscriberError::Config(_) => ErrorClass::Definite,
+            SubscriberError::Bus(e) => match e.class() {
+                kausal_bus::ErrorClass::Transient => ErrorClass::Transient,
+                kausal_bus::ErrorClass::Definite => ErrorClass::Definite,
+            },
+            SubscriberError::Sink(e) => e.class(),
+            SubscriberError::Coord(_) | SubscriberError::ConsumerCancelled => ErrorClass::Transient,
+        }
+    }
+}

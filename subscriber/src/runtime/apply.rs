@@ -1,0 +1,148 @@
+//! Appliers: take groups of ready transactions, apply them in one store transaction,
+//! record them with the coordinator, report back to the worker loop.
+
+use crate::coord::Coordinator;
+use crate::error::{ErrorClass, SinkError};
+use crate::sink::{Callbacks, SqlStore};
+use crate::txn::{Transaction, TxId};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Mutex};
+
+/// What happened to one transaction.
+pub enum Outcome {
+    /// Applied now, or found already applied: ack its deliveries.
+    Done(TxId),
+    /// Will never apply (the store or a callback rejects it for good): dead-letter it.
+    Rejected(TxId, String),
+}
+
+pub struct Applier {
+    pub store: SqlStore,
+    pub coord: Arc<Coordinator>,
+    pub callbacks: Callbacks,
+    pub attempts: u32,
+    pub backoff: Duration,
+}
+
+impl Applier {
+    /// Runs until `groups` closes. Several appliers share the receiver.
+    pub async fn run(
+        self: Arc<Self>,
+        groups: Arc<Mutex<mpsc::Receiver<Vec<Arc<Transaction>>>>>,
+        outcomes: mpsc::UnboundedSender<Outcome>,
+    ) {
+        loop {
+            let group = { groups.lock().await.recv().await };
+            let Some(group) = group else { return };
+            for o in self.apply(group).await {
+                if outcomes.send(o).is_err() {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn apply(&self, group: Vec<Arc<Transaction>>) -> Vec<Outcome> {
+        match self.try_group(&group).await {
+            Ok(()) => group.iter().map(|t| Outcome::Done(t.id.clone())).collect(),
+            Err(_) if group.len() > 1 => {
+                // Isolate the failing transaction: the others must not wait for it.
+                let mut out = Vec::with_capacity(group.len());
+                for tx in group {
+                    out.push(self.apply_one(tx).await);
+                }
+                out
+            }
+            Err(_) => vec![self.apply_one(group[0].clone()).await],
+        }
+    }
+
+    async fn apply_one(&self, tx: Arc<Transaction>) -> Outcome {
+        let mut delay = self.backoff;
+        let mut attempt = 1;
+        loop {
+            let group = [tx.clone()];
+            match self.try_group(&group).await {
+                Ok(()) => return Outcome::Done(tx.id.clone()),
+                Err(error) => {
+                    let definite = error.class() == ErrorClass::Definite;
+                    let callback = matches!(error, SinkError::Callback { .. });
+                    if definite || (callback && attempt >= self.attempts) {
+                        tracing::error!(
+                            tx = %tx.id, error = %error, attempts = attempt,
+                            "transaction cannot be applied; sending it to the dead-letter queue"
+                        );
+                        return Outcome::Rejected(tx.id.clone(), error_chain(&error));
+                    }
+                    tracing::warn!(tx = %tx.id, error = %error, attempt, "apply failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// One store transaction for the group, then the coordinator learns the result.
+    async fn try_group(&self, group: &[Arc<Transaction>]) -> Result<(), SinkError> {
+        let flags = self.store.apply_group(group, &self.callbacks).await?;
+        let done: Vec<(&TxId, Option<&[kausal_bus::Dep]>)> = group
+            .iter()
+            .zip(&flags)
+            .map(|(t, applied)| (&t.id, applied.then_some(t.deps.as_slice())))
+            .collect();
+        // The store has committed: from here on only the coordinator can fail, and a
+        // retry finds the transactions already applied (None: counters left alone).
+        let mut delay = self.backoff;
+        loop {
+            match self.coord.applied(&done).await {
+                Ok(missing) if missing.is_empty() => return Ok(()),
+                Ok(missing) => {
+                    for id in &missing {
+                        if let Err(error) =
+                            seed(&self.store, &self.coord, &id.namespace, id.generation).await
+                        {
+                            tracing::warn!(error = %error, "cannot seed coordination state; retrying");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(error = %error, "coordination unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// Seeds the coordinator's state of a namespace/generation from the store.
+pub async fn seed(
+    store: &SqlStore,
+    coord: &Coordinator,
+    namespace: &str,
+    generation: u64,
+) -> Result<(), crate::error::SubscriberError> {
+    let (through, applied) = store.progress(namespace, generation).await?;
+    coord.init(namespace, generation, through, &applied).await?;
+    tracing::info!(
+        namespace,
+        generation,
+        through,
+        above = applied.len(),
+        "gate state seeded from the store"
+    );
+    Ok(())
+}
+
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut s = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}

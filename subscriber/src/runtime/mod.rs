@@ -1,0 +1,553 @@
+//! The worker loop: consume, assemble, gate, apply, ack.
+//!
+//! One task owns the AMQP consumer and all bookkeeping (which deliveries hold which
+//! envelopes, which transactions wait); appliers run store transactions concurrently and
+//! report back. Acks happen only here, and only once every envelope of a delivery has
+//! been applied (or found applied, or dead-lettered on its own).
+
+mod apply;
+
+use crate::config::{Coordination, SubscriberConfig};
+use crate::coord::{memory::MemoryCoord, redis::RedisCoord, Check, Coordinator, Query};
+use crate::error::SubscriberError;
+use crate::schedule::Wait;
+use crate::sink::{Callbacks, SqlStore};
+use crate::txn::{Mapping, Parts, Transaction, TxId};
+use apply::{error_chain, seed, Applier, Outcome};
+use kausal_bus::amqp::{AmqpConsumer, Delivery, QueueSpec};
+use kausal_bus::deps::table_key;
+use kausal_bus::Envelope;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, watch, Mutex};
+
+/// Re-check waiting transactions at least this often, even without a wake-up (Redis
+/// pub/sub can lose one across a reconnect).
+const RECHECK: Duration = Duration::from_millis(500);
+/// A full window with nothing applied for this long hands back its highest deliveries so
+/// the lower transactions they wait for can be delivered (DESIGN.md).
+const HAND_BACK_AFTER: Duration = Duration::from_secs(3);
+/// How often the store's bookkeeping is compacted up to the watermark.
+const COMPACT_EVERY: Duration = Duration::from_secs(5);
+
+/// A subscriber app's worker: configuration plus the callbacks of the Rust API.
+pub struct Subscriber {
+    cfg: SubscriberConfig,
+    callbacks: Callbacks,
+}
+
+impl Subscriber {
+    pub fn new(cfg: SubscriberConfig) -> Self {
+        Subscriber {
+            cfg,
+            callbacks: Callbacks::default(),
+        }
+    }
+
+    /// Register callbacks here (`on_insert`, `on_update`, `on_delete`, `on_change`).
+    pub fn callbacks(&mut self) -> &mut Callbacks {
+        &mut self.callbacks
+    }
+
+    /// Runs until `shutdown` turns true: then stops taking deliveries, lets the store
+    /// transactions in flight finish, acks what they applied and hands the rest back.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), SubscriberError> {
+        self.cfg.validate().map_err(SubscriberError::Config)?;
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            let started = Instant::now();
+            match Worker::start(&self.cfg, self.callbacks.clone()).await {
+                Ok(worker) => match worker.run(shutdown.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.class() == crate::ErrorClass::Definite => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %error_chain(&e), "worker stopped; restarting")
+                    }
+                },
+                Err(e) if e.class() == crate::ErrorClass::Definite => return Err(e),
+                Err(e) => tracing::warn!(error = %error_chain(&e), "cannot start; retrying"),
+            }
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff = Duration::from_millis(250);
+            }
+            let mut s = shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = s.wait_for(|v| *v) => return Ok(()),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+/// Runs a subscriber with no callbacks (the `kausal subscribe` command).
+pub async fn run(
+    cfg: SubscriberConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), SubscriberError> {
+    Subscriber::new(cfg).run(shutdown).await
+}
+
+struct Held {
+    delivery: Delivery,
+    /// Envelopes of this delivery not yet applied or dead-lettered.
+    remaining: usize,
+    received: Instant,
+    /// Highest sequence number in it: hand-back order.
+    max_seq: u64,
+}
+
+struct Waiting {
+    tx: Arc<Transaction>,
+    table_keys: Vec<u32>,
+    since: Instant,
+    reported: Option<Instant>,
+    wait: Option<Wait>,
+}
+
+struct Worker {
+    cfg: SubscriberConfig,
+    consumer: AmqpConsumer,
+    store: SqlStore,
+    coord: Arc<Coordinator>,
+    mapping: Mapping,
+    parts: Parts,
+    applier: Arc<Applier>,
+    next_delivery: u64,
+    held: BTreeMap<u64, Held>,
+    /// Which deliveries hold envelopes of a transaction (with the count per delivery).
+    owners: HashMap<TxId, Vec<(u64, usize)>>,
+    /// Parts seen so far of incomplete transactions, by delivery.
+    waiting: HashMap<TxId, Waiting>,
+    applying: HashSet<TxId>,
+    seeded: HashSet<(Arc<str>, u64)>,
+    last_progress: Instant,
+}
+
+impl Worker {
+    async fn start(
+        cfg: &SubscriberConfig,
+        callbacks: Callbacks,
+    ) -> Result<Worker, SubscriberError> {
+        let store = SqlStore::connect(&cfg.store.url).await?;
+        let coord = Arc::new(match &cfg.coordination {
+            Coordination::Memory => Coordinator::Memory(MemoryCoord::new()),
+            Coordination::Redis { url, prefix } => {
+                Coordinator::Redis(RedisCoord::connect(url, prefix, &cfg.app).await?)
+            }
+        });
+        let namespaces = cfg.namespaces();
+        let ns: Vec<&str> = namespaces.iter().map(String::as_str).collect();
+        let mut spec = QueueSpec::durable(&cfg.queue(), &ns);
+        spec.prefetch = cfg.broker.prefetch;
+        let consumer = AmqpConsumer::connect(&cfg.broker.url, &cfg.broker.exchange, &spec).await?;
+        tracing::info!(queue = %spec.name, mode = ?cfg.ordering.mode, "subscriber consuming");
+        let applier = Arc::new(Applier {
+            store: store.clone(),
+            coord: coord.clone(),
+            callbacks,
+            attempts: cfg.callbacks.attempts.max(1),
+            backoff: Duration::from_millis(cfg.callbacks.backoff_ms),
+        });
+        Ok(Worker {
+            mapping: Mapping::new(cfg),
+            cfg: cfg.clone(),
+            consumer,
+            store,
+            coord,
+            parts: Parts::default(),
+            applier,
+            next_delivery: 0,
+            held: BTreeMap::new(),
+            owners: HashMap::new(),
+            waiting: HashMap::new(),
+            applying: HashSet::new(),
+            seeded: HashSet::new(),
+            last_progress: Instant::now(),
+        })
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), SubscriberError> {
+        let (group_tx, group_rx) = mpsc::channel::<Vec<Arc<Transaction>>>(self.cfg.store.appliers);
+        let group_rx = Arc::new(Mutex::new(group_rx));
+        let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+        let mut appliers = Vec::new();
+        for _ in 0..self.cfg.store.appliers {
+            appliers.push(tokio::spawn(
+                self.applier.clone().run(group_rx.clone(), out_tx.clone()),
+            ));
+        }
+        drop(out_tx);
+        let wake = self.coord.wakeups();
+        let mut recheck = tokio::time::interval(RECHECK);
+        let mut compact = tokio::time::interval(COMPACT_EVERY);
+        let mut dirty = false;
+        let result: Result<(), SubscriberError> = loop {
+            if dirty {
+                dirty = false;
+                if let Err(e) = self.dispatch(&group_tx).await {
+                    break Err(e);
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.wait_for(|v| *v) => break Ok(()),
+                Some(outcome) = out_rx.recv() => {
+                    let mut result = self.finish(outcome).await;
+                    while let (Ok(()), Ok(o)) = (&result, out_rx.try_recv()) {
+                        result = self.finish(o).await;
+                    }
+                    if let Err(e) = result { break Err(e); }
+                    dirty = true;
+                }
+                delivery = self.consumer.next() => match delivery {
+                    None => break Err(SubscriberError::ConsumerCancelled),
+                    Some(Err(e)) => break Err(e.into()),
+                    Some(Ok(d)) => {
+                        if let Err(e) = self.receive(d).await { break Err(e); }
+                        dirty = true;
+                    }
+                },
+                _ = wake.notified() => dirty = true,
+                _ = recheck.tick() => {
+                    self.report_waits();
+                    if let Err(e) = self.hand_back().await { break Err(e); }
+                    dirty = true;
+                }
+                _ = compact.tick() => self.compact().await,
+            }
+        };
+        // Drain: no new groups; finish those in flight and ack what they applied.
+        drop(group_tx);
+        let deadline = tokio::time::sleep(Duration::from_secs(30));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                o = out_rx.recv() => match o {
+                    Some(o) => { let _ = self.finish(o).await; }
+                    None => break,
+                },
+                _ = &mut deadline => break,
+            }
+        }
+        // Unacked deliveries go back to the queue when the channel closes.
+        self.consumer.close().await;
+        result
+    }
+
+    async fn receive(&mut self, delivery: Delivery) -> Result<(), SubscriberError> {
+        let id = self.next_delivery;
+        self.next_delivery += 1;
+        let envelopes = match kausal_bus::decode(&delivery.body) {
+            Ok(e) => e,
+            Err(error) => {
+                let reason = format!("cannot decode the message: {}", error_chain(&error));
+                tracing::error!(reason = %reason, "dead-lettering an undecodable message");
+                let body = delivery.body.clone();
+                self.consumer.send_to_dead_letters(body, &reason).await?;
+                delivery.ack().await?;
+                return Ok(());
+            }
+        };
+        let max_seq = envelopes.iter().map(|e| e.seq).max().unwrap_or(0);
+        self.held.insert(
+            id,
+            Held {
+                delivery,
+                remaining: envelopes.len(),
+                received: Instant::now(),
+                max_seq,
+            },
+        );
+        for env in envelopes {
+            let tx_id = TxId {
+                namespace: env.namespace.as_str().into(),
+                generation: env.generation,
+                seq: env.seq,
+            };
+            let owners = self.owners.entry(tx_id.clone()).or_default();
+            match owners.iter_mut().find(|(d, _)| *d == id) {
+                Some((_, n)) => *n += 1,
+                None => owners.push((id, 1)),
+            }
+            if self.waiting.contains_key(&tx_id) || self.applying.contains(&tx_id) {
+                // A duplicate of a transaction we already hold: acked with it.
+                continue;
+            }
+            let Some(parts) = self.parts.add(env) else {
+                continue;
+            };
+            match self.mapping.assemble(parts.clone()) {
+                Ok(tx) => {
+                    let table_keys = tx
+                        .tables
+                        .iter()
+                        .map(|t| table_key(t, self.cfg.ordering.key_space))
+                        .collect();
+                    self.waiting.insert(
+                        tx_id,
+                        Waiting {
+                            tx: Arc::new(tx),
+                            table_keys,
+                            since: Instant::now(),
+                            reported: None,
+                            wait: None,
+                        },
+                    );
+                }
+                Err(error) => {
+                    let reason = error.to_string();
+                    tracing::error!(tx = %tx_id, reason = %reason, "transaction does not fit the subscription");
+                    self.dead_letter(&tx_id, &parts, &reason).await?;
+                }
+            }
+        }
+        self.ack_finished().await
+    }
+
+    /// Checks every waiting transaction and hands the ready ones to appliers in groups.
+    async fn dispatch(
+        &mut self,
+        groups: &mpsc::Sender<Vec<Arc<Transaction>>>,
+    ) -> Result<(), SubscriberError> {
+        // Twice at most: a first sight of a namespace/generation seeds its state and
+        // checks again.
+        for _ in 0..2 {
+            if !self.dispatch_once(groups).await? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns true when state was seeded and another round is due.
+    async fn dispatch_once(
+        &mut self,
+        groups: &mpsc::Sender<Vec<Arc<Transaction>>>,
+    ) -> Result<bool, SubscriberError> {
+        if self.waiting.is_empty() {
+            return Ok(false);
+        }
+        let mut again = false;
+        let mut ids: Vec<TxId> = self.waiting.keys().cloned().collect();
+        ids.sort();
+        let checks = {
+            let queries: Vec<Query<'_>> = ids
+                .iter()
+                .map(|id| {
+                    let w = &self.waiting[id];
+                    Query {
+                        id,
+                        deps: &w.tx.deps,
+                        table_keys: &w.table_keys,
+                    }
+                })
+                .collect();
+            self.coord.check(self.cfg.ordering.mode, &queries).await?
+        };
+        let mut ready = Vec::new();
+        for (id, check) in ids.into_iter().zip(checks) {
+            match check {
+                Check::Ready => ready.push(id),
+                Check::Waiting(w) => {
+                    if let Some(x) = self.waiting.get_mut(&id) {
+                        x.wait = Some(w);
+                    }
+                }
+                Check::Unknown => {
+                    let key = (id.namespace.clone(), id.generation);
+                    if !again || !self.seeded.contains(&key) {
+                        seed(&self.store, &self.coord, &id.namespace, id.generation).await?;
+                        self.seeded.insert(key);
+                        again = true;
+                    }
+                }
+            }
+        }
+        for chunk in ready.chunks(self.cfg.store.max_group) {
+            let mut group = Vec::with_capacity(chunk.len());
+            for id in chunk {
+                if let Some(w) = self.waiting.remove(id) {
+                    self.applying.insert(id.clone());
+                    group.push(w.tx);
+                }
+            }
+            if groups.send(group).await.is_err() {
+                break;
+            }
+        }
+        Ok(again)
+    }
+
+    async fn finish(&mut self, outcome: Outcome) -> Result<(), SubscriberError> {
+        self.last_progress = Instant::now();
+        match outcome {
+            Outcome::Done(id) => {
+                self.applying.remove(&id);
+                self.release(&id);
+            }
+            Outcome::Rejected(id, reason) => {
+                self.applying.remove(&id);
+                // The envelopes were handed to the applier with the transaction; rebuild
+                // them from the deliveries is not possible, so the reason goes with the
+                // whole original messages' copies of this transaction.
+                let envelopes = self.envelopes_of(&id);
+                self.dead_letter(&id, &envelopes, &reason).await?;
+            }
+        }
+        self.ack_finished().await
+    }
+
+    fn envelopes_of(&self, id: &TxId) -> Vec<Envelope> {
+        let mut out = Vec::new();
+        for (d, _) in self.owners.get(id).into_iter().flatten() {
+            if let Some(h) = self.held.get(d) {
+                if let Ok(envs) = kausal_bus::decode(&h.delivery.body) {
+                    out.extend(envs.into_iter().filter(|e| {
+                        *e.namespace == *id.namespace
+                            && e.generation == id.generation
+                            && e.seq == id.seq
+                    }));
+                }
+            }
+        }
+        out.sort_by_key(|e| e.part);
+        out.dedup_by_key(|e| e.part);
+        out
+    }
+
+    /// Sends a transaction's envelopes to the dead-letter queue with the reason; its
+    /// deliveries are then acked as far as it is concerned.
+    async fn dead_letter(
+        &mut self,
+        id: &TxId,
+        envelopes: &[Envelope],
+        reason: &str,
+    ) -> Result<(), SubscriberError> {
+        if !envelopes.is_empty() {
+            let body = kausal_bus::encode(envelopes);
+            self.consumer.send_to_dead_letters(body, reason).await?;
+        }
+        self.waiting.remove(id);
+        self.release(id);
+        Ok(())
+    }
+
+    /// The transaction is settled: its envelopes no longer keep deliveries unacked.
+    fn release(&mut self, id: &TxId) {
+        for (d, n) in self.owners.remove(id).unwrap_or_default() {
+            if let Some(h) = self.held.get_mut(&d) {
+                h.remaining = h.remaining.saturating_sub(n);
+            }
+        }
+    }
+
+    async fn ack_finished(&mut self) -> Result<(), SubscriberError> {
+        let done: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.remaining == 0)
+            .map(|(d, _)| *d)
+            .collect();
+        for d in done {
+            if let Some(h) = self.held.remove(&d) {
+                h.delivery.ack().await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn report_waits(&mut self) {
+        let after = Duration::from_millis(self.cfg.ordering.report_wait_ms);
+        let now = Instant::now();
+        for (id, w) in self.waiting.iter_mut() {
+            let due = match w.reported {
+                None => now.duration_since(w.since) >= after,
+                Some(at) => now.duration_since(at) >= after,
+            };
+            if due {
+                w.reported = Some(now);
+                let (key, version) = match w.wait {
+                    Some(Wait::Dep { k, v, .. }) => (Some(k), Some(v)),
+                    _ => (None, None),
+                };
+                tracing::warn!(
+                    tx = %id,
+                    waits_for_seq = w.wait.map(|x| x.seq()),
+                    key,
+                    version,
+                    waited_s = now.duration_since(w.since).as_secs(),
+                    "transaction still waits for a dependency"
+                );
+            }
+        }
+        let incomplete = self.parts.pending();
+        if incomplete > 0 && self.waiting.is_empty() && self.applying.is_empty() {
+            tracing::debug!(
+                parts = incomplete,
+                "holding parts of incomplete transactions"
+            );
+        }
+    }
+
+    /// With every prefetch slot taken and nothing applied for a while, the transactions
+    /// we hold may be waiting for ones the broker cannot deliver to us: give back the
+    /// highest deliveries that hold only waiting transactions.
+    async fn hand_back(&mut self) -> Result<(), SubscriberError> {
+        let full = self.held.len() >= usize::from(self.cfg.broker.prefetch);
+        if !full || !self.applying.is_empty() || self.last_progress.elapsed() < HAND_BACK_AFTER {
+            return Ok(());
+        }
+        let mut candidates: Vec<(u64, u64)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.received.elapsed() >= HAND_BACK_AFTER)
+            .map(|(d, h)| (h.max_seq, *d))
+            .collect();
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        let give = candidates.len().div_ceil(2);
+        for (_, d) in candidates.into_iter().take(give) {
+            let Some(h) = self.held.remove(&d) else {
+                continue;
+            };
+            // Forget what this delivery contributed; it comes back whole.
+            let mut forget = Vec::new();
+            for (id, owners) in self.owners.iter_mut() {
+                owners.retain(|(o, _)| *o != d);
+                if owners.is_empty() {
+                    forget.push(id.clone());
+                }
+            }
+            for id in forget {
+                self.owners.remove(&id);
+                self.waiting.remove(&id);
+            }
+            h.delivery.requeue().await?;
+        }
+        tracing::info!(
+            handed_back = give,
+            "window full of waiting transactions; handed back the highest"
+        );
+        self.last_progress = Instant::now();
+        Ok(())
+    }
+
+    async fn compact(&mut self) {
+        let keys: Vec<(Arc<str>, u64)> = self.seeded.iter().cloned().collect();
+        for (ns, generation) in keys {
+            match self.coord.watermark(&ns, generation).await {
+                Ok(Some(w)) if w > 0 => {
+                    if let Err(error) = self.store.compact(&ns, generation, w).await {
+                        tracing::warn!(error = %error, "cannot compact bookkeeping");
+                    }
+                }
+                Ok(_) => {}
+                Err(error) => tracing::warn!(error = %error, "cannot read the watermark"),
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The causal gate: when may a transaction be applied?
+//!
+//! Per namespace and generation a subscriber keeps
+//! - the *watermark* `W`: every transaction `1..=W` has been applied, and the set of
+//!   applied sequence numbers above it;
+//! - a *counter* `rw'[k]` per key, which may be **unknown**.
+//!
+//! A dependency `{k, v, kind, after}` is met when `W >= after` (the sequence fallback:
+//! always sound, needs no counters), or when `rw'[k]` is known and `rw'[k] >= v` for a
+//! read, `rw'[k] >= v - 1` for a write (the version-vector rule of DESIGN.md, which lets
+//! independent transactions overtake a slow one).
+//!
+//! Counters need no persistence. Applying a write of `k` at version `v` happens only
+//! after every earlier operation on `k` (both rules guarantee it), and no later one can
+//! run before it, so afterwards `rw'[k]` is exactly `v`: the counter becomes known. A
+//! read adds 1 to a known counter and leaves an unknown one unknown. After a restart or a
+//! Redis flush all counters are unknown, the watermark (read back from the store, where
+//! it is written in the same transaction as the rows) carries the gate, and counters
+//! are re-learned from the next write of each key. A counter may be *lower* than the
+//! truth (a crash between the store commit and the counter update): that only makes a
+//! transaction wait for the watermark. It is never higher: counters are only bumped by
+//! the worker whose store transaction actually applied the transaction, once.
+//!
+//! `docs/subscriber.md` has the argument in full.
+
+use crate::config::Mode;
+use kausal_bus::{Dep, DepKind};
+use std::collections::{BTreeSet, HashMap};
+
+/// What a waiting transaction waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// A dependency on this key, met at the latest when transaction `after` is applied.
+    Dep { k: u32, v: u64, after: u64 },
+    /// `serial` mode: the previous transaction.
+    Previous { seq: u64 },
+}
+
+impl Wait {
+    /// The sequence number whose application will release this wait at the latest.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Wait::Dep { after, .. } => *after,
+            Wait::Previous { seq } => *seq,
+        }
+    }
+}
+
+/// Which dependencies a mode honours.
+pub fn relevant(mode: Mode, dep: &Dep, table_keys: &[u32]) -> bool {
+    match mode {
+        Mode::Causal => true,
+        // Writes keep per-key order; the table key read keeps row changes after an earlier
+        // truncate of their table.
+        Mode::Key => dep.kind == DepKind::Write || table_keys.contains(&dep.k),
+        Mode::Serial => false,
+    }
+}
+
+/// Whether one dependency is met, given the watermark and the key's counter.
+pub fn dep_met(dep: &Dep, watermark: u64, counter: Option<u64>) -> bool {
+    if watermark >= dep.after {
+        return true;
+    }
+    match (counter, dep.kind) {
+        (Some(c), DepKind::Read) => c >= dep.v,
+        (Some(c), DepKind::Write) => c + 1 >= dep.v,
+        (None, _) => false,
+    }
+}
+
+/// Gate state of one namespace and generation, in memory.
+#[derive(Debug, Default, Clone)]
+pub struct Progress {
+    pub watermark: u64,
+    /// Applied sequence numbers above the watermark.
+    pub above: BTreeSet<u64>,
+    /// Known counters; absent means unknown, or 0 while `complete`.
+    pub counters: HashMap<u32, u64>,
+    /// Nothing was lost since the generation began (fresh state, nothing applied before):
+    /// every counter is known, an absent one is 0.
+    pub complete: bool,
+}
+
+impl Progress {
+    /// Starts from what a store recorded.
+    pub fn from_store(watermark: u64, applied: impl IntoIterator<Item = u64>) -> Self {
+        let mut p = Progress {
+            watermark,
+            ..Progress::default()
+        };
+        for s in applied {
+            p.mark(s);
+        }
+        // Nothing applied yet: every true counter is 0.
+        p.complete = p.watermark == 0 && p.above.is_empty();
+        p
+    }
+
+    /// The counter of `k`, if known.
+    pub fn counter(&self, k: u32) -> Option<u64> {
+        match self.counters.get(&k) {
+            Some(c) => Some(*c),
+            None if self.complete => Some(0),
+            None => None,
+        }
+    }
+
+    pub fn is_applied(&self, seq: u64) -> bool {
+        seq <= self.watermark || self.above.contains(&seq)
+    }
+
+    /// `None` when the transaction may be applied now, else the first thing it waits for.
+    pub fn check(&self, mode: Mode, seq: u64, deps: &[Dep], table_keys: &[u32]) -> Option<Wait> {
+        if self.is_applied(seq) {
+            // A redelivery: the store will recognise it; nothing to wait for.
+            return None;
+        }
+        if mode == Mode::Serial {
+            return (self.watermark + 1 < seq).then_some(Wait::Previous { seq: seq - 1 });
+        }
+        deps.iter()
+            .filter(|d| relevant(mode, d, table_keys))
+            .find(|d| !dep_met(d, self.watermark, self.counter(d.k)))
+            .map(|d| Wait::Dep {
+                k: d.k,
+                v: d.v,
+                after: d.after,
+            })
+    }
+
+    /// Records that the store applied `seq`. With `deps` the counters move too; pass
+    /// `None` when the store found it already applied (a redelivery), whose counter
+    /// updates may or may not have happened: leaving them alone can only leave a
+    /// counter low. Returns false when `seq` was already recorded.
+    pub fn applied(&mut self, seq: u64, deps: Option<&[Dep]>) -> bool {
+        if self.is_applied(seq) {
+            return false;
+        }
+        self.mark(seq);
+        for d in deps.unwrap_or(&[]) {
+            match d.kind {
+                DepKind::Write => {
+                    let c = self.counters.entry(d.k).or_insert(0);
+                    *c = (*c).max(d.v);
+                }
+                DepKind::Read => {
+                    if let Some(c) = self.counter(d.k) {
+                        self.counters.insert(d.k, c + 1);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn mark(&mut self, seq: u64) {
+        if seq <= self.watermark {
+            return;
+        }
+        self.above.insert(seq);
+        while self.above.remove(&(self.watermark + 1)) {
+            self.watermark += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

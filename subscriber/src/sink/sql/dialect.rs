@@ -1,0 +1,232 @@
+//! The SQL text that differs between Postgres, MySQL/MariaDB and SQLite: identifier
+//! quoting, placeholders, column types, upserts and the bookkeeping tables.
+
+/// Which database the store talks to. One code path (sqlx `Any`) serves all three; only
+/// the generated SQL text differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    Postgres,
+    MySql,
+    Sqlite,
+}
+
+impl Dialect {
+    /// The dialect of a store URL, from its scheme.
+    pub fn from_url(url: &str) -> Option<Dialect> {
+        let scheme = url.split_once(':')?.0.to_ascii_lowercase();
+        match scheme.as_str() {
+            "postgres" | "postgresql" => Some(Dialect::Postgres),
+            "mysql" | "mariadb" => Some(Dialect::MySql),
+            "sqlite" => Some(Dialect::Sqlite),
+            _ => None,
+        }
+    }
+
+    /// Quotes an identifier. Callers pass only names checked by
+    /// [`crate::config::is_identifier`] or read from the catalog; quotes are doubled
+    /// anyway so a catalog name cannot end the quoting.
+    pub fn quote(self, name: &str) -> String {
+        match self {
+            Dialect::MySql => format!("`{}`", name.replace('`', "``")),
+            Dialect::Postgres | Dialect::Sqlite => format!("\"{}\"", name.replace('"', "\"\"")),
+        }
+    }
+
+    /// The placeholder of the `n`th (1-based) bound parameter.
+    pub fn placeholder(self, n: usize) -> String {
+        match self {
+            Dialect::Postgres => format!("${n}"),
+            Dialect::MySql | Dialect::Sqlite => "?".to_string(),
+        }
+    }
+
+    /// The column type a mirrored table gets for a published source type.
+    pub fn mirror_type(self, source_type: &str, is_key: bool) -> &'static str {
+        let class = match source_type {
+            "int2" | "int4" | "int8" | "oid" | "xid" | "smallint" | "integer" | "int"
+            | "bigint" | "tinyint" | "mediumint" => "int",
+            "float4" | "float8" | "real" | "double" | "float" | "double precision" => "float",
+            "bool" | "boolean" => "bool",
+            _ => "text",
+        };
+        match (self, class) {
+            (_, "int") => "BIGINT",
+            (Dialect::Postgres, "float") => "DOUBLE PRECISION",
+            (Dialect::MySql, "float") => "DOUBLE",
+            (Dialect::Sqlite, "float") => "REAL",
+            (_, "bool") => "BOOLEAN",
+            // MySQL cannot index LONGTEXT without a prefix length; binary collation keeps
+            // keys case-sensitive as they are at the source.
+            (Dialect::MySql, _) if is_key => "VARCHAR(255) COLLATE utf8mb4_bin",
+            (Dialect::MySql, _) => "LONGTEXT",
+            _ => "TEXT",
+        }
+    }
+
+    /// Suffix of a `CREATE TABLE` statement.
+    pub fn table_options(self) -> &'static str {
+        match self {
+            Dialect::MySql => " DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin",
+            Dialect::Postgres | Dialect::Sqlite => "",
+        }
+    }
+
+    /// `CREATE TABLE IF NOT EXISTS` statements for Kausal's bookkeeping tables.
+    pub fn bookkeeping_ddl(self) -> [String; 2] {
+        let ns = match self {
+            Dialect::MySql => "VARCHAR(200)",
+            Dialect::Postgres | Dialect::Sqlite => "TEXT",
+        };
+        let options = self.table_options();
+        let through = self.quote("through");
+        [
+            format!(
+                "CREATE TABLE IF NOT EXISTS kausal_applied (namespace {ns} NOT NULL, \
+                 generation BIGINT NOT NULL, seq BIGINT NOT NULL, \
+                 PRIMARY KEY (namespace, generation, seq)){options}"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS kausal_progress (namespace {ns} NOT NULL, \
+                 generation BIGINT NOT NULL, {through} BIGINT NOT NULL, \
+                 PRIMARY KEY (namespace, generation)){options}"
+            ),
+        ]
+    }
+
+    /// Raises `kausal_progress.through` to `$3` unless it is already higher.
+    pub fn raise_progress(self) -> String {
+        let t = self.quote("through");
+        let (p1, p2, p3) = (
+            self.placeholder(1),
+            self.placeholder(2),
+            self.placeholder(3),
+        );
+        let insert = format!(
+            "INSERT INTO kausal_progress (namespace, generation, {t}) VALUES ({p1}, {p2}, {p3})"
+        );
+        match self {
+            Dialect::MySql => {
+                format!("{insert} ON DUPLICATE KEY UPDATE {t} = GREATEST({t}, VALUES({t}))")
+            }
+            Dialect::Postgres | Dialect::Sqlite => format!(
+                "{insert} ON CONFLICT (namespace, generation) DO UPDATE SET {t} = \
+                 CASE WHEN kausal_progress.{t} > excluded.{t} THEN kausal_progress.{t} \
+                 ELSE excluded.{t} END"
+            ),
+        }
+    }
+
+    /// Records one transaction as applied, unless the compacted watermark already covers
+    /// it (a compaction that committed since this group read the watermark). Parameters:
+    /// namespace, generation, seq.
+    pub fn record_applied(self) -> String {
+        let t = self.quote("through");
+        let (p1, p2, p3) = (
+            self.placeholder(1),
+            self.placeholder(2),
+            self.placeholder(3),
+        );
+        // The subquery repeats the parameters: `?` placeholders are positional.
+        let (q1, q2, q3) = match self {
+            Dialect::Postgres => (p1.clone(), p2.clone(), p3.clone()),
+            Dialect::MySql | Dialect::Sqlite => ("?".into(), "?".into(), "?".into()),
+        };
+        let from = match self {
+            Dialect::MySql => " FROM DUAL",
+            Dialect::Postgres | Dialect::Sqlite => "",
+        };
+        format!(
+            "INSERT INTO kausal_applied (namespace, generation, seq) SELECT {p1}, {p2}, {p3}{from} \
+             WHERE NOT EXISTS (SELECT 1 FROM kausal_progress WHERE namespace = {q1} \
+             AND generation = {q2} AND {t} >= {q3})"
+        )
+    }
+
+    /// Whether [`Dialect::record_applied`] binds its three parameters twice.
+    pub fn record_applied_binds_twice(self) -> bool {
+        self != Dialect::Postgres
+    }
+
+    /// `INSERT … ON CONFLICT/DUPLICATE KEY UPDATE` of `columns` (already quoted and in
+    /// bind order, `values` their placeholder expressions), updating `set` (quoted,
+    /// a subset of `columns`) when `key` (quoted) exists.
+    pub fn upsert(
+        self,
+        table: &str,
+        columns: &[String],
+        values: &[String],
+        key: &[String],
+        set: &[String],
+    ) -> String {
+        let insert = format!(
+            "INSERT INTO {table} ({}) VALUES ({})",
+            columns.join(", "),
+            values.join(", ")
+        );
+        match self {
+            Dialect::MySql => {
+                let set: Vec<String> = if set.is_empty() {
+                    // Nothing to update: a no-op assignment keeps the statement an upsert.
+                    vec![format!("{0} = {0}", key[0])]
+                } else {
+                    set.iter().map(|c| format!("{c} = VALUES({c})")).collect()
+                };
+                format!("{insert} ON DUPLICATE KEY UPDATE {}", set.join(", "))
+            }
+            Dialect::Postgres | Dialect::Sqlite => {
+                let target = key.join(", ");
+                if set.is_empty() {
+                    format!("{insert} ON CONFLICT ({target}) DO NOTHING")
+                } else {
+                    let set: Vec<String> =
+                        set.iter().map(|c| format!("{c} = excluded.{c}")).collect();
+                    format!(
+                        "{insert} ON CONFLICT ({target}) DO UPDATE SET {}",
+                        set.join(", ")
+                    )
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dialect_follows_the_url_scheme() {
+        assert_eq!(
+            Dialect::from_url("postgresql://h/db"),
+            Some(Dialect::Postgres)
+        );
+        assert_eq!(Dialect::from_url("mysql://u:p@h/db"), Some(Dialect::MySql));
+        assert_eq!(
+            Dialect::from_url("sqlite:///tmp/x.db"),
+            Some(Dialect::Sqlite)
+        );
+        assert_eq!(Dialect::from_url("redis://h"), None);
+    }
+
+    #[test]
+    fn upserts_per_dialect() {
+        let cols = ["\"id\"".to_string(), "\"v\"".to_string()];
+        let vals = ["$1".to_string(), "$2".to_string()];
+        assert_eq!(
+            Dialect::Postgres.upsert("\"t\"", &cols, &vals, &cols[..1], &cols[1..]),
+            "INSERT INTO \"t\" (\"id\", \"v\") VALUES ($1, $2) ON CONFLICT (\"id\") \
+             DO UPDATE SET \"v\" = excluded.\"v\""
+        );
+        let cols = ["`id`".to_string()];
+        assert_eq!(
+            Dialect::MySql.upsert("`t`", &cols, &["?".to_string()], &cols, &[]),
+            "INSERT INTO `t` (`id`) VALUES (?) ON DUPLICATE KEY UPDATE `id` = `id`"
+        );
+    }
+
+    #[test]
+    fn quoting_doubles_quotes() {
+        assert_eq!(Dialect::Postgres.quote("a\"b"), "\"a\"\"b\"");
+        assert_eq!(Dialect::MySql.quote("a`b"), "`a``b`");
+    }
+}

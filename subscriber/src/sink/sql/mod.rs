@@ -1,0 +1,513 @@
+//! The SQL store: the read model and Kausal's bookkeeping in one database (Postgres,
+//! MySQL/MariaDB or SQLite), so a transaction's rows, its callbacks' effects on the
+//! store and the record that it was applied commit together.
+//!
+//! - [`dialect`]: the SQL text that differs between databases.
+//! - [`schema`]: mirrored tables created and widened, mapped tables checked.
+//! - [`rows`]: one row change as an upsert or delete.
+//! - [`value`]: JSON values to bound parameters, per destination column type.
+//!
+//! Bookkeeping: `kausal_applied` holds the seq of every applied transaction above the
+//! compacted watermark `kausal_progress.through` of its (namespace, generation). A
+//! transaction found in either is skipped, which makes redelivery harmless.
+
+mod dialect;
+mod rows;
+mod schema;
+mod value;
+
+pub use dialect::Dialect;
+
+use crate::config::TableMode;
+use crate::error::SinkError;
+use crate::sink::callback::Callbacks;
+use crate::txn::Transaction;
+use schema::{TableInfo, Tables};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool};
+use sqlx::{AssertSqlSafe, Executor, Row};
+use std::collections::{HashMap, HashSet};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The `operation` of the [`SinkError::Store`] returned when another worker recorded
+/// the same transaction as applied while this group ran. Retrying finds it applied.
+pub const CONCURRENT_APPLY: &str = "record applied (concurrent apply)";
+
+/// Connections of a Postgres or MySQL pool: a few groups in flight at once.
+const POOL_SIZE: u32 = 8;
+/// SQLite has a single writer anyway; one connection avoids `SQLITE_BUSY` between our
+/// own connections.
+const SQLITE_POOL_SIZE: u32 = 1;
+/// How long a write waits for a SQLite lock held by another process.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
+/// How long to wait for a connection (a server that does not answer is unreachable).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A SQL database holding the read model and Kausal's bookkeeping. Cheap to clone.
+#[derive(Clone)]
+pub struct SqlStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: AnyPool,
+    dialect: Dialect,
+    tables: Tables,
+}
+
+impl std::fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("dialect", &self.inner.dialect)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqlStore {
+    /// Connects to `postgres://…`, `mysql://…` (MariaDB too) or `sqlite://path` (the file
+    /// is created if missing) and creates the bookkeeping tables if they are missing.
+    pub async fn connect(url: &str) -> Result<SqlStore, SinkError> {
+        let endpoint = redact(url);
+        let dialect = Dialect::from_url(url).ok_or_else(|| SinkError::Store {
+            operation: "connect",
+            source: sqlx::Error::Configuration(
+                format!("store URL {endpoint} is not postgres://, mysql:// or sqlite://").into(),
+            ),
+        })?;
+        sqlx::any::install_default_drivers();
+        let mut url = url.to_string();
+        if dialect == Dialect::Sqlite && !url.contains("mode=") && !url.contains(":memory:") {
+            url.push_str(if url.contains('?') {
+                "&mode=rwc"
+            } else {
+                "?mode=rwc"
+            });
+        }
+        let options = AnyConnectOptions::from_str(&url).map_err(|source| SinkError::Store {
+            operation: "connect",
+            source,
+        })?;
+        let pool =
+            pool_options(dialect)
+                .connect_with(options)
+                .await
+                .map_err(|source| match source {
+                    // The server answered and refused (credentials, unknown database): a retry
+                    // will not help.
+                    sqlx::Error::Database(_) | sqlx::Error::Configuration(_) => SinkError::Store {
+                        operation: "connect",
+                        source,
+                    },
+                    source => SinkError::Unreachable { endpoint, source },
+                })?;
+        for ddl in dialect.bookkeeping_ddl() {
+            pool.execute(AssertSqlSafe(ddl))
+                .await
+                .map_err(|source| SinkError::Store {
+                    operation: "create bookkeeping tables",
+                    source,
+                })?;
+        }
+        Ok(SqlStore {
+            inner: Arc::new(Inner {
+                pool,
+                dialect,
+                tables: Tables::default(),
+            }),
+        })
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.inner.dialect
+    }
+
+    /// The pool, for callers that read the store (tests, health checks).
+    pub fn pool(&self) -> &AnyPool {
+        &self.inner.pool
+    }
+
+    /// The compacted watermark of (namespace, generation) (0 if none) and the seqs
+    /// applied above it, ascending.
+    pub async fn progress(
+        &self,
+        namespace: &str,
+        generation: u64,
+    ) -> Result<(u64, Vec<u64>), SinkError> {
+        let d = self.inner.dialect;
+        let store = |source| SinkError::Store {
+            operation: "read progress",
+            source,
+        };
+        let sql = format!(
+            "SELECT {} FROM kausal_progress WHERE namespace = {} AND generation = {}",
+            d.quote("through"),
+            d.placeholder(1),
+            d.placeholder(2)
+        );
+        let through: i64 = sqlx::query(AssertSqlSafe(sql))
+            .bind(namespace)
+            .bind(int(generation))
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(store)?
+            .map(|row| row.try_get(0))
+            .transpose()
+            .map_err(store)?
+            .unwrap_or(0);
+        let sql = format!(
+            "SELECT seq FROM kausal_applied WHERE namespace = {} AND generation = {} \
+             AND seq > {} ORDER BY seq",
+            d.placeholder(1),
+            d.placeholder(2),
+            d.placeholder(3)
+        );
+        let rows = sqlx::query(AssertSqlSafe(sql))
+            .bind(namespace)
+            .bind(int(generation))
+            .bind(through)
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(store)?;
+        let applied = rows
+            .iter()
+            .map(|row| row.try_get::<i64, _>(0).map(|s| s as u64))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(store)?;
+        Ok((through as u64, applied))
+    }
+
+    /// Raises the compacted watermark of (namespace, generation) to `through` (never
+    /// lowers it) and forgets the applied seqs it covers. The caller knows every seq up
+    /// to `through` is applied.
+    pub async fn compact(
+        &self,
+        namespace: &str,
+        generation: u64,
+        through: u64,
+    ) -> Result<(), SinkError> {
+        let d = self.inner.dialect;
+        let store = |source| SinkError::Store {
+            operation: "compact progress",
+            source,
+        };
+        let mut tx = self.begin().await?;
+        sqlx::query(AssertSqlSafe(d.raise_progress()))
+            .bind(namespace)
+            .bind(int(generation))
+            .bind(int(through))
+            .execute(&mut *tx)
+            .await
+            .map_err(store)?;
+        let sql = format!(
+            "DELETE FROM kausal_applied WHERE namespace = {} AND generation = {} AND seq <= {}",
+            d.placeholder(1),
+            d.placeholder(2),
+            d.placeholder(3)
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(namespace)
+            .bind(int(generation))
+            .bind(int(through))
+            .execute(&mut *tx)
+            .await
+            .map_err(store)?;
+        tx.commit().await.map_err(store)
+    }
+
+    /// Applies a group of mutually independent transactions in one database
+    /// transaction. Per transaction, in order: skipped (`false`) when already applied;
+    /// else its rows are written, its callbacks run and it is recorded as applied
+    /// (`true`). Any error rolls the whole group back.
+    pub async fn apply_group(
+        &self,
+        group: &[Arc<Transaction>],
+        callbacks: &Callbacks,
+    ) -> Result<Vec<bool>, SinkError> {
+        let tables = self.prepare_tables(group).await?;
+        let mut tx = self.begin().await?;
+        match self.apply_in(&mut tx, group, callbacks, &tables).await {
+            Ok(applied) => {
+                tx.commit().await.map_err(|source| SinkError::Store {
+                    operation: "commit",
+                    source,
+                })?;
+                Ok(applied)
+            }
+            Err(error) => {
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::debug!(error = %rollback, "rollback failed");
+                }
+                // A table changed behind our back shows up as a write error: read the
+                // catalog again on the retry.
+                if matches!(error, SinkError::Store { .. }) {
+                    self.inner.tables.forget().await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    async fn begin(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, SinkError> {
+        let pool = &self.inner.pool;
+        let begun = match self.inner.dialect {
+            // Take the write lock up front: a deferred transaction that read first fails
+            // with SQLITE_BUSY_SNAPSHOT when another process wrote in between.
+            Dialect::Sqlite => pool.begin_with("BEGIN IMMEDIATE").await,
+            Dialect::Postgres | Dialect::MySql => pool.begin().await,
+        };
+        begun.map_err(|source| SinkError::Store {
+            operation: "begin",
+            source,
+        })
+    }
+
+    /// Creates or checks every destination table of the group, before the transaction
+    /// (DDL commits implicitly on MySQL).
+    async fn prepare_tables(
+        &self,
+        group: &[Arc<Transaction>],
+    ) -> Result<HashMap<String, Arc<TableInfo>>, SinkError> {
+        // Shapes are shared per table and column set: one check per distinct shape.
+        let mut seen: HashSet<usize> = HashSet::new();
+        let mut tables = HashMap::new();
+        for change in group.iter().flat_map(|tx| &tx.changes) {
+            if change.shape.mode == TableMode::None
+                || !seen.insert(Arc::as_ptr(&change.shape) as usize)
+            {
+                continue;
+            }
+            let info = self
+                .inner
+                .tables
+                .ensure(&self.inner.pool, self.inner.dialect, &change.shape)
+                .await?;
+            tables.insert(change.shape.name.clone(), info);
+        }
+        Ok(tables)
+    }
+
+    async fn apply_in(
+        &self,
+        conn: &mut AnyConnection,
+        group: &[Arc<Transaction>],
+        callbacks: &Callbacks,
+        tables: &HashMap<String, Arc<TableInfo>>,
+    ) -> Result<Vec<bool>, SinkError> {
+        let dialect = self.inner.dialect;
+        let done = already_applied(conn, dialect, group).await?;
+        let mut seen = HashSet::new();
+        let mut applied = Vec::with_capacity(group.len());
+        for tx in group {
+            let id = &tx.id;
+            let stream = (id.namespace.clone(), id.generation);
+            let through = done.through.get(&stream).copied().unwrap_or(0);
+            if id.seq <= through || done.seqs.contains(&(stream, id.seq)) || !seen.insert(id) {
+                tracing::debug!(tx = %id, "already applied, skipped");
+                applied.push(false);
+                continue;
+            }
+            for change in &tx.changes {
+                if change.shape.mode == TableMode::None {
+                    continue;
+                }
+                let info = &tables[&change.shape.name];
+                rows::write(conn, dialect, info, change, id.seq).await?;
+            }
+            callbacks.run(tx).await?;
+            record_applied(conn, dialect, tx).await?;
+            applied.push(true);
+        }
+        Ok(applied)
+    }
+}
+
+type Stream = (Arc<str>, u64);
+
+/// What the bookkeeping says about the transactions of a group.
+struct Applied {
+    through: HashMap<Stream, u64>,
+    seqs: HashSet<(Stream, u64)>,
+}
+
+/// Reads the watermarks and applied rows of the group's transactions: one query per
+/// group whatever its size.
+async fn already_applied(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    group: &[Arc<Transaction>],
+) -> Result<Applied, SinkError> {
+    let mut streams: Vec<(Stream, Vec<u64>)> = Vec::new();
+    for tx in group {
+        let stream = (tx.id.namespace.clone(), tx.id.generation);
+        match streams.iter_mut().find(|(s, _)| *s == stream) {
+            Some((_, seqs)) => seqs.push(tx.id.seq),
+            None => streams.push((stream, vec![tx.id.seq])),
+        }
+    }
+    let through = dialect.quote("through");
+    let mut parts = Vec::new();
+    let mut n = 0;
+    let mut next = || {
+        n += 1;
+        dialect.placeholder(n)
+    };
+    for (i, (_, seqs)) in streams.iter().enumerate() {
+        parts.push(format!(
+            "SELECT {i} AS s, {through} AS seq, 1 AS w FROM kausal_progress \
+             WHERE namespace = {} AND generation = {}",
+            next(),
+            next()
+        ));
+        let (ns, generation) = (next(), next());
+        let list: Vec<String> = seqs.iter().map(|_| next()).collect();
+        parts.push(format!(
+            "SELECT {i}, seq, 0 FROM kausal_applied WHERE namespace = {ns} \
+             AND generation = {generation} AND seq IN ({})",
+            list.join(", ")
+        ));
+    }
+    let mut query = sqlx::query(AssertSqlSafe(parts.join(" UNION ALL ")));
+    for ((namespace, generation), seqs) in &streams {
+        query = query
+            .bind(namespace.to_string())
+            .bind(int(*generation))
+            .bind(namespace.to_string())
+            .bind(int(*generation));
+        for seq in seqs {
+            query = query.bind(int(*seq));
+        }
+    }
+    let store = |source| SinkError::Store {
+        operation: "read applied",
+        source,
+    };
+    let rows = query.fetch_all(&mut *conn).await.map_err(store)?;
+    let mut applied = Applied {
+        through: HashMap::new(),
+        seqs: HashSet::new(),
+    };
+    for row in rows {
+        let stream: i64 = row.try_get(0).map_err(store)?;
+        let seq: i64 = row.try_get(1).map_err(store)?;
+        let watermark: i64 = row.try_get(2).map_err(store)?;
+        let stream = streams[stream as usize].0.clone();
+        if watermark == 1 {
+            applied.through.insert(stream, seq as u64);
+        } else {
+            applied.seqs.insert((stream, seq as u64));
+        }
+    }
+    Ok(applied)
+}
+
+async fn record_applied(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    tx: &Transaction,
+) -> Result<(), SinkError> {
+    let id = &tx.id;
+    let times = if dialect.record_applied_binds_twice() {
+        2
+    } else {
+        1
+    };
+    let mut query = sqlx::query(AssertSqlSafe(dialect.record_applied()));
+    for _ in 0..times {
+        query = query
+            .bind(id.namespace.to_string())
+            .bind(int(id.generation))
+            .bind(int(id.seq));
+    }
+    let done = query.execute(conn).await.map_err(|source| {
+        let concurrent = matches!(&source, sqlx::Error::Database(db) if db.is_unique_violation());
+        SinkError::Store {
+            operation: if concurrent {
+                CONCURRENT_APPLY
+            } else {
+                "record applied"
+            },
+            source,
+        }
+    })?;
+    if done.rows_affected() == 0 {
+        // A compaction that covers this seq committed since the group read the
+        // watermark: another worker applied it.
+        return Err(SinkError::Store {
+            operation: CONCURRENT_APPLY,
+            source: sqlx::Error::RowNotFound,
+        });
+    }
+    Ok(())
+}
+
+fn pool_options(dialect: Dialect) -> AnyPoolOptions {
+    let options = AnyPoolOptions::new().acquire_timeout(ACQUIRE_TIMEOUT);
+    match dialect {
+        Dialect::Sqlite => options
+            .max_connections(SQLITE_POOL_SIZE)
+            // An in-memory database lives as long as its connection.
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = NORMAL").await?;
+                    conn.execute(AssertSqlSafe(format!(
+                        "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}"
+                    )))
+                    .await?;
+                    Ok(())
+                })
+            }),
+        // Datetimes are sent in UTC, without an offset.
+        Dialect::MySql => options.max_connections(POOL_SIZE).after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("SET time_zone = '+00:00'").await?;
+                Ok(())
+            })
+        }),
+        Dialect::Postgres => options.max_connections(POOL_SIZE),
+    }
+}
+
+/// Sequence numbers and generations are below 2^63 in practice; saturate rather than
+/// wrap if one is not.
+fn int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The URL without its password, for messages and logs.
+fn redact(url: &str) -> String {
+    match AnyConnectOptions::from_str(url) {
+        Ok(options) => {
+            let mut url = options.database_url;
+            if url.password().is_some() {
+                // Fails only for URLs that cannot have a password at all.
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "(an unparseable URL)".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_the_password_only() {
+        assert_eq!(
+            redact("mysql://kausal:s3cr:et@db:3306/app?ssl-mode=required"),
+            "mysql://kausal:***@db:3306/app?ssl-mode=required"
+        );
+        assert_eq!(
+            redact("postgres://postgres@127.0.0.1/db"),
+            "postgres://postgres@127.0.0.1/db"
+        );
+        assert_eq!(redact("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db");
+    }
+}

@@ -1,0 +1,721 @@
+//! The SQL store against the real servers: Postgres (127.0.0.1:5432, user postgres,
+//! trust), MariaDB (127.0.0.1:3306, user kausal/kausal) and SQLite (a temporary file).
+//! Every test gets a fresh database, dropped when the test ends (even when it fails), so
+//! the tests run in parallel.
+
+use anyhow::{bail, ensure, Context as _, Result};
+use kausal_bus::{Context, Op};
+use kausal_subscriber::config::TableMode;
+use kausal_subscriber::sink::sql::{Dialect, SqlStore, CONCURRENT_APPLY};
+use kausal_subscriber::sink::{CallbackError, Callbacks};
+use kausal_subscriber::txn::{RowChange, TableShape, Transaction, TxId};
+use kausal_subscriber::SinkError;
+use serde_json::{json, Map, Value};
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AssertSqlSafe, Connection, Executor, Row};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const MY_ADMIN: &str = "mysql://kausal:kausal@127.0.0.1:3306/";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Server {
+    Postgres,
+    MariaDb,
+    Sqlite,
+}
+
+/// A fresh database, dropped (or its file removed) on drop.
+struct TestDb {
+    server: Server,
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn create(server: Server) -> Result<TestDb> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        sqlx::any::install_default_drivers();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos();
+        let name = format!(
+            "t_sql_{}_{nanos}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let url = match server {
+            Server::Postgres => {
+                admin(PG_ADMIN, &format!("CREATE DATABASE {name}")).await?;
+                format!("postgres://postgres@127.0.0.1:5432/{name}")
+            }
+            Server::MariaDb => {
+                admin(MY_ADMIN, &format!("CREATE DATABASE {name}")).await?;
+                format!("mysql://kausal:kausal@127.0.0.1:3306/{name}")
+            }
+            Server::Sqlite => {
+                let path = std::env::temp_dir().join(format!("{name}.db"));
+                format!("sqlite://{}", path.display())
+            }
+        };
+        Ok(TestDb { server, name, url })
+    }
+
+    async fn store(&self) -> Result<SqlStore> {
+        SqlStore::connect(&self.url)
+            .await
+            .with_context(|| format!("connect to {}", self.url))
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (server, name) = (self.server, self.name.clone());
+        // Drop runs outside any async context we can use: a thread with its own runtime.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let dropped = match server {
+                    Server::Postgres => {
+                        admin(
+                            PG_ADMIN,
+                            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                        )
+                        .await
+                    }
+                    Server::MariaDb => {
+                        admin(MY_ADMIN, &format!("DROP DATABASE IF EXISTS {name}")).await
+                    }
+                    Server::Sqlite => {
+                        for suffix in ["db", "db-wal", "db-shm"] {
+                            let path = std::env::temp_dir().join(format!("{name}.{suffix}"));
+                            let _ = std::fs::remove_file(path);
+                        }
+                        Ok(())
+                    }
+                };
+                if let Err(error) = dropped {
+                    eprintln!("could not drop test database {name}: {error:#}");
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+async fn admin(url: &str, sql: &str) -> Result<()> {
+    sqlx::any::install_default_drivers();
+    let mut conn = AnyConnection::connect(url).await?;
+    conn.execute(AssertSqlSafe(sql.to_string())).await?;
+    conn.close().await?;
+    Ok(())
+}
+
+fn shape(name: &str, columns: &[(&str, &str)], key: &[&str], mode: TableMode) -> Arc<TableShape> {
+    Arc::new(TableShape {
+        name: name.to_string(),
+        columns: columns
+            .iter()
+            .map(|(c, t)| (c.to_string(), t.to_string()))
+            .collect(),
+        key: key.iter().map(|k| k.to_string()).collect(),
+        mode,
+    })
+}
+
+fn obj(value: Value) -> Map<String, Value> {
+    match value {
+        Value::Object(map) => map,
+        other => panic!("not an object: {other}"),
+    }
+}
+
+fn key_of(shape: &TableShape, row: &Map<String, Value>) -> Map<String, Value> {
+    shape
+        .key
+        .iter()
+        .map(|k| (k.clone(), row[k].clone()))
+        .collect()
+}
+
+fn change(op: Op, shape: &Arc<TableShape>, row: Value) -> RowChange {
+    let row = obj(row);
+    RowChange {
+        op,
+        source_table: shape.name.clone(),
+        shape: shape.clone(),
+        key: key_of(shape, &row),
+        old_key: None,
+        new: matches!(op, Op::Insert | Op::Update).then(|| row.clone()),
+        old: None,
+        unchanged: Vec::new(),
+    }
+}
+
+fn insert(shape: &Arc<TableShape>, row: Value) -> RowChange {
+    change(Op::Insert, shape, row)
+}
+
+fn update(shape: &Arc<TableShape>, row: Value, unchanged: &[&str]) -> RowChange {
+    RowChange {
+        unchanged: unchanged.iter().map(|u| u.to_string()).collect(),
+        ..change(Op::Update, shape, row)
+    }
+}
+
+fn delete(shape: &Arc<TableShape>, key: Value) -> RowChange {
+    change(Op::Delete, shape, key)
+}
+
+fn truncate(shape: &Arc<TableShape>) -> RowChange {
+    RowChange {
+        key: Map::new(),
+        ..change(Op::Truncate, shape, json!({}))
+    }
+}
+
+fn tx_in(namespace: &str, generation: u64, seq: u64, changes: Vec<RowChange>) -> Arc<Transaction> {
+    Arc::new(Transaction {
+        id: TxId {
+            namespace: namespace.into(),
+            generation,
+            seq,
+        },
+        position: format!("0/{seq}"),
+        commit_ts_us: 1_700_000_000_000_000 + seq as i64,
+        txid: seq.to_string(),
+        context: Context::default(),
+        changes,
+        deps: Vec::new(),
+        tables: Vec::new(),
+        parts: 1,
+    })
+}
+
+fn tx(seq: u64, changes: Vec<RowChange>) -> Arc<Transaction> {
+    tx_in("app", 1, seq, changes)
+}
+
+/// Rows of a query, each cell as JSON (integers, floats, booleans, strings, null).
+async fn rows(store: &SqlStore, sql: &str) -> Result<Vec<Vec<Value>>> {
+    let rows = sqlx::query(AssertSqlSafe(sql.to_string()))
+        .fetch_all(store.pool())
+        .await
+        .with_context(|| sql.to_string())?;
+    rows.iter()
+        .map(|row| (0..row.len()).map(|i| cell(row, i)).collect())
+        .collect()
+}
+
+fn cell(row: &AnyRow, i: usize) -> Result<Value> {
+    if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+        return Ok(v.map_or(Value::Null, Value::from));
+    }
+    if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
+        return Ok(v.map_or(Value::Null, Value::from));
+    }
+    if let Ok(v) = row.try_get::<Option<bool>, _>(i) {
+        return Ok(v.map_or(Value::Null, Value::from));
+    }
+    if let Ok(v) = row.try_get::<Option<String>, _>(i) {
+        return Ok(v.map_or(Value::Null, Value::from));
+    }
+    bail!("column {i} cannot be decoded")
+}
+
+fn items_v1() -> Arc<TableShape> {
+    shape(
+        "items",
+        &[
+            ("id", "int4"),
+            ("name", "text"),
+            ("score", "float8"),
+            ("active", "bool"),
+            ("doc", "jsonb"),
+        ],
+        &["id"],
+        TableMode::Mirror,
+    )
+}
+
+const ITEMS: &str = "SELECT id, name, score, CASE WHEN active THEN 1 ELSE 0 END, doc, _kausal_seq \
+                     FROM items ORDER BY id";
+
+async fn mirror_follows_the_source(server: Server) -> Result<()> {
+    let db = TestDb::create(server).await?;
+    let store = db.store().await?;
+    let none = Callbacks::default();
+    let items = items_v1();
+    let row = |id: i64, name: &str| json!({"id": id, "name": name, "score": 1.5, "active": true, "doc": {"k": [id]}});
+    let first = tx(
+        1,
+        vec![
+            insert(&items, row(1, "a")),
+            insert(&items, row(2, "b")),
+            insert(&items, row(3, "c")),
+        ],
+    );
+    assert_eq!(store.apply_group(&[first], &none).await?, [true]);
+
+    // An update that did not log `doc` (unchanged TOAST), a key change, a delete.
+    let renamed = update(
+        &items,
+        json!({"id": 1, "name": "a2", "score": 2.5, "active": false}),
+        &["doc"],
+    );
+    let mut moved = update(&items, row(20, "b"), &[]);
+    moved.old_key = Some(obj(json!({"id": 2})));
+    let group = [
+        tx(2, vec![renamed]),
+        tx(3, vec![moved]),
+        tx(4, vec![delete(&items, json!({"id": 3}))]),
+    ];
+    assert_eq!(store.apply_group(&group, &none).await?, [true, true, true]);
+    assert_eq!(
+        rows(&store, ITEMS).await?,
+        [
+            vec![
+                json!(1),
+                json!("a2"),
+                json!(2.5),
+                json!(0),
+                json!("{\"k\":[1]}"),
+                json!(2)
+            ],
+            vec![
+                json!(20),
+                json!("b"),
+                json!(1.5),
+                json!(1),
+                json!("{\"k\":[20]}"),
+                json!(3)
+            ],
+        ]
+    );
+
+    // A column added at the source reaches the mirrored table.
+    let items_v2 = shape(
+        "items",
+        &[("id", "int4"), ("name", "text"), ("note", "varchar")],
+        &["id"],
+        TableMode::Mirror,
+    );
+    let noted = insert(
+        &items_v2,
+        json!({"id": 5, "name": "e", "note": "new column"}),
+    );
+    assert_eq!(
+        store.apply_group(&[tx(5, vec![noted])], &none).await?,
+        [true]
+    );
+    assert_eq!(
+        rows(&store, "SELECT id, note FROM items WHERE id = 5").await?,
+        [vec![json!(5), json!("new column")]]
+    );
+
+    assert_eq!(
+        store
+            .apply_group(&[tx(6, vec![truncate(&items_v2)])], &none)
+            .await?,
+        [true]
+    );
+    assert_eq!(
+        rows(&store, "SELECT COUNT(*) FROM items").await?,
+        [vec![json!(0)]]
+    );
+    Ok(())
+}
+
+async fn duplicates_change_nothing(server: Server) -> Result<()> {
+    let db = TestDb::create(server).await?;
+    let store = db.store().await?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut callbacks = Callbacks::default();
+    let counter = calls.clone();
+    callbacks.on_change("items", move |_: kausal_subscriber::Event<Value>| {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Ok(()) }
+    });
+    let items = items_v1();
+    let first = tx(5, vec![insert(&items, json!({"id": 1, "name": "first"}))]);
+    assert_eq!(
+        store
+            .apply_group(&[first.clone(), first.clone()], &callbacks)
+            .await?,
+        [true, false]
+    );
+
+    // A redelivery in a later group, even with other content, is recognised by its seq.
+    let again = tx(
+        5,
+        vec![
+            insert(&items, json!({"id": 1, "name": "second"})),
+            insert(&items, json!({"id": 2})),
+        ],
+    );
+    assert_eq!(store.apply_group(&[again], &callbacks).await?, [false]);
+    assert_eq!(
+        rows(&store, "SELECT id, name FROM items").await?,
+        [vec![json!(1), json!("first")]]
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    // Still recognised once compaction moved it from kausal_applied to the watermark.
+    store.compact("app", 1, 5).await?;
+    assert_eq!(store.apply_group(&[first], &callbacks).await?, [false]);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+async fn progress_follows_applied_and_compaction(server: Server) -> Result<()> {
+    let db = TestDb::create(server).await?;
+    let store = db.store().await?;
+    let none = Callbacks::default();
+    assert_eq!(store.progress("app", 1).await?, (0, vec![]));
+    let group: Vec<_> = [1, 2, 3, 5].into_iter().map(|s| tx(s, vec![])).collect();
+    assert_eq!(store.apply_group(&group, &none).await?, [true; 4]);
+    assert_eq!(store.progress("app", 1).await?, (0, vec![1, 2, 3, 5]));
+
+    store.compact("app", 1, 3).await?;
+    assert_eq!(store.progress("app", 1).await?, (3, vec![5]));
+    assert_eq!(
+        store
+            .apply_group(&[tx(2, vec![]), tx(4, vec![])], &none)
+            .await?,
+        [false, true]
+    );
+    assert_eq!(store.progress("app", 1).await?, (3, vec![4, 5]));
+
+    // The watermark never moves back.
+    store.compact("app", 1, 2).await?;
+    assert_eq!(store.progress("app", 1).await?, (3, vec![4, 5]));
+
+    // Other generations and namespaces are separate streams.
+    let others = [tx_in("app", 2, 1, vec![]), tx_in("billing", 1, 3, vec![])];
+    assert_eq!(store.apply_group(&others, &none).await?, [true, true]);
+    assert_eq!(store.progress("app", 2).await?, (0, vec![1]));
+    assert_eq!(store.progress("billing", 1).await?, (0, vec![3]));
+    Ok(())
+}
+
+fn accounts(server: Server, extra: &[(&'static str, &'static str)]) -> Arc<TableShape> {
+    let mut columns = vec![
+        ("id", "int8"),
+        ("owner", "text"),
+        ("balance", "numeric"),
+        ("opened", "timestamptz"),
+        ("meta", "jsonb"),
+    ];
+    if server == Server::Postgres {
+        columns.push(("tags", "_int4"));
+    }
+    columns.extend_from_slice(extra);
+    shape("accounts", &columns, &["id"], TableMode::Map)
+}
+
+async fn create_accounts(store: &SqlStore) -> Result<()> {
+    let ddl = match store.dialect() {
+        Dialect::Postgres => {
+            "CREATE TABLE accounts (id bigint PRIMARY KEY, owner text NOT NULL, \
+             balance numeric(12,2), opened timestamptz, meta jsonb, tags int4[], \
+             note text DEFAULT 'mine')"
+        }
+        Dialect::MySql => {
+            "CREATE TABLE accounts (id BIGINT PRIMARY KEY, owner VARCHAR(100) NOT NULL, \
+             balance DECIMAL(12,2), opened DATETIME(6), meta JSON, note VARCHAR(20) DEFAULT 'mine')"
+        }
+        Dialect::Sqlite => {
+            "CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT NOT NULL, \
+             balance NUMERIC, opened TEXT, meta TEXT, note TEXT DEFAULT 'mine')"
+        }
+    };
+    store.pool().execute(ddl).await?;
+    Ok(())
+}
+
+async fn map_mode_writes_into_the_user_table(server: Server) -> Result<()> {
+    let db = TestDb::create(server).await?;
+    let store = db.store().await?;
+    create_accounts(&store).await?;
+    let none = Callbacks::default();
+    let shape = accounts(server, &[]);
+    let opened = "2024-01-02T03:04:05.123456+00:00";
+    let account = |id: i64, owner: &str, balance: &str| {
+        json!({"id": id, "owner": owner, "balance": balance, "opened": opened,
+               "meta": {"tier": "gold"}, "tags": [1, 2]})
+    };
+    let first = tx(
+        1,
+        vec![
+            insert(&shape, account(1, "ann", "12.50")),
+            insert(&shape, account(2, "bob", "1")),
+        ],
+    );
+    assert_eq!(store.apply_group(&[first], &none).await?, [true]);
+    let paid = update(
+        &shape,
+        json!({"id": 1, "owner": "ann", "balance": "99.99", "opened": opened}),
+        &["meta", "tags"],
+    );
+    let closed = delete(&shape, json!({"id": 2}));
+    assert_eq!(
+        store
+            .apply_group(&[tx(2, vec![paid]), tx(3, vec![closed])], &none)
+            .await?,
+        [true, true]
+    );
+
+    let (sql, expected) = match server {
+        Server::Postgres => (
+            "SELECT id, owner, balance::text, \
+             (opened = timestamptz '2024-01-02T03:04:05.123456+00:00'), meta->>'tier', \
+             tags::text, note FROM accounts",
+            vec![
+                json!(1),
+                json!("ann"),
+                json!("99.99"),
+                json!(true),
+                json!("gold"),
+                json!("{1,2}"),
+                json!("mine"),
+            ],
+        ),
+        Server::MariaDb => (
+            "SELECT id, owner, CAST(balance AS CHAR), CAST(opened AS CHAR), \
+             JSON_VALUE(meta, '$.tier'), note FROM accounts",
+            vec![
+                json!(1),
+                json!("ann"),
+                json!("99.99"),
+                json!("2024-01-02 03:04:05.123456"),
+                json!("gold"),
+                json!("mine"),
+            ],
+        ),
+        Server::Sqlite => (
+            "SELECT id, owner, CAST(balance AS TEXT), opened, json_extract(meta, '$.tier'), \
+             note FROM accounts",
+            vec![
+                json!(1),
+                json!("ann"),
+                json!("99.99"),
+                json!(opened),
+                json!("gold"),
+                json!("mine"),
+            ],
+        ),
+    };
+    assert_eq!(rows(&store, sql).await?, [expected]);
+    Ok(())
+}
+
+async fn map_mode_explains_what_is_missing(server: Server) -> Result<()> {
+    let db = TestDb::create(server).await?;
+    let store = db.store().await?;
+    let none = Callbacks::default();
+    let rejected = |result: Result<Vec<bool>, SinkError>, wanted: &[&str]| -> Result<()> {
+        match result {
+            Err(SinkError::Rejected { table, reason }) => {
+                for w in wanted {
+                    ensure!(
+                        reason.contains(w),
+                        "`{reason}` does not mention {w} (table {table})"
+                    );
+                }
+                Ok(())
+            }
+            other => bail!("expected a rejection, got {other:?}"),
+        }
+    };
+    let shape = accounts(server, &[]);
+    let row = json!({"id": 1, "owner": "ann"});
+    let missing_table = store
+        .apply_group(&[tx(1, vec![insert(&shape, row.clone())])], &none)
+        .await;
+    rejected(missing_table, &["`accounts`", "does not exist"])?;
+
+    create_accounts(&store).await?;
+    let wider = accounts(server, &[("nickname", "text")]);
+    let missing_column = store
+        .apply_group(&[tx(1, vec![insert(&wider, row.clone())])], &none)
+        .await;
+    rejected(missing_column, &["`nickname`", "accounts"])?;
+
+    store
+        .pool()
+        .execute("CREATE TABLE loose (id BIGINT, owner TEXT)")
+        .await?;
+    let loose = shape_named("loose", &shape);
+    let no_key = store
+        .apply_group(&[tx(1, vec![insert(&loose, row)])], &none)
+        .await;
+    rejected(no_key, &["primary key", "(id)"])?;
+    assert_eq!(store.progress("app", 1).await?, (0, vec![]));
+    Ok(())
+}
+
+fn shape_named(name: &str, like: &TableShape) -> Arc<TableShape> {
+    Arc::new(TableShape {
+        name: name.to_string(),
+        columns: vec![
+            ("id".into(), "int8".into()),
+            ("owner".into(), "text".into()),
+        ],
+        ..like.clone()
+    })
+}
+
+async fn failing_callback_rolls_back(server: Server) -> Result<()> {
+    let db = TestDb::create(server).await?;
+    let store = db.store().await?;
+    let items = items_v1();
+    let mut callbacks = Callbacks::default();
+    callbacks.on_insert(
+        "items",
+        |event: kausal_subscriber::Event<Value>| async move {
+            if event.key["id"] == json!(2) {
+                return Err(CallbackError::permanent("no id 2"));
+            }
+            Ok(())
+        },
+    );
+    let group = [
+        tx(1, vec![insert(&items, json!({"id": 1}))]),
+        tx(2, vec![insert(&items, json!({"id": 2}))]),
+    ];
+    match store.apply_group(&group, &callbacks).await {
+        Err(SinkError::Callback { message, .. }) => assert_eq!(message, "no id 2"),
+        other => bail!("expected the callback's error, got {other:?}"),
+    }
+    assert_eq!(
+        rows(&store, "SELECT COUNT(*) FROM items").await?,
+        [vec![json!(0)]]
+    );
+    assert_eq!(store.progress("app", 1).await?, (0, vec![]));
+
+    // The caller retries one by one: the first goes through.
+    assert_eq!(store.apply_group(&group[..1], &callbacks).await?, [true]);
+    assert_eq!(
+        rows(&store, "SELECT id FROM items").await?,
+        [vec![json!(1)]]
+    );
+    Ok(())
+}
+
+/// Worker A is inside its transaction (in a callback) when worker B applies and commits
+/// the same transaction: A must fail with the concurrent-apply error, not apply twice.
+async fn concurrent_apply_is_detected(server: Server) -> Result<()> {
+    let db = TestDb::create(server).await?;
+    let (a, b) = (db.store().await?, db.store().await?);
+    let audit = shape("audit", &[("id", "int8")], &["id"], TableMode::None);
+    let same = tx(7, vec![insert(&audit, json!({"id": 1}))]);
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let mut slow = Callbacks::default();
+    let (e, r) = (entered.clone(), release.clone());
+    slow.on_change("audit", move |_: kausal_subscriber::Event<Value>| {
+        let (e, r) = (e.clone(), r.clone());
+        async move {
+            e.notify_one();
+            r.notified().await;
+            Ok(())
+        }
+    });
+    let worker_a = {
+        let (a, same, slow) = (a.clone(), same.clone(), slow.clone());
+        tokio::spawn(async move { a.apply_group(&[same], &slow).await })
+    };
+    entered.notified().await;
+    assert_eq!(
+        b.apply_group(&[same.clone()], &Callbacks::default())
+            .await?,
+        [true]
+    );
+    release.notify_one();
+    match worker_a.await? {
+        Err(SinkError::Store { operation, .. }) => assert_eq!(operation, CONCURRENT_APPLY),
+        other => bail!("expected a concurrent-apply error, got {other:?}"),
+    }
+    assert_eq!(a.apply_group(&[same], &slow).await?, [false]);
+    Ok(())
+}
+
+macro_rules! scenario_tests {
+    ($scenario:ident: $($name:ident => $server:expr),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> Result<()> {
+                $scenario($server).await
+            }
+        )+
+    };
+}
+
+scenario_tests!(mirror_follows_the_source:
+    mirror_table_follows_inserts_updates_and_deletes_on_postgres => Server::Postgres,
+    mirror_table_follows_inserts_updates_and_deletes_on_mariadb => Server::MariaDb,
+    mirror_table_follows_inserts_updates_and_deletes_on_sqlite => Server::Sqlite,
+);
+scenario_tests!(duplicates_change_nothing:
+    duplicate_transaction_changes_nothing_on_postgres => Server::Postgres,
+    duplicate_transaction_changes_nothing_on_mariadb => Server::MariaDb,
+    duplicate_transaction_changes_nothing_on_sqlite => Server::Sqlite,
+);
+scenario_tests!(progress_follows_applied_and_compaction:
+    progress_reflects_applied_seqs_and_compaction_on_postgres => Server::Postgres,
+    progress_reflects_applied_seqs_and_compaction_on_mariadb => Server::MariaDb,
+    progress_reflects_applied_seqs_and_compaction_on_sqlite => Server::Sqlite,
+);
+scenario_tests!(map_mode_writes_into_the_user_table:
+    map_mode_writes_into_a_user_table_on_postgres => Server::Postgres,
+    map_mode_writes_into_a_user_table_on_mariadb => Server::MariaDb,
+    map_mode_writes_into_a_user_table_on_sqlite => Server::Sqlite,
+);
+scenario_tests!(map_mode_explains_what_is_missing:
+    map_mode_names_a_missing_table_column_or_key_on_postgres => Server::Postgres,
+    map_mode_names_a_missing_table_column_or_key_on_mariadb => Server::MariaDb,
+    map_mode_names_a_missing_table_column_or_key_on_sqlite => Server::Sqlite,
+);
+scenario_tests!(failing_callback_rolls_back:
+    failing_callback_rolls_back_the_group_on_postgres => Server::Postgres,
+    failing_callback_rolls_back_the_group_on_mariadb => Server::MariaDb,
+    failing_callback_rolls_back_the_group_on_sqlite => Server::Sqlite,
+);
+// SQLite has one writer: the second worker would wait for the first instead of racing.
+scenario_tests!(concurrent_apply_is_detected:
+    concurrent_apply_fails_the_later_worker_on_postgres => Server::Postgres,
+    concurrent_apply_fails_the_later_worker_on_mariadb => Server::MariaDb,
+);
+
+#[tokio::test]
+async fn unreachable_store_is_reported_without_its_password() -> Result<()> {
+    let error = SqlStore::connect("postgres://postgres:hunter2@127.0.0.1:1/app")
+        .await
+        .expect_err("nothing listens on port 1");
+    match &error {
+        SinkError::Unreachable { endpoint, .. } => {
+            assert_eq!(endpoint, "postgres://postgres:***@127.0.0.1:1/app")
+        }
+        other => bail!("expected Unreachable, got {other:?}"),
+    }
+    assert!(!format!("{error} {error:?}").contains("hunter2"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn sqlite_store_creates_its_file() -> Result<()> {
+    let db = TestDb::create(Server::Sqlite).await?;
+    let store = db.store().await?;
+    assert_eq!(store.dialect(), Dialect::Sqlite);
+    let path = db.url.trim_start_matches("sqlite://").to_string();
+    assert!(std::path::Path::new(&path).exists());
+    assert_eq!(
+        rows(&store, "PRAGMA journal_mode").await?,
+        [vec![json!("wal")]]
+    );
+    Ok(())
+}

@@ -1,0 +1,573 @@
+//! The causal gate against a real broker and a real SQLite store, with transactions
+//! delivered in orders a live publisher would rarely produce: the feed publishes
+//! envelopes by hand (dependencies from the publisher's own tracker) in any order.
+
+mod common;
+
+use common::sub::*;
+use common::unique;
+use kausal::subscriber::{CallbackError, Event, Subscriber};
+use serde_json::{json, Value};
+use sqlx::Row as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const TABLES: &str = r#"
+[[table]]
+namespace = "NS"
+name = "users"
+[[table]]
+namespace = "NS"
+name = "messages"
+"#;
+
+fn tables(ns: &str) -> String {
+    TABLES.replace("NS", ns)
+}
+
+async fn count(store: &sqlx::AnyPool, table: &str) -> i64 {
+    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(store)
+        .await
+        .map(|r| r.get::<i64, _>(0))
+        .unwrap_or(0)
+}
+
+async fn store(url: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::AnyPool::connect(url).await.unwrap()
+}
+
+/// Records `<table>:<op>:<id>` for every callback, in order.
+fn recorder(sub: &mut Subscriber) -> Arc<Mutex<Vec<String>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    for table in ["users", "messages"] {
+        let log = log.clone();
+        sub.callbacks().on_change(table, move |e: Event<Value>| {
+            let log = log.clone();
+            async move {
+                log.lock()
+                    .unwrap()
+                    .push(format!("{}:{:?}:{}", e.table, e.op, e.key["id"]));
+                Ok(())
+            }
+        });
+    }
+    log
+}
+
+struct Setup {
+    app: String,
+    url: String,
+    feed: Feed,
+}
+
+async fn setup(label: &str) -> Setup {
+    let app = unique(label);
+    let feed = Feed::new(&app).await;
+    let url = sqlite_url(&app);
+    Setup { app, url, feed }
+}
+
+fn subscriber(s: &Setup, mode: &str) -> Subscriber {
+    Subscriber::new(sub_config(
+        &s.app,
+        &s.url,
+        &format!(
+            "[ordering]\nmode = \"{mode}\"\n{}",
+            tables(&s.feed.namespace)
+        ),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_delivered_before_its_user_waits_for_it_in_causal_mode() {
+    common::logs();
+    let mut s = setup("causal_fk").await;
+    let user = s.feed.txn(
+        vec![insert("users", 1, json!({"name": "ada", "email": "a@x"}))],
+        None,
+    );
+    let message = s.feed.txn(
+        vec![insert("messages", 10, json!({"user_id": 1, "text": "hi"})).refs("users", 1)],
+        None,
+    );
+    let mut sub = subscriber(&s, "causal");
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+
+    s.feed.publish(&[message]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "the message ran before its user: {:?}",
+        log.lock().unwrap()
+    );
+
+    s.feed.publish(&[user]).await;
+    eventually(Duration::from_secs(20), "both applied", || async {
+        log.lock().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["users:Insert:1", "messages:Insert:10"]
+    );
+    let db = store(&s.url).await;
+    assert_eq!(count(&db, "messages").await, 1);
+    worker.stop().await;
+    delete_queues(&s.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_mode_applies_a_message_without_waiting_for_its_user() {
+    let mut s = setup("key_fk").await;
+    let _user = s.feed.txn(
+        vec![insert("users", 1, json!({"name": "ada", "email": "a@x"}))],
+        None,
+    );
+    let message = s.feed.txn(
+        vec![insert("messages", 10, json!({"user_id": 1, "text": "hi"})).refs("users", 1)],
+        None,
+    );
+    let mut sub = subscriber(&s, "key");
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    s.feed.publish(&[message]).await;
+    eventually(Duration::from_secs(20), "the message applied", || async {
+        log.lock().unwrap().len() == 1
+    })
+    .await;
+    let db = store(&s.url).await;
+    assert_eq!(count(&db, "messages").await, 1);
+    assert_eq!(
+        count(&db, "users").await,
+        0,
+        "key mode does not wait for referenced rows"
+    );
+    worker.stop().await;
+    delete_queues(&s.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_mode_still_applies_writes_of_one_row_in_order() {
+    let mut s = setup("key_row").await;
+    let first = s.feed.txn(
+        vec![insert("users", 1, json!({"name": "v1", "email": "a@x"}))],
+        None,
+    );
+    let mut second_row = insert("users", 1, json!({"name": "v2", "email": "a@x"}));
+    second_row.op = kausal::bus::Op::Update;
+    let second = s.feed.txn(vec![second_row], None);
+    let mut sub = subscriber(&s, "key");
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    s.feed.publish(&[second]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "the second write overtook the first"
+    );
+    s.feed.publish(&[first]).await;
+    eventually(Duration::from_secs(20), "both applied", || async {
+        log.lock().unwrap().len() == 2
+    })
+    .await;
+    let db = store(&s.url).await;
+    let name: String = sqlx::query("SELECT name FROM users WHERE id = 1")
+        .fetch_one(&db)
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "v2");
+    worker.stop().await;
+    delete_queues(&s.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn causal_mode_applies_an_independent_transaction_without_waiting_for_earlier_ones() {
+    let mut s = setup("causal_indep").await;
+    let _first = s.feed.txn(
+        vec![insert("users", 1, json!({"name": "ada", "email": "a@x"}))],
+        None,
+    );
+    let second = s.feed.txn(
+        vec![insert("users", 2, json!({"name": "bob", "email": "b@x"}))],
+        None,
+    );
+    let mut sub = subscriber(&s, "causal");
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    s.feed.publish(&[second]).await;
+    eventually(
+        Duration::from_secs(20),
+        "user 2 applied before 1 arrives",
+        || async { log.lock().unwrap().len() == 1 },
+    )
+    .await;
+    worker.stop().await;
+    delete_queues(&s.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serial_mode_waits_for_every_earlier_transaction() {
+    let mut s = setup("serial").await;
+    let first = s.feed.txn(
+        vec![insert("users", 1, json!({"name": "ada", "email": "a@x"}))],
+        None,
+    );
+    let second = s.feed.txn(
+        vec![insert("users", 2, json!({"name": "bob", "email": "b@x"}))],
+        None,
+    );
+    let third = s.feed.txn(
+        vec![insert("users", 3, json!({"name": "cy", "email": "c@x"}))],
+        None,
+    );
+    let mut sub = subscriber(&s, "serial");
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    s.feed.publish(&[third]).await;
+    s.feed.publish(&[second]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "serial mode ran ahead: {:?}",
+        log.lock().unwrap()
+    );
+    s.feed.publish(&[first]).await;
+    eventually(Duration::from_secs(20), "all applied", || async {
+        log.lock().unwrap().len() == 3
+    })
+    .await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["users:Insert:1", "users:Insert:2", "users:Insert:3"]
+    );
+    worker.stop().await;
+    delete_queues(&s.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn same_session_transactions_apply_in_commit_order_across_tables() {
+    // "Unfriend, then post": two unrelated tables, one session.
+    let mut s = setup("session").await;
+    let unfriend = s.feed.txn(vec![delete("users", 7)], Some("alice"));
+    let post = s.feed.txn(
+        vec![insert(
+            "messages",
+            1,
+            json!({"user_id": 3, "text": "photo"}),
+        )],
+        Some("alice"),
+    );
+    let mut sub = subscriber(&s, "causal");
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    s.feed.publish(&[post]).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "the post overtook the unfriend of its session"
+    );
+    s.feed.publish(&[unfriend]).await;
+    eventually(Duration::from_secs(20), "both applied", || async {
+        log.lock().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["users:Delete:7", "messages:Insert:1"]
+    );
+    worker.stop().await;
+    delete_queues(&s.app).await;
+
+    // Without the session tag the post does not wait.
+    let mut s = setup("nosession").await;
+    let _unfriend = s.feed.txn(vec![delete("users", 7)], None);
+    let post = s.feed.txn(
+        vec![insert(
+            "messages",
+            1,
+            json!({"user_id": 3, "text": "photo"}),
+        )],
+        None,
+    );
+    let mut sub = subscriber(&s, "causal");
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    s.feed.publish(&[post]).await;
+    eventually(Duration::from_secs(20), "untagged post applied", || async {
+        log.lock().unwrap().len() == 1
+    })
+    .await;
+    worker.stop().await;
+    delete_queues(&s.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_is_not_deleted_before_a_child_that_referenced_it_is_applied() {
+    // Write after read: 1 inserts the user, 2 a message referencing it, 3 deletes the user.
+    let mut s = setup("war").await;
+    let user = s.feed.txn(
+        vec![insert("users", 1, json!({"name": "ada", "email": "a@x"}))],
+        None,
+    );
+    let message = s.feed.txn(
+        vec![insert("messages", 10, json!({"user_id": 1, "text": "hi"})).refs("users", 1)],
+        None,
+    );
+    let gone = s.feed.txn(vec![delete("users", 1)], None);
+    let mut sub = subscriber(&s, "causal");
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    s.feed.publish(&[user, gone]).await;
+    eventually(Duration::from_secs(20), "the user applied", || async {
+        !log.lock().unwrap().is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["users:Insert:1"],
+        "the delete overtook the message that read the user"
+    );
+    s.feed.publish(&[message]).await;
+    eventually(Duration::from_secs(20), "all applied", || async {
+        log.lock().unwrap().len() == 3
+    })
+    .await;
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["users:Insert:1", "messages:Insert:10", "users:Delete:1"]
+    );
+    worker.stop().await;
+    delete_queues(&s.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redelivered_and_replayed_envelopes_change_nothing_and_fire_callbacks_once() {
+    let mut s = setup("dups").await;
+    let mut txns = Vec::new();
+    for i in 1..=20 {
+        txns.push(s.feed.txn(
+            vec![insert(
+                "users",
+                i,
+                json!({"name": format!("u{i}"), "email": "e"}),
+            )],
+            Some("one"),
+        ));
+    }
+    let mut sub = subscriber(&s, "causal");
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    s.feed.publish(&txns).await;
+    eventually(Duration::from_secs(20), "all applied", || async {
+        log.lock().unwrap().len() == 20
+    })
+    .await;
+    // A publisher replay regroups envelopes differently; duplicates within one message too.
+    for t in &txns {
+        s.feed.publish(std::slice::from_ref(t)).await;
+    }
+    s.feed
+        .publish(&[txns[3].clone(), txns[3].clone(), txns[19].clone()])
+        .await;
+    // A new transaction after the duplicates shows when they have all been handled.
+    let last = s.feed.txn(
+        vec![insert("users", 99, json!({"name": "last", "email": "e"}))],
+        Some("one"),
+    );
+    s.feed.publish(&[last]).await;
+    eventually(Duration::from_secs(20), "the last applied", || async {
+        log.lock().unwrap().len() >= 21
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        log.lock().unwrap().len(),
+        21,
+        "a callback fired twice: {:?}",
+        log.lock().unwrap()
+    );
+    let db = store(&s.url).await;
+    assert_eq!(count(&db, "users").await, 21);
+    worker.stop().await;
+    delete_queues(&s.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_go_to_dead_letters_with_a_reason_and_unrelated_work_continues() {
+    let mut s = setup("poison").await;
+    let cfg = sub_config(
+        &s.app,
+        &s.url,
+        &format!(
+            "[[table]]\nnamespace = \"{0}\"\nname = \"users\"\ncolumns = [\"id\", \"nickname\"]\n\
+             [[table]]\nnamespace = \"{0}\"\nname = \"messages\"\n",
+            s.feed.namespace
+        ),
+    );
+    let mut sub = Subscriber::new(cfg);
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    // users lacks the subscribed column `nickname`: a definite error for that transaction.
+    let bad = s.feed.txn(
+        vec![insert("users", 1, json!({"name": "ada", "email": "a@x"}))],
+        None,
+    );
+    let fine = s.feed.txn(
+        vec![insert("messages", 5, json!({"user_id": 9, "text": "hi"}))],
+        None,
+    );
+    s.feed.publish_raw(b"not a kausal message").await;
+    s.feed.publish_raw(b"KSL\x09{}").await;
+    s.feed
+        .publish_raw(b"KSL\x01{\"envelopes\": [{\"seq\": 1}]}")
+        .await;
+    s.feed.publish(&[bad, fine]).await;
+    eventually(
+        Duration::from_secs(20),
+        "the unrelated message applied",
+        || async { log.lock().unwrap().len() == 1 },
+    )
+    .await;
+    let dlq = format!("kausal.{}.dlq", s.app);
+    let mut letters = Vec::new();
+    eventually(Duration::from_secs(20), "four dead letters", || {
+        let dlq = dlq.clone();
+        let letters = &mut letters;
+        async move {
+            *letters = kausal::bus::amqp::peek_dead_letters(common::AMQP, &dlq, 10)
+                .await
+                .unwrap();
+            letters.len() == 4
+        }
+    })
+    .await;
+    let reasons: Vec<String> = letters
+        .iter()
+        .map(|l| l.reason.clone().unwrap_or_default())
+        .collect();
+    assert!(
+        reasons.iter().any(|r| r.contains("not a Kausal message")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("version 9")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("malformed")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("nickname")),
+        "{reasons:?}"
+    );
+    assert_eq!(*log.lock().unwrap(), ["messages:Insert:5"]);
+    worker.stop().await;
+    delete_queues(&s.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_callback_is_retried_then_dead_lettered_while_its_dependents_wait() {
+    let mut s = setup("cbfail").await;
+    let flaky = s.feed.txn(
+        vec![insert("users", 1, json!({"name": "flaky", "email": "e"}))],
+        None,
+    );
+    let broken = s.feed.txn(
+        vec![insert("users", 2, json!({"name": "broken", "email": "e"}))],
+        None,
+    );
+    let dependent = s.feed.txn(
+        vec![insert("messages", 20, json!({"user_id": 2, "text": "x"})).refs("users", 2)],
+        None,
+    );
+    let unrelated = s.feed.txn(
+        vec![insert("messages", 30, json!({"user_id": 1, "text": "y"}))],
+        None,
+    );
+    let mut sub = subscriber(&s, "causal");
+    let calls = Arc::new(Mutex::new(Vec::<String>::new()));
+    let c = calls.clone();
+    sub.callbacks().on_insert("users", move |e: Event<Value>| {
+        let c = c.clone();
+        async move {
+            let name = e.new.as_ref().unwrap()["name"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            let attempts = {
+                let mut c = c.lock().unwrap();
+                c.push(name.clone());
+                c.iter().filter(|n| **n == name).count()
+            };
+            match name.as_str() {
+                "flaky" if attempts < 3 => Err(CallbackError::transient("mail server down")),
+                "broken" => Err(CallbackError::permanent("no such mailbox")),
+                _ => Ok(()),
+            }
+        }
+    });
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    s.feed.publish(&[flaky, broken, dependent, unrelated]).await;
+    eventually(
+        Duration::from_secs(30),
+        "flaky and unrelated applied",
+        || async {
+            let l = log.lock().unwrap();
+            l.contains(&"users:Insert:1".to_string())
+                && l.contains(&"messages:Insert:30".to_string())
+        },
+    )
+    .await;
+    let dlq = format!("kausal.{}.dlq", s.app);
+    eventually(Duration::from_secs(30), "broken dead-lettered", || {
+        let dlq = dlq.clone();
+        async move {
+            let l = kausal::bus::amqp::peek_dead_letters(common::AMQP, &dlq, 10)
+                .await
+                .unwrap();
+            l.iter().any(|l| {
+                l.reason
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("no such mailbox")
+            })
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let db = store(&s.url).await;
+    let ids: Vec<i64> = sqlx::query("SELECT id FROM users ORDER BY id")
+        .fetch_all(&db)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ids, [1], "the broken user must not be stored");
+    let msgs: Vec<i64> = sqlx::query("SELECT id FROM messages ORDER BY id")
+        .fetch_all(&db)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(msgs, [30], "the dependent of the dead-lettered user waits");
+    assert_eq!(
+        calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|n| *n == "flaky")
+            .count(),
+        3
+    );
+    worker.stop().await;
+    delete_queues(&s.app).await;
+}
