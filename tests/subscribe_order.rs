@@ -33,6 +33,21 @@ async fn count(store: &sqlx::AnyPool, table: &str) -> i64 {
         .unwrap_or(0)
 }
 
+/// Waits until the app's dead-letter queue holds `n` messages and returns them.
+async fn dead_letters(app: &str, n: usize) -> Vec<kausal::bus::amqp::DeadLetter> {
+    let dlq = format!("kausal.{app}.dlq");
+    for _ in 0..300 {
+        let letters = kausal::bus::amqp::peek_dead_letters(common::AMQP, &dlq, 10)
+            .await
+            .unwrap();
+        if letters.len() >= n {
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("fewer than {n} dead letters in {dlq} after 30 s");
+}
+
 async fn store(url: &str) -> sqlx::AnyPool {
     sqlx::any::install_default_drivers();
     sqlx::AnyPool::connect(url).await.unwrap()
@@ -63,9 +78,11 @@ struct Setup {
 }
 
 async fn setup(label: &str) -> Setup {
+    common::logs();
     let app = unique(label);
     let feed = Feed::new(&app).await;
     let url = sqlite_url(&app);
+    declare_queue(&app, &app).await;
     Setup { app, url, feed }
 }
 
@@ -433,19 +450,7 @@ async fn poison_messages_go_to_dead_letters_with_a_reason_and_unrelated_work_con
         || async { log.lock().unwrap().len() == 1 },
     )
     .await;
-    let dlq = format!("kausal.{}.dlq", s.app);
-    let mut letters = Vec::new();
-    eventually(Duration::from_secs(20), "four dead letters", || {
-        let dlq = dlq.clone();
-        let letters = &mut letters;
-        async move {
-            *letters = kausal::bus::amqp::peek_dead_letters(common::AMQP, &dlq, 10)
-                .await
-                .unwrap();
-            letters.len() == 4
-        }
-    })
-    .await;
+    let letters = dead_letters(&s.app, 4).await;
     let reasons: Vec<String> = letters
         .iter()
         .map(|l| l.reason.clone().unwrap_or_default())
@@ -525,22 +530,15 @@ async fn a_failing_callback_is_retried_then_dead_lettered_while_its_dependents_w
         },
     )
     .await;
-    let dlq = format!("kausal.{}.dlq", s.app);
-    eventually(Duration::from_secs(30), "broken dead-lettered", || {
-        let dlq = dlq.clone();
-        async move {
-            let l = kausal::bus::amqp::peek_dead_letters(common::AMQP, &dlq, 10)
-                .await
-                .unwrap();
-            l.iter().any(|l| {
-                l.reason
-                    .as_deref()
-                    .unwrap_or("")
-                    .contains("no such mailbox")
-            })
-        }
-    })
-    .await;
+    let letters = dead_letters(&s.app, 1).await;
+    assert!(
+        letters[0]
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("no such mailbox"),
+        "{letters:?}"
+    );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let db = store(&s.url).await;
     let ids: Vec<i64> = sqlx::query("SELECT id FROM users ORDER BY id")

@@ -173,8 +173,14 @@ fn delete(shape: &Arc<TableShape>, key: Value) -> RowChange {
 
 fn truncate(shape: &Arc<TableShape>) -> RowChange {
     RowChange {
+        op: Op::Truncate,
+        source_table: shape.name.clone(),
+        shape: shape.clone(),
         key: Map::new(),
-        ..change(Op::Truncate, shape, json!({}))
+        old_key: None,
+        new: None,
+        old: None,
+        unchanged: Vec::new(),
     }
 }
 
@@ -631,7 +637,7 @@ async fn concurrent_apply_is_detected(server: Server) -> Result<()> {
     };
     entered.notified().await;
     assert_eq!(
-        b.apply_group(&[same.clone()], &Callbacks::default())
+        b.apply_group(std::slice::from_ref(&same), &Callbacks::default())
             .await?,
         [true]
     );

@@ -58,6 +58,16 @@ impl Worker {
     }
 }
 
+/// Declares a subscriber app's durable queue (as its workers will), so that messages
+/// published before a worker is up wait in it.
+pub async fn declare_queue(app: &str, namespace: &str) {
+    let spec = kausal::bus::amqp::QueueSpec::durable(&format!("kausal.{app}"), &[namespace]);
+    let c = kausal::bus::amqp::AmqpConsumer::connect(AMQP, "kausal", &spec)
+        .await
+        .unwrap();
+    c.close().await;
+}
+
 /// Deletes a subscriber app's queues (and dead letters).
 pub async fn delete_queues(app: &str) {
     let spec = kausal::bus::amqp::QueueSpec::durable("kausal.tmp-cleanup", &[]);

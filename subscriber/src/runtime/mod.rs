@@ -77,11 +77,17 @@ impl Subscriber {
             let mut s = shutdown.clone();
             tokio::select! {
                 _ = tokio::time::sleep(backoff) => {}
-                _ = s.wait_for(|v| *v) => return Ok(()),
+                _ = stopped(&mut s) => return Ok(()),
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
+}
+
+/// Resolves once `shutdown` is true. (The guard `wait_for` returns is not `Send`; it
+/// must not live across the caller's awaits.)
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|v| *v).await.map(|_| ());
 }
 
 /// Runs a subscriber with no callbacks (the `kausal subscribe` command).
@@ -195,7 +201,7 @@ impl Worker {
             }
             tokio::select! {
                 biased;
-                _ = shutdown.wait_for(|v| *v) => break Ok(()),
+                _ = stopped(&mut shutdown) => break Ok(()),
                 Some(outcome) = out_rx.recv() => {
                     let mut result = self.finish(outcome).await;
                     while let (Ok(()), Ok(o)) = (&result, out_rx.try_recv()) {

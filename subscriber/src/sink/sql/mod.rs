@@ -25,7 +25,7 @@ use crate::txn::Transaction;
 use schema::{TableInfo, Tables};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool};
-use sqlx::{AssertSqlSafe, Executor, Row};
+use sqlx::{AssertSqlSafe, Connection, Executor, Row};
 use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -89,19 +89,36 @@ impl SqlStore {
             operation: "connect",
             source,
         })?;
-        let pool =
-            pool_options(dialect)
-                .connect_with(options)
-                .await
-                .map_err(|source| match source {
-                    // The server answered and refused (credentials, unknown database): a retry
-                    // will not help.
-                    sqlx::Error::Database(_) | sqlx::Error::Configuration(_) => SinkError::Store {
-                        operation: "connect",
-                        source,
-                    },
-                    source => SinkError::Unreachable { endpoint, source },
-                })?;
+        // The server answered and refused (credentials, unknown database): a retry will
+        // not help. Anything else (refused, timed out) is worth retrying.
+        let failed = |source: sqlx::Error| match source {
+            sqlx::Error::Database(_) | sqlx::Error::Configuration(_) => SinkError::Store {
+                operation: "connect",
+                source,
+            },
+            source => SinkError::Unreachable {
+                endpoint: endpoint.clone(),
+                source,
+            },
+        };
+        // One plain connection first: the pool would retry a refused connection until its
+        // acquire timeout, hiding the cause behind a timeout.
+        let probe = tokio::time::timeout(ACQUIRE_TIMEOUT, AnyConnection::connect_with(&options))
+            .await
+            .unwrap_or_else(|_| {
+                Err(sqlx::Error::Io(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer within {} s", ACQUIRE_TIMEOUT.as_secs()),
+                )))
+            })
+            .map_err(failed)?;
+        if let Err(error) = probe.close().await {
+            tracing::debug!(error = %error, "closing the probe connection failed");
+        }
+        let pool = pool_options(dialect)
+            .connect_with(options)
+            .await
+            .map_err(failed)?;
         for ddl in dialect.bookkeeping_ddl() {
             pool.execute(AssertSqlSafe(ddl))
                 .await
@@ -368,7 +385,9 @@ async fn already_applied(
             list.join(", ")
         ));
     }
-    let mut query = sqlx::query(AssertSqlSafe(parts.join(" UNION ALL ")));
+    // Its text changes with the size of the group: not worth a slot in the per-connection
+    // statement cache, where it would push out the row statements.
+    let mut query = sqlx::query(AssertSqlSafe(parts.join(" UNION ALL "))).persistent(false);
     for ((namespace, generation), seqs) in &streams {
         query = query
             .bind(namespace.to_string())
