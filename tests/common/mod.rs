@@ -13,6 +13,7 @@ use tokio_postgres::{Client, NoTls};
 
 pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
 pub mod sub;
+pub mod workload;
 
 pub const AMQP: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
@@ -104,9 +105,11 @@ pub struct Running {
 pub async fn start(cfg: PublisherConfig, db: &TestDb) -> Running {
     let slot = format!("kausal_{}", cfg.namespace);
     let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(kausal::publisher::run(cfg, rx));
-    wait_for_slot(&db.client, &slot).await;
-    Running { stop, task }
+    let mut task = tokio::spawn(kausal::publisher::run(cfg, rx));
+    tokio::select! {
+        _ = wait_for_slot(&db.client, &slot) => Running { stop, task },
+        ended = &mut task => panic!("the publisher stopped before streaming: {ended:?}"),
+    }
 }
 
 pub async fn wait_for_slot(client: &Client, slot: &str) {
@@ -265,6 +268,59 @@ pub fn config_text(namespace: &str, db_url: &str, tables: &str) -> String {
 }
 
 impl Process {
+    /// `kausal subscribe --config <config>`.
+    pub fn subscriber(config: &std::path::Path) -> Process {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
+            .args(["subscribe", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("start kausal subscribe");
+        Process {
+            child,
+            config: config.to_path_buf(),
+        }
+    }
+
+    /// An example program (built by `cargo test --all-targets`), its stdout lines
+    /// collected into `lines`.
+    pub fn example(
+        name: &str,
+        config: &std::path::Path,
+        lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> Process {
+        let exe = std::path::Path::new(env!("CARGO_BIN_EXE_kausal"))
+            .parent()
+            .unwrap()
+            .join("examples")
+            .join(name);
+        let mut child = std::process::Command::new(&exe)
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "start {} ({e}): build it with `cargo build --examples`",
+                    exe.display()
+                )
+            });
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Process {
+            child,
+            config: config.to_path_buf(),
+        }
+    }
+
     pub fn spawn(config: &std::path::Path) -> Process {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
             .args(["publish", "--config"])

@@ -1,0 +1,65 @@
+//! A remote observer: "email" a user whenever a message is posted to them — in causal
+//! order, so the user row is always in the read model before the message is handled.
+//!
+//! Prerequisites: `scripts/setup.sh`, and a publisher for namespace `demo` (`kausal demo`
+//! runs one). Run: `cargo run --example observer -- examples/observer.toml`
+//! (add `[coordination] kind = "redis"` to run several of these on one queue).
+
+use kausal::subscriber::{CallbackError, Event, Subscriber, SubscriberConfig};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Message {
+    id: i64,
+    user_id: i64,
+    text: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or("examples/observer.toml".into());
+    let cfg: SubscriberConfig = kausal::config::load(
+        path.as_ref(),
+        std::env::vars(),
+        kausal::config::SUBSCRIBER_SECTIONS,
+        kausal::config::SUBSCRIBER_KEYS,
+    )?;
+    sqlx::any::install_default_drivers();
+    let store = sqlx::AnyPool::connect(&cfg.store.url).await?; // the read model, to look users up
+    let mut subscriber = Subscriber::new(cfg);
+    subscriber
+        .callbacks()
+        .on_insert("messages", move |e: Event<Message>| {
+            let store = store.clone();
+            async move {
+                let m = e
+                    .new
+                    .ok_or(CallbackError::permanent("insert without a row"))?;
+                let user: Option<(String,)> =
+                    sqlx::query_as("SELECT email FROM users WHERE id = $1")
+                        .bind(m.user_id)
+                        .fetch_optional(&store)
+                        .await?;
+                match user {
+                    Some((email,)) => println!(
+                        "email to {email} about message {}: {:?} [{}]",
+                        m.id, m.text, e.idempotency_key
+                    ),
+                    None => println!(
+                        "VIOLATION: message {} handled before user {}",
+                        m.id, m.user_id
+                    ),
+                }
+                Ok(())
+            }
+        });
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = stop.send(true);
+    });
+    subscriber.run(shutdown).await?;
+    Ok(())
+}

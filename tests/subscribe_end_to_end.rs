@@ -1,0 +1,193 @@
+//! Postgres → publisher → RabbitMQ → subscriber workers → store, with a seeded random
+//! workload from concurrent writers; the store must end equal to the source, row by row,
+//! and callbacks must see the world in causal order.
+
+mod common;
+
+use common::sub::*;
+use common::*;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const TXNS: u64 = 20_000;
+
+struct E2e {
+    ns: String,
+    db: TestDb,
+    publisher: Running,
+    store_name: String,
+    store_url: String,
+}
+
+/// Source database, running publisher, empty Postgres store, declared queue.
+async fn e2e(label: &str) -> E2e {
+    logs();
+    let ns = unique(label);
+    let db = TestDb::new(&ns, workload::SCHEMA).await;
+    let store_name = format!("{ns}_store");
+    let store_url = workload::store_db(&store_name).await;
+    declare_queue(&ns, &ns).await;
+    let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
+    E2e {
+        ns,
+        db,
+        publisher,
+        store_name,
+        store_url,
+    }
+}
+
+impl E2e {
+    /// A config file for worker processes sharing the queue through Redis.
+    fn redis_config(&self, extra: &str) -> std::path::PathBuf {
+        let text = sub_config_text(
+            &self.ns,
+            &self.store_url,
+            &format!(
+                "appliers = 2\n{extra}\n[coordination]\nkind = \"redis\"\nurl = \"{REDIS}\"\nprefix = \"{}\"\n{}",
+                self.ns,
+                workload::subscribed(&self.ns)
+            ),
+        );
+        write_config(&text, &format!("{}.sub", self.ns))
+    }
+
+    async fn store(&self) -> sqlx::AnyPool {
+        sqlx::any::install_default_drivers();
+        sqlx::AnyPool::connect(&self.store_url).await.unwrap()
+    }
+
+    async fn finish(self) {
+        self.publisher.stop().await;
+        self.db.drop().await;
+        workload::drop_store_db(&self.store_name).await;
+        delete_queues(&self.ns).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn four_worker_processes_never_call_back_a_message_before_its_user() {
+    let e = e2e("fanout").await;
+    let config = e.redis_config("");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let mut workers: Vec<Process> = (0..4)
+        .map(|_| Process::example("observer", &config, lines.clone()))
+        .collect();
+    let inserts = workload::run(&e.db.url, 4_000, 4, 7).await;
+    let store = e.store().await;
+    workload::converge(&e.db.url, &store, Duration::from_secs(240)).await;
+    eventually(Duration::from_secs(30), "every callback printed", || {
+        let n = lines.lock().unwrap().len() as u64;
+        async move { n >= inserts }
+    })
+    .await;
+    let lines = lines.lock().unwrap().clone();
+    let violations: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("VIOLATION"))
+        .collect();
+    assert!(
+        violations.is_empty(),
+        "{} callbacks ran before their user: {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
+    let keys: std::collections::BTreeSet<&str> = lines
+        .iter()
+        .filter_map(|l| l.rsplit_once('[').map(|(_, k)| k))
+        .collect();
+    assert_eq!(keys.len(), lines.len(), "a callback fired twice");
+    assert_eq!(
+        lines.len() as u64,
+        inserts,
+        "one callback per inserted message"
+    );
+    for w in &mut workers {
+        w.kill();
+    }
+    e.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn random_workload_of_20000_transactions_ends_equal_to_the_source() {
+    let e = e2e("random").await;
+    // One worker process (the default, in-memory coordination) into SQLite.
+    let sqlite = sqlite_url(&e.ns);
+    let text = sub_config_text(&e.ns, &sqlite, &workload::subscribed(&e.ns));
+    let mut worker = Process::subscriber(&write_config(&text, &format!("{}.sub", e.ns)));
+    workload::run(&e.db.url, TXNS, 4, 11).await;
+    sqlx::any::install_default_drivers();
+    let store = sqlx::AnyPool::connect(&sqlite).await.unwrap();
+    workload::converge(&e.db.url, &store, Duration::from_secs(300)).await;
+    worker.kill();
+    e.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn random_workload_ends_equal_to_the_source_with_workers_killed_at_random() {
+    let e = e2e("kill9").await;
+    let config = e.redis_config("");
+    let mut workers: Vec<Process> = (0..3).map(|_| Process::subscriber(&config)).collect();
+    let url = e.db.url.clone();
+    let writing = tokio::spawn(async move { workload::run(&url, TXNS, 4, 13).await });
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut kills = 0;
+    while !writing.is_finished() {
+        tokio::time::sleep(Duration::from_millis(1_500 + rng % 2_000)).await;
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let victim = (rng % 3) as usize;
+        workers[victim].kill();
+        kills += 1;
+        workers[victim] = Process::subscriber(&config);
+    }
+    writing.await.unwrap();
+    assert!(
+        kills >= 3,
+        "the workload ended before enough kills ({kills})"
+    );
+    let store = e.store().await;
+    workload::converge(&e.db.url, &store, Duration::from_secs(300)).await;
+    for w in &mut workers {
+        w.kill();
+    }
+    e.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn random_workload_ends_equal_to_the_source_after_redis_lost_its_state() {
+    let e = e2e("flush").await;
+    let config = e.redis_config("");
+    let mut workers: Vec<Process> = (0..2).map(|_| Process::subscriber(&config)).collect();
+    let url = e.db.url.clone();
+    let writing = tokio::spawn(async move { workload::run(&url, TXNS, 4, 17).await });
+    // Twice during the run, every key of this app disappears from Redis (what a Redis
+    // restart does to it; other tests share the server, so not FLUSHALL).
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", e.ns))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(
+            !keys.is_empty(),
+            "the workers keep their state under the app's prefix"
+        );
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    writing.await.unwrap();
+    let store = e.store().await;
+    workload::converge(&e.db.url, &store, Duration::from_secs(300)).await;
+    for w in &mut workers {
+        w.kill();
+    }
+    e.finish().await;
+}
