@@ -4,66 +4,13 @@
 
 mod common;
 
+use common::e2e::*;
 use common::sub::*;
 use common::*;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const TXNS: u64 = 20_000;
-
-struct E2e {
-    ns: String,
-    db: TestDb,
-    publisher: Running,
-    store_name: String,
-    store_url: String,
-}
-
-/// Source database, running publisher, empty Postgres store, declared queue.
-async fn e2e(label: &str) -> E2e {
-    logs();
-    let ns = unique(label);
-    let db = TestDb::new(&ns, workload::SCHEMA).await;
-    let store_name = format!("{ns}_store");
-    let store_url = workload::store_db(&store_name).await;
-    declare_queue(&ns, &ns).await;
-    let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
-    E2e {
-        ns,
-        db,
-        publisher,
-        store_name,
-        store_url,
-    }
-}
-
-impl E2e {
-    /// A config file for worker processes sharing the queue through Redis.
-    fn redis_config(&self, extra: &str) -> std::path::PathBuf {
-        let text = sub_config_text(
-            &self.ns,
-            &self.store_url,
-            &format!(
-                "appliers = 2\n{extra}\n[coordination]\nkind = \"redis\"\nurl = \"{REDIS}\"\nprefix = \"{}\"\n{}",
-                self.ns,
-                workload::subscribed(&self.ns)
-            ),
-        );
-        write_config(&text, &format!("{}.sub", self.ns))
-    }
-
-    async fn store(&self) -> sqlx::AnyPool {
-        sqlx::any::install_default_drivers();
-        sqlx::AnyPool::connect(&self.store_url).await.unwrap()
-    }
-
-    async fn finish(self) {
-        self.publisher.stop().await;
-        self.db.drop().await;
-        workload::drop_store_db(&self.store_name).await;
-        delete_queues(&self.ns).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn four_worker_processes_never_call_back_a_message_before_its_user() {

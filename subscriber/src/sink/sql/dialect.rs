@@ -72,9 +72,13 @@ impl Dialect {
     }
 
     /// `CREATE TABLE IF NOT EXISTS` statements for Kausal's bookkeeping tables.
-    pub fn bookkeeping_ddl(self) -> [String; 2] {
+    pub fn bookkeeping_ddl(self) -> [String; 3] {
         let ns = match self {
             Dialect::MySql => "VARCHAR(200)",
+            Dialect::Postgres | Dialect::Sqlite => "TEXT",
+        };
+        let body = match self {
+            Dialect::MySql => "LONGTEXT",
             Dialect::Postgres | Dialect::Sqlite => "TEXT",
         };
         let options = self.table_options();
@@ -90,7 +94,34 @@ impl Dialect {
                  generation BIGINT NOT NULL, {through} BIGINT NOT NULL, \
                  PRIMARY KEY (namespace, generation)){options}"
             ),
+            // Parts of split transactions until all are there; `total` is set on the last
+            // part only, `body` is the envelope as JSON.
+            format!(
+                "CREATE TABLE IF NOT EXISTS kausal_parts (namespace {ns} NOT NULL, \
+                 generation BIGINT NOT NULL, seq BIGINT NOT NULL, part BIGINT NOT NULL, \
+                 total BIGINT NULL, body {body} NOT NULL, \
+                 PRIMARY KEY (namespace, generation, seq, part)){options}"
+            ),
         ]
+    }
+
+    /// Stages one part unless it is already staged. Parameters: namespace, generation,
+    /// seq, part, total, body.
+    pub fn stage_part(self) -> String {
+        let values: Vec<String> = (1..=6).map(|n| self.placeholder(n)).collect();
+        let insert = format!(
+            "INSERT INTO kausal_parts (namespace, generation, seq, part, total, body) \
+             VALUES ({})",
+            values.join(", ")
+        );
+        match self {
+            // Not `INSERT IGNORE`: it would also turn a too-long namespace into a silently
+            // truncated one. Only a duplicate key is meant to be a no-op.
+            Dialect::MySql => format!("{insert} ON DUPLICATE KEY UPDATE part = part"),
+            Dialect::Postgres | Dialect::Sqlite => {
+                format!("{insert} ON CONFLICT (namespace, generation, seq, part) DO NOTHING")
+            }
+        }
     }
 
     /// Raises `kausal_progress.through` to `$3` unless it is already higher.
