@@ -1,6 +1,7 @@
-//! `kausal demo`: the live demo. Creates a `kausal_demo` database with users and
-//! messages, runs a workload against it, runs the publisher, and prints what arrives on
-//! the bus — one envelope per committed transaction, with its dependencies.
+//! `kausal demo`: the live demo. Creates a fresh `kausal_demo` database with users and
+//! messages, runs a workload against it, the publisher, and a subscriber that keeps a
+//! SQLite read model current and runs a callback per message ("email to <user> about
+//! <message>") — in causal order: the user is always in the read model first.
 
 use anyhow::Context as _;
 use std::time::Duration;
@@ -28,7 +29,15 @@ pub struct DemoArgs {
     /// Transactions per second the workload writes.
     #[arg(long, default_value_t = 2.0)]
     pub rate: f64,
+    /// Also print every envelope as it arrives on the bus.
+    #[arg(long)]
+    pub tail: bool,
+    /// The subscriber's read model (SQLite file, recreated at start).
+    #[arg(long, default_value = "target/kausal-demo-reader.db")]
+    pub read_model: std::path::PathBuf,
 }
+
+const CHECKPOINT: &str = "target/kausal-demo.checkpoint";
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS users (
@@ -40,16 +49,31 @@ CREATE TABLE IF NOT EXISTS messages (
 ";
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    // Every run starts from scratch: a new database, no checkpoint, an empty read model
+    // and queue (joining an existing history needs a bootstrap, which the demo skips).
     let admin = connect(&format!("{}/postgres", args.postgres)).await?;
-    if admin
-        .query_opt(
-            "SELECT 1 FROM pg_database WHERE datname = 'kausal_demo'",
-            &[],
-        )
-        .await?
-        .is_none()
-    {
-        admin.batch_execute("CREATE DATABASE kausal_demo").await?;
+    // One statement per call: DROP DATABASE refuses to run inside the implicit
+    // transaction of a multi-statement string.
+    for sql in [
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+         WHERE slot_name = 'kausal_demo' AND NOT active",
+        "DROP DATABASE IF EXISTS kausal_demo WITH (FORCE)",
+        "CREATE DATABASE kausal_demo",
+    ] {
+        admin
+            .batch_execute(sql)
+            .await
+            .context("resetting the kausal_demo database (is another demo running?)")?;
+    }
+    let _ = std::fs::remove_file(CHECKPOINT);
+    let _ = std::fs::remove_file(&args.read_model);
+    for suffix in ["-wal", "-shm"] {
+        let mut p = args.read_model.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(dir) = args.read_model.parent() {
+        std::fs::create_dir_all(dir)?;
     }
     let db_url = format!("{}/kausal_demo", args.postgres);
     let db = connect(&db_url).await?;
@@ -64,7 +88,7 @@ url = "{db_url}"
 [broker]
 url = "{broker}"
 [checkpoint]
-path = "target/kausal-demo.checkpoint"
+path = "{CHECKPOINT}"
 [[table]]
 name = "public.users"
 columns = ["id", "name", "email"]   # password_hash never leaves the database
@@ -94,21 +118,43 @@ rename = {{ body = "text" }}
         let _ = stop_tx.send(true);
     });
 
-    let tail = super::tail::TailArgs {
-        broker: args.broker.clone(),
-        exchange: kausal::bus::amqp::DEFAULT_EXCHANGE.into(),
-        namespace: "demo".into(),
-        table: None,
-        json: false,
-    };
-    let tailing = tokio::spawn(super::tail::run(tail, stop_rx.clone()));
-    // Let the temporary queue bind before anything is published.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let tailing = args.tail.then(|| {
+        let tail = super::tail::TailArgs {
+            broker: args.broker.clone(),
+            exchange: kausal::bus::amqp::DEFAULT_EXCHANGE.into(),
+            namespace: "demo".into(),
+            table: None,
+            json: false,
+        };
+        tokio::spawn(super::tail::run(tail, stop_rx.clone()))
+    });
+    let subscriber = super::demo_reader::subscriber(&args.broker, &args.read_model).await?;
+    // The subscriber's queue exists, empty, before anything is published.
+    let queue = kausal::bus::amqp::QueueSpec::durable("kausal.demo-reader", &["demo"]);
+    let exchange = kausal::bus::amqp::DEFAULT_EXCHANGE;
+    let c = kausal::bus::amqp::AmqpConsumer::connect(&args.broker, exchange, &queue).await?;
+    c.delete_queue(&queue.name).await?;
+    c.close().await;
+    kausal::bus::amqp::AmqpConsumer::connect(&args.broker, exchange, &queue)
+        .await?
+        .close()
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let subscribing = tokio::spawn(subscriber.run(stop_rx.clone()));
     let publishing = tokio::spawn(kausal::publisher::run(cfg, stop_rx.clone()));
+    let summary = tokio::spawn(super::demo_reader::summary(
+        db_url.clone(),
+        args.read_model.clone(),
+        stop_rx.clone(),
+    ));
     let writing = tokio::spawn(workload(db, args.rate, stop_rx));
     writing.await??;
     publishing.await??;
-    tailing.await??;
+    subscribing.await??;
+    summary.await??;
+    if let Some(t) = tailing {
+        t.await??;
+    }
     Ok(())
 }
 

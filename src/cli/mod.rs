@@ -1,4 +1,5 @@
 pub mod demo;
+mod demo_reader;
 pub mod tail;
 
 use tokio::sync::watch;

@@ -6,14 +6,18 @@
 //! - [`schema`]: mirrored tables created and widened, mapped tables checked.
 //! - [`rows`]: one row change as an upsert or delete.
 //! - [`value`]: JSON values to bound parameters, per destination column type.
+//! - [`staging`]: parts of split transactions, kept in `kausal_parts` until all are
+//!   there, whichever worker received them.
 //!
 //! Bookkeeping: `kausal_applied` holds the seq of every applied transaction above the
 //! compacted watermark `kausal_progress.through` of its (namespace, generation). A
-//! transaction found in either is skipped, which makes redelivery harmless.
+//! transaction found in either is skipped, which makes redelivery harmless. Applying a
+//! split transaction deletes its staged parts; compaction deletes those it covers.
 
 mod dialect;
 mod rows;
 mod schema;
+mod staging;
 mod value;
 
 pub use dialect::Dialect;
@@ -196,8 +200,8 @@ impl SqlStore {
     }
 
     /// Raises the compacted watermark of (namespace, generation) to `through` (never
-    /// lowers it) and forgets the applied seqs it covers. The caller knows every seq up
-    /// to `through` is applied.
+    /// lowers it) and forgets the applied seqs and staged parts it covers. The caller
+    /// knows every seq up to `through` is applied.
     pub async fn compact(
         &self,
         namespace: &str,
@@ -230,13 +234,15 @@ impl SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(store)?;
+        staging::forget_through(&mut tx, d, namespace, generation, through).await?;
         tx.commit().await.map_err(store)
     }
 
     /// Applies a group of mutually independent transactions in one database
     /// transaction. Per transaction, in order: skipped (`false`) when already applied;
     /// else its rows are written, its callbacks run and it is recorded as applied
-    /// (`true`). Any error rolls the whole group back.
+    /// (`true`). Either way the staged parts of a split transaction are deleted. Any
+    /// error rolls the whole group back.
     pub async fn apply_group(
         &self,
         group: &[Arc<Transaction>],
@@ -320,6 +326,9 @@ impl SqlStore {
             let id = &tx.id;
             let stream = (id.namespace.clone(), id.generation);
             let through = done.through.get(&stream).copied().unwrap_or(0);
+            if tx.parts > 1 {
+                staging::forget(conn, dialect, &id.namespace, id.generation, id.seq).await?;
+            }
             if id.seq <= through || done.seqs.contains(&(stream, id.seq)) || !seen.insert(id) {
                 tracing::debug!(tx = %id, "already applied, skipped");
                 applied.push(false);
