@@ -138,3 +138,41 @@ async fn random_workload_ends_equal_to_the_source_after_redis_lost_its_state() {
     }
     e.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transaction_split_across_worker_processes_is_applied_whole_and_in_order() {
+    // Parts of 100 changes: a 5,000-row transaction becomes 50 envelopes, spread by the
+    // broker over three worker processes.
+    let e = e2e_with(
+        "split",
+        "[tuning]\nmax_part_changes = 100\nmax_batch_envelopes = 4",
+    )
+    .await;
+    let config = e.redis_config("");
+    let mut workers: Vec<Process> = (0..3).map(|_| Process::subscriber(&config)).collect();
+    let c = connect(&e.db.url).await;
+    c.batch_execute(
+        "BEGIN;
+         INSERT INTO users SELECT g, 'bulk' || g, g || '@example.com' FROM generate_series(1, 5000) g;
+         COMMIT;
+         INSERT INTO messages (id, user_id, text) VALUES (1, 4999, 'after the bulk insert');
+         BEGIN;
+         UPDATE users SET name = name || '!' WHERE id % 2 = 0;
+         DELETE FROM users WHERE id % 7 = 0 AND id <> 4999;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    let store = e.store().await;
+    workload::converge(&e.db.url, &store, Duration::from_secs(180)).await;
+    // Staged parts are cleaned up once applied.
+    let staged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM kausal_parts")
+        .fetch_one(&store)
+        .await
+        .unwrap();
+    assert_eq!(staged, 0, "staged parts left behind");
+    for w in &mut workers {
+        w.kill();
+    }
+    e.finish().await;
+}

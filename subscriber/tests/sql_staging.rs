@@ -264,7 +264,7 @@ async fn recovery_finds_complete_sets_until_applied(server: Server) -> Result<()
     }
     let eight = all_parts(8, 2);
     store.stage_part(&eight[0]).await?;
-    assert_eq!(store.staged_complete().await?, [six.clone()]);
+    assert_eq!(store.staged_complete().await?, std::slice::from_ref(&six));
 
     let none = Callbacks::default();
     assert_eq!(store.apply_group(&[assembled(6, 3)], &none).await?, [true]);

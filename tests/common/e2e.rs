@@ -15,13 +15,26 @@ pub struct E2e {
 
 /// Source database, running publisher, empty Postgres store, declared queue.
 pub async fn e2e(label: &str) -> E2e {
+    e2e_with(label, "").await
+}
+
+/// The same with extra publisher config (e.g. a `[tuning]` section).
+pub async fn e2e_with(label: &str, publisher_extra: &str) -> E2e {
     logs();
     let ns = unique(label);
     let db = TestDb::new(&ns, workload::SCHEMA).await;
     let store_name = format!("{ns}_store");
     let store_url = workload::store_db(&store_name).await;
     declare_queue(&ns, &ns).await;
-    let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
+    let publisher = start(
+        config(
+            &ns,
+            &db.url,
+            &format!("{publisher_extra}\n{}", workload::PUBLISHED),
+        ),
+        &db,
+    )
+    .await;
     E2e {
         ns,
         db,

@@ -12,7 +12,7 @@ use crate::coord::{memory::MemoryCoord, redis::RedisCoord, Check, Coordinator, Q
 use crate::error::SubscriberError;
 use crate::schedule::Wait;
 use crate::sink::{Callbacks, SqlStore};
-use crate::txn::{Mapping, Parts, Transaction, TxId};
+use crate::txn::{Mapping, Transaction, TxId};
 use apply::{error_chain, seed, Applier, Outcome};
 use kausal_bus::amqp::{AmqpConsumer, Delivery, QueueSpec};
 use kausal_bus::deps::table_key;
@@ -121,14 +121,15 @@ struct Worker {
     store: SqlStore,
     coord: Arc<Coordinator>,
     mapping: Mapping,
-    parts: Parts,
     applier: Arc<Applier>,
     next_delivery: u64,
     held: BTreeMap<u64, Held>,
     /// Which deliveries hold envelopes of a transaction (with the count per delivery).
     owners: HashMap<TxId, Vec<(u64, usize)>>,
-    /// Parts seen so far of incomplete transactions, by delivery.
     waiting: HashMap<TxId, Waiting>,
+    /// Dead-lettered in this run: not admitted again (a staged split transaction would
+    /// otherwise come back with every recovery scan).
+    dead: HashSet<TxId>,
     applying: HashSet<TxId>,
     seeded: HashSet<(Arc<str>, u64)>,
     last_progress: Instant,
@@ -165,7 +166,7 @@ impl Worker {
             consumer,
             store,
             coord,
-            parts: Parts::default(),
+            dead: HashSet::new(),
             applier,
             next_delivery: 0,
             held: BTreeMap::new(),
@@ -188,16 +189,14 @@ impl Worker {
             ));
         }
         drop(out_tx);
+        self.recover_staged().await?;
         let wake = self.coord.wakeups();
         let mut recheck = tokio::time::interval(RECHECK);
         let mut compact = tokio::time::interval(COMPACT_EVERY);
-        let mut dirty = false;
         let result: Result<(), SubscriberError> = loop {
-            if dirty {
-                dirty = false;
-                if let Err(e) = self.dispatch(&group_tx).await {
-                    break Err(e);
-                }
+            // Every event below can make a waiting transaction ready.
+            if let Err(e) = self.dispatch(&group_tx).await {
+                break Err(e);
             }
             tokio::select! {
                 biased;
@@ -208,23 +207,23 @@ impl Worker {
                         result = self.finish(o).await;
                     }
                     if let Err(e) = result { break Err(e); }
-                    dirty = true;
                 }
                 delivery = self.consumer.next() => match delivery {
                     None => break Err(SubscriberError::ConsumerCancelled),
                     Some(Err(e)) => break Err(e.into()),
                     Some(Ok(d)) => {
                         if let Err(e) = self.receive(d).await { break Err(e); }
-                        dirty = true;
-                    }
+                        }
                 },
-                _ = wake.notified() => dirty = true,
+                _ = wake.notified() => {}
                 _ = recheck.tick() => {
                     self.report_waits();
                     if let Err(e) = self.hand_back().await { break Err(e); }
-                    dirty = true;
                 }
-                _ = compact.tick() => self.compact().await,
+                _ = compact.tick() => {
+                    self.compact().await;
+                    if let Err(e) = self.recover_staged().await { break Err(e); }
+                }
             }
         };
         // Drain: no new groups; finish those in flight and ack what they applied.
@@ -275,44 +274,79 @@ impl Worker {
                 generation: env.generation,
                 seq: env.seq,
             };
+            if !(env.part == 0 && env.parts == Some(1)) {
+                // A part of a split transaction: staged in the store, where whichever
+                // worker stages the last part completes it. Once staged, this message's
+                // share is done.
+                let complete = self.store.stage_part(&env).await?;
+                if let Some(h) = self.held.get_mut(&id) {
+                    h.remaining = h.remaining.saturating_sub(1);
+                }
+                if let Some(parts) = complete {
+                    self.admit(tx_id, parts).await?;
+                }
+                continue;
+            }
             let owners = self.owners.entry(tx_id.clone()).or_default();
             match owners.iter_mut().find(|(d, _)| *d == id) {
                 Some((_, n)) => *n += 1,
                 None => owners.push((id, 1)),
             }
-            if self.waiting.contains_key(&tx_id) || self.applying.contains(&tx_id) {
-                // A duplicate of a transaction we already hold: acked with it.
-                continue;
-            }
-            let Some(parts) = self.parts.add(env) else {
-                continue;
-            };
-            match self.mapping.assemble(parts.clone()) {
-                Ok(tx) => {
-                    let table_keys = tx
-                        .tables
-                        .iter()
-                        .map(|t| table_key(t, self.cfg.ordering.key_space))
-                        .collect();
-                    self.waiting.insert(
-                        tx_id,
-                        Waiting {
-                            tx: Arc::new(tx),
-                            table_keys,
-                            since: Instant::now(),
-                            reported: None,
-                            wait: None,
-                        },
-                    );
-                }
-                Err(error) => {
-                    let reason = error.to_string();
-                    tracing::error!(tx = %tx_id, reason = %reason, "transaction does not fit the subscription");
-                    self.dead_letter(&tx_id, &parts, &reason).await?;
-                }
-            }
+            self.admit(tx_id, vec![env]).await?;
         }
         self.ack_finished().await
+    }
+
+    /// A complete transaction enters the gate (unless it is already in it).
+    async fn admit(&mut self, tx_id: TxId, parts: Vec<Envelope>) -> Result<(), SubscriberError> {
+        if self.waiting.contains_key(&tx_id) || self.applying.contains(&tx_id) {
+            // A duplicate of a transaction we already hold: settled with it.
+            return Ok(());
+        }
+        if self.dead.contains(&tx_id) {
+            self.release(&tx_id);
+            return Ok(());
+        }
+        match self.mapping.assemble(parts.clone()) {
+            Ok(tx) => {
+                let table_keys = tx
+                    .tables
+                    .iter()
+                    .map(|t| table_key(t, self.cfg.ordering.key_space))
+                    .collect();
+                self.waiting.insert(
+                    tx_id,
+                    Waiting {
+                        tx: Arc::new(tx),
+                        table_keys,
+                        since: Instant::now(),
+                        reported: None,
+                        wait: None,
+                    },
+                );
+            }
+            Err(error) => {
+                let reason = error.to_string();
+                tracing::error!(tx = %tx_id, reason = %reason, "transaction does not fit the subscription");
+                self.dead_letter(&tx_id, &parts, &reason).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Split transactions whose parts are all staged but which are not applied: a worker
+    /// staged the last part and stopped before applying it.
+    async fn recover_staged(&mut self) -> Result<(), SubscriberError> {
+        for parts in self.store.staged_complete().await? {
+            let Some(first) = parts.first() else { continue };
+            let tx_id = TxId {
+                namespace: first.namespace.as_str().into(),
+                generation: first.generation,
+                seq: first.seq,
+            };
+            self.admit(tx_id, parts).await?;
+        }
+        Ok(())
     }
 
     /// Checks every waiting transaction and hands the ready ones to appliers in groups.
@@ -439,6 +473,7 @@ impl Worker {
             self.consumer.send_to_dead_letters(body, reason).await?;
         }
         self.waiting.remove(id);
+        self.dead.insert(id.clone());
         self.release(id);
         Ok(())
     }
@@ -490,13 +525,6 @@ impl Worker {
                     "transaction still waits for a dependency"
                 );
             }
-        }
-        let incomplete = self.parts.pending();
-        if incomplete > 0 && self.waiting.is_empty() && self.applying.is_empty() {
-            tracing::debug!(
-                parts = incomplete,
-                "holding parts of incomplete transactions"
-            );
         }
     }
 
