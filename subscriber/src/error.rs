@@ -48,10 +48,36 @@ impl SinkError {
             {
                 ErrorClass::Transient
             }
+            // Two workers creating the same table at once: one loses with "already
+            // exists"; a retry finds the table.
+            SinkError::Store { operation, source }
+                if DDL.contains(operation) && ddl_race(source) =>
+            {
+                ErrorClass::Transient
+            }
             SinkError::Store { source, .. } => sqlx_class(source),
             SinkError::Rejected { .. } | SinkError::Mapping(_) => ErrorClass::Definite,
             SinkError::Callback { class, .. } => *class,
         }
+    }
+}
+
+/// Store operations that create or widen tables.
+const DDL: &[&str] = &[
+    "create bookkeeping tables",
+    "create mirrored table",
+    "add mirrored column",
+];
+
+/// The error of losing a `CREATE … IF NOT EXISTS` race: Postgres 23505 (on its catalog),
+/// 42P07 / 42701 / 42710 (duplicate table, column, object); MySQL 1050 / 1060.
+fn ddl_race(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => matches!(
+            db.code().as_deref(),
+            Some("23505" | "42P07" | "42701" | "42710" | "1050" | "1060")
+        ),
+        _ => false,
     }
 }
 
