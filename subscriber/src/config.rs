@@ -187,7 +187,84 @@ pub struct TableSubscription {
     pub mode: TableMode,
 }
 
+/// Building a configuration in code, the Rust API's counterpart of the TOML file:
+///
+/// ```
+/// use kausal_subscriber::SubscriberConfig;
+/// let cfg = SubscriberConfig::new("mailer", "amqp://guest:guest@127.0.0.1:5672/%2f", "sqlite://mailer.db")
+///     .subscribe("demo", "users", &["name", "email"])
+///     .subscribe("demo", "messages", &[])
+///     .rename("text", "body");
+/// assert!(cfg.validate().is_ok());
+/// ```
 impl SubscriberConfig {
+    /// An app with a broker and a store, subscribed to nothing yet; defaults otherwise.
+    pub fn new(app: &str, broker_url: &str, store_url: &str) -> Self {
+        SubscriberConfig {
+            app: app.to_string(),
+            broker: BrokerConfig {
+                url: broker_url.to_string(),
+                exchange: default_exchange(),
+                queue: None,
+                prefetch: DEFAULT_PREFETCH,
+            },
+            store: StoreConfig {
+                url: store_url.to_string(),
+                max_group: DEFAULT_MAX_GROUP,
+                appliers: DEFAULT_APPLIERS,
+            },
+            coordination: Coordination::Memory,
+            ordering: OrderingConfig::default(),
+            callbacks: CallbackConfig::default(),
+            tables: Vec::new(),
+        }
+    }
+
+    /// Subscribes a published table, with these columns (published names; empty: all).
+    /// The key columns always come along.
+    pub fn subscribe(mut self, namespace: &str, table: &str, columns: &[&str]) -> Self {
+        self.tables.push(TableSubscription {
+            namespace: namespace.to_string(),
+            name: table.to_string(),
+            into: None,
+            columns: (!columns.is_empty()).then(|| columns.iter().map(|c| c.to_string()).collect()),
+            rename: BTreeMap::new(),
+            mode: TableMode::Mirror,
+        });
+        self
+    }
+
+    /// Renames a column of the table subscribed last.
+    pub fn rename(mut self, column: &str, to: &str) -> Self {
+        if let Some(t) = self.tables.last_mut() {
+            t.rename.insert(column.to_string(), to.to_string());
+        }
+        self
+    }
+
+    /// Stores the table subscribed last under another name, and how.
+    pub fn into_table(mut self, table: &str, mode: TableMode) -> Self {
+        if let Some(t) = self.tables.last_mut() {
+            t.into = Some(table.to_string());
+            t.mode = mode;
+        }
+        self
+    }
+
+    /// Several worker processes sharing the queue, coordinated through Redis.
+    pub fn redis(mut self, url: &str) -> Self {
+        self.coordination = Coordination::Redis {
+            url: url.to_string(),
+            prefix: default_prefix(),
+        };
+        self
+    }
+
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.ordering.mode = mode;
+        self
+    }
+
     pub fn queue(&self) -> String {
         self.broker
             .queue

@@ -283,6 +283,43 @@ impl Process {
         }
     }
 
+    /// `kausal subscribe` with its stderr (warnings and errors) collected into `lines`.
+    pub fn subscriber_logged(
+        config: &std::path::Path,
+        lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> Process {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
+            .args(["subscribe", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start kausal subscribe");
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Process {
+            child,
+            config: config.to_path_buf(),
+        }
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().expect("wait for the process")
+    }
+
     /// An example program (built by `cargo test --all-targets`), its stdout lines
     /// collected into `lines`.
     pub fn example(
