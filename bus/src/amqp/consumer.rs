@@ -185,6 +185,43 @@ impl AmqpConsumer {
             })
     }
 
+    /// Moves a delivery to the tail of this queue: publishes a copy (confirmed by the
+    /// broker) and only then acks the original. Unlike a requeue, which puts a message
+    /// back at its old position, this lets the messages behind it come first — what a
+    /// worker whose window is full of transactions waiting for later messages needs.
+    pub async fn move_to_tail(&self, delivery: &Delivery) -> Result<(), BusError> {
+        let amqp = |operation| move |source| BusError::Amqp { operation, source };
+        let channel = self
+            .conn
+            .create_channel()
+            .await
+            .map_err(amqp("channel.open"))?;
+        channel
+            .confirm_select(lapin::options::ConfirmSelectOptions::default())
+            .await
+            .map_err(amqp("confirm.select"))?;
+        let props = lapin::BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/vnd.kausal".into());
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                self.queue.as_str().into(),
+                lapin::options::BasicPublishOptions::default(),
+                &delivery.body,
+                props,
+            )
+            .await
+            .map_err(amqp("basic.publish (to the tail)"))?
+            .await
+            .map_err(amqp("publisher confirm"))?;
+        let _ = channel.close(200, "bye".into()).await;
+        if confirm.is_nack() {
+            return Err(BusError::Nacked);
+        }
+        delivery.ack().await
+    }
+
     /// Deletes a queue (and nothing else); for tests and `kausal tail` cleanup.
     pub async fn delete_queue(&self, name: &str) -> Result<(), BusError> {
         self.channel

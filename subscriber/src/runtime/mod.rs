@@ -529,8 +529,9 @@ impl Worker {
     }
 
     /// With every prefetch slot taken and nothing applied for a while, the transactions
-    /// we hold may be waiting for ones the broker cannot deliver to us: give back the
-    /// highest deliveries that hold only waiting transactions.
+    /// we hold may be waiting for ones the broker cannot deliver to us (they are behind
+    /// them in the queue): move what we hold to the tail of the queue, so the missing
+    /// ones arrive.
     async fn hand_back(&mut self) -> Result<(), SubscriberError> {
         let full = self.held.len() >= usize::from(self.cfg.broker.prefetch);
         if !full || !self.applying.is_empty() || self.last_progress.elapsed() < HAND_BACK_AFTER {
@@ -542,9 +543,9 @@ impl Worker {
             .filter(|(_, h)| h.received.elapsed() >= HAND_BACK_AFTER)
             .map(|(d, h)| (h.max_seq, *d))
             .collect();
-        candidates.sort_unstable_by(|a, b| b.cmp(a));
-        let give = candidates.len().div_ceil(2);
-        for (_, d) in candidates.into_iter().take(give) {
+        candidates.sort_unstable();
+        let given = candidates.len();
+        for (_, d) in candidates {
             let Some(h) = self.held.remove(&d) else {
                 continue;
             };
@@ -560,11 +561,11 @@ impl Worker {
                 self.owners.remove(&id);
                 self.waiting.remove(&id);
             }
-            h.delivery.requeue().await?;
+            self.consumer.move_to_tail(&h.delivery).await?;
         }
         tracing::info!(
-            handed_back = give,
-            "window full of waiting transactions; handed back the highest"
+            handed_back = given,
+            "window full of waiting transactions: moved them to the tail of the queue"
         );
         self.last_progress = Instant::now();
         Ok(())
