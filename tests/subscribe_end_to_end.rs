@@ -177,3 +177,29 @@ async fn a_transaction_split_across_worker_processes_is_applied_whole_and_in_ord
     }
     e.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn random_workload_into_a_mariadb_store_ends_equal_to_the_source() {
+    let e = e2e("maria").await;
+    sqlx::any::install_default_drivers();
+    let admin = sqlx::AnyPool::connect("mysql://kausal:kausal@127.0.0.1:3306/mysql")
+        .await
+        .unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {}", e.ns)))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let url = format!("mysql://kausal:kausal@127.0.0.1:3306/{}", e.ns);
+    let text = sub_config_text(&e.ns, &url, &workload::subscribed(&e.ns));
+    let mut worker = Process::subscriber(&write_config(&text, &format!("{}.sub", e.ns)));
+    workload::run(&e.db.url, 5_000, 4, 31).await;
+    let store = sqlx::AnyPool::connect(&url).await.unwrap();
+    workload::converge(&e.db.url, &store, Duration::from_secs(240)).await;
+    worker.kill();
+    store.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE {}", e.ns)))
+        .execute(&admin)
+        .await
+        .unwrap();
+    e.finish().await;
+}

@@ -145,7 +145,11 @@ impl Progress {
                     *c = (*c).max(d.v);
                 }
                 DepKind::Read => {
-                    if let Some(c) = self.counter(d.k) {
+                    // Only a read that ran after the write it saw is counted: in `key`
+                    // mode a read may run early, and counting it then would let the next
+                    // write pass before the one this read saw. Not counting leaves the
+                    // counter low, which is safe.
+                    if let Some(c) = self.counter(d.k).filter(|c| *c >= d.v) {
                         self.counters.insert(d.k, c + 1);
                     }
                 }

@@ -73,8 +73,8 @@ for i = 0, n - 1 do
   if ARGV[b + 2] == 'w' then
     if (not c) or tonumber(c) < v then redis.call('HSET', KEYS[4], k, ARGV[b + 1]) end
   else
-    if c then redis.call('HINCRBY', KEYS[4], k, 1)
-    elseif complete then redis.call('HSET', KEYS[4], k, '1') end
+    if c then c = tonumber(c) elseif complete then c = 0 end
+    if c and c >= v then redis.call('HSET', KEYS[4], k, tostring(c + 1)) end
   end
 end
 return 1

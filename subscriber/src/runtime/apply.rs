@@ -22,19 +22,32 @@ pub struct Applier {
     pub coord: Arc<Coordinator>,
     pub callbacks: Callbacks,
     pub attempts: u32,
+    pub max_group: usize,
     pub backoff: Duration,
 }
 
 impl Applier {
-    /// Runs until `groups` closes. Several appliers share the receiver.
+    /// Runs until `ready` closes. Several appliers share the receiver.
     pub async fn run(
         self: Arc<Self>,
-        groups: Arc<Mutex<mpsc::Receiver<Vec<Arc<Transaction>>>>>,
+        ready: Arc<Mutex<mpsc::UnboundedReceiver<Arc<Transaction>>>>,
         outcomes: mpsc::UnboundedSender<Outcome>,
     ) {
         loop {
-            let group = { groups.lock().await.recv().await };
-            let Some(group) = group else { return };
+            let group = {
+                let mut ready = ready.lock().await;
+                let Some(first) = ready.recv().await else {
+                    return;
+                };
+                let mut group = vec![first];
+                while group.len() < self.max_group {
+                    match ready.try_recv() {
+                        Ok(tx) => group.push(tx),
+                        Err(_) => break,
+                    }
+                }
+                group
+            };
             for o in self.apply(group).await {
                 if outcomes.send(o).is_err() {
                     return;
@@ -101,7 +114,7 @@ impl Applier {
                 Ok(missing) => {
                     for id in &missing {
                         if let Err(error) =
-                            seed(&self.store, &self.coord, &id.namespace, id.generation).await
+                            seed(&self.store, &self.coord, &id.namespace, id.generation, None).await
                         {
                             tracing::warn!(error = %error, "cannot seed coordination state; retrying");
                         }
@@ -118,13 +131,34 @@ impl Applier {
 }
 
 /// Seeds the coordinator's state of a namespace/generation from the store.
+///
+/// `first_seq` is the lowest transaction this worker holds of that namespace and
+/// generation. When the store has nothing yet and it is above 1, this subscriber joins a
+/// stream that began before its queue existed: the earlier transactions will never
+/// arrive, so the store records them as behind its watermark (dependencies on them are
+/// met) instead of waiting for them forever. Their rows are not in the store; bootstrap
+/// fills them.
 pub async fn seed(
     store: &SqlStore,
     coord: &Coordinator,
     namespace: &str,
     generation: u64,
+    first_seq: Option<u64>,
 ) -> Result<(), crate::error::SubscriberError> {
-    let (through, applied) = store.progress(namespace, generation).await?;
+    let (mut through, applied) = store.progress(namespace, generation).await?;
+    if let Some(first) = first_seq {
+        if through == 0 && applied.is_empty() && first > 1 {
+            through = first - 1;
+            store.compact(namespace, generation, through).await?;
+            tracing::warn!(
+                namespace,
+                generation,
+                first_seq = first,
+                "joining a running stream: transactions before this one are not in the store \
+                 (bootstrap to fill the existing rows)"
+            );
+        }
+    }
     coord.init(namespace, generation, through, &applied).await?;
     tracing::info!(
         namespace,

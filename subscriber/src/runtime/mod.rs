@@ -127,6 +127,9 @@ struct Worker {
     /// Which deliveries hold envelopes of a transaction (with the count per delivery).
     owners: HashMap<TxId, Vec<(u64, usize)>>,
     waiting: HashMap<TxId, Waiting>,
+    /// The parts of split transactions in the gate: they are acked once staged, so a
+    /// dead letter cannot be rebuilt from the messages.
+    split: HashMap<TxId, Vec<Envelope>>,
     /// Dead-lettered in this run: not admitted again (a staged split transaction would
     /// otherwise come back with every recovery scan).
     dead: HashSet<TxId>,
@@ -158,6 +161,7 @@ impl Worker {
             coord: coord.clone(),
             callbacks,
             attempts: cfg.callbacks.attempts.max(1),
+            max_group: cfg.store.max_group,
             backoff: Duration::from_millis(cfg.callbacks.backoff_ms),
         });
         Ok(Worker {
@@ -167,6 +171,7 @@ impl Worker {
             store,
             coord,
             dead: HashSet::new(),
+            split: HashMap::new(),
             applier,
             next_delivery: 0,
             held: BTreeMap::new(),
@@ -179,7 +184,10 @@ impl Worker {
     }
 
     async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), SubscriberError> {
-        let (group_tx, group_rx) = mpsc::channel::<Vec<Arc<Transaction>>>(self.cfg.store.appliers);
+        // Ready transactions, one by one; a free applier takes all that are there (up to
+        // max_group) as one store transaction, so groups grow exactly when the store is
+        // the bottleneck. Bounded by the prefetch window, which bounds what we hold.
+        let (group_tx, group_rx) = mpsc::unbounded_channel::<Arc<Transaction>>();
         let group_rx = Arc::new(Mutex::new(group_rx));
         let (out_tx, mut out_rx) = mpsc::unbounded_channel();
         let mut appliers = Vec::new();
@@ -309,6 +317,9 @@ impl Worker {
         }
         match self.mapping.assemble(parts.clone()) {
             Ok(tx) => {
+                if parts.len() > 1 {
+                    self.split.insert(tx_id.clone(), parts);
+                }
                 let table_keys = tx
                     .tables
                     .iter()
@@ -352,7 +363,7 @@ impl Worker {
     /// Checks every waiting transaction and hands the ready ones to appliers in groups.
     async fn dispatch(
         &mut self,
-        groups: &mpsc::Sender<Vec<Arc<Transaction>>>,
+        groups: &mpsc::UnboundedSender<Arc<Transaction>>,
     ) -> Result<(), SubscriberError> {
         // Twice at most: a first sight of a namespace/generation seeds its state and
         // checks again.
@@ -367,7 +378,7 @@ impl Worker {
     /// Returns true when state was seeded and another round is due.
     async fn dispatch_once(
         &mut self,
-        groups: &mpsc::Sender<Vec<Arc<Transaction>>>,
+        groups: &mpsc::UnboundedSender<Arc<Transaction>>,
     ) -> Result<bool, SubscriberError> {
         if self.waiting.is_empty() {
             return Ok(false);
@@ -401,23 +412,28 @@ impl Worker {
                 Check::Unknown => {
                     let key = (id.namespace.clone(), id.generation);
                     if !again || !self.seeded.contains(&key) {
-                        seed(&self.store, &self.coord, &id.namespace, id.generation).await?;
+                        // Ids are checked in order: this is the lowest we hold.
+                        let first = Some(id.seq);
+                        seed(
+                            &self.store,
+                            &self.coord,
+                            &id.namespace,
+                            id.generation,
+                            first,
+                        )
+                        .await?;
                         self.seeded.insert(key);
                         again = true;
                     }
                 }
             }
         }
-        for chunk in ready.chunks(self.cfg.store.max_group) {
-            let mut group = Vec::with_capacity(chunk.len());
-            for id in chunk {
-                if let Some(w) = self.waiting.remove(id) {
-                    self.applying.insert(id.clone());
-                    group.push(w.tx);
+        for id in ready {
+            if let Some(w) = self.waiting.remove(&id) {
+                self.applying.insert(id);
+                if groups.send(w.tx).is_err() {
+                    break;
                 }
-            }
-            if groups.send(group).await.is_err() {
-                break;
             }
         }
         Ok(again)
@@ -428,14 +444,17 @@ impl Worker {
         match outcome {
             Outcome::Done(id) => {
                 self.applying.remove(&id);
+                self.split.remove(&id);
                 self.release(&id);
             }
             Outcome::Rejected(id, reason) => {
                 self.applying.remove(&id);
-                // The envelopes were handed to the applier with the transaction; rebuild
-                // them from the deliveries is not possible, so the reason goes with the
-                // whole original messages' copies of this transaction.
-                let envelopes = self.envelopes_of(&id);
+                // The dead letter holds this transaction's envelopes only, taken from its
+                // staged parts or from the messages that carried it.
+                let envelopes = match self.split.remove(&id) {
+                    Some(parts) => parts,
+                    None => self.envelopes_of(&id),
+                };
                 self.dead_letter(&id, &envelopes, &reason).await?;
             }
         }
@@ -474,6 +493,11 @@ impl Worker {
         }
         self.waiting.remove(id);
         self.dead.insert(id.clone());
+        if envelopes.len() > 1 {
+            self.store
+                .unstage(&id.namespace, id.generation, id.seq)
+                .await?;
+        }
         self.release(id);
         Ok(())
     }

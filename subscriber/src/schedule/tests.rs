@@ -165,6 +165,38 @@ proptest! {
     }
 
     #[test]
+    fn key_mode_keeps_every_key_s_writes_in_order(history in history(), seed in any::<u64>()) {
+        let deps = publish(&history);
+        let (_, serial_state) = run_serial(&history);
+        let n = history.len();
+        let mut rng = seed | 1;
+        let mut next = || {
+            rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17;
+            rng
+        };
+        let mut pending: Vec<usize> = (0..n).collect();
+        let mut progress = Progress::from_store(0, []);
+        let mut state: HashMap<u32, u64> = HashMap::new();
+        let mut steps = 0;
+        while !pending.is_empty() {
+            steps += 1;
+            prop_assert!(steps < 100_000, "livelock");
+            let ready: Vec<usize> = pending.iter().enumerate()
+                .filter(|(_, &i)| progress.check(Mode::Key, i as u64 + 1, &deps[i], &[]).is_none())
+                .map(|(j, _)| j).collect();
+            prop_assert!(!ready.is_empty(), "nothing can run");
+            let i = pending.swap_remove(ready[(next() % ready.len() as u64) as usize]);
+            for t in history[i].iter().filter(|t| t.write) {
+                // A write never lands on a newer one.
+                prop_assert!(state.get(&t.key).copied().unwrap_or(0) <= i as u64 + 1);
+                state.insert(t.key, i as u64 + 1);
+            }
+            progress.applied(i as u64 + 1, Some(&deps[i]));
+        }
+        prop_assert_eq!(state, serial_state);
+    }
+
+    #[test]
     fn serial_mode_applies_in_commit_order(history in history(), seed in any::<u64>()) {
         let deps = publish(&history);
         let n = history.len() as u64;

@@ -61,6 +61,34 @@ impl SqlStore {
         self.complete(namespace, generation, seq).await
     }
 
+    /// Forgets the staged parts of one transaction (it was dead-lettered: the copy in the
+    /// dead-letter queue is what an operator retries).
+    pub async fn unstage(
+        &self,
+        namespace: &str,
+        generation: u64,
+        seq: u64,
+    ) -> Result<(), SinkError> {
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
+            .await
+            .map_err(|source| SinkError::Store {
+                operation: "delete staged parts",
+                source,
+            })?;
+        delete(
+            &mut conn,
+            self.inner.dialect,
+            namespace,
+            generation,
+            "=",
+            seq,
+        )
+        .await
+    }
+
     /// Every transaction whose parts are all staged but which is not applied yet, each
     /// as its sorted parts: what a crash between staging the last part and applying
     /// left behind.
