@@ -603,3 +603,60 @@ async fn a_window_full_of_waiting_transactions_is_moved_aside_so_the_missing_one
     worker.stop().await;
     delete_queues(&s.app).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_subscriber_whose_queue_came_late_joins_at_the_first_transaction_it_receives() {
+    common::logs();
+    let app = unique("join");
+    let mut feed = Feed::new(&app).await;
+    // Three transactions of one session published before the app's queue exists: lost
+    // to it. The next ones depend on them.
+    let early: Vec<_> = (1..=3)
+        .map(|i| {
+            feed.txn(
+                vec![insert("users", i, json!({"name": "early", "email": "e"}))],
+                Some("s"),
+            )
+        })
+        .collect();
+    feed.publish(&early).await;
+    let url = sqlite_url(&app);
+    declare_queue(&app, &app).await;
+    let late: Vec<_> = (4..=5)
+        .map(|i| {
+            feed.txn(
+                vec![insert("users", i, json!({"name": "late", "email": "e"}))],
+                Some("s"),
+            )
+        })
+        .collect();
+    feed.publish(&late).await;
+    let mut sub = Subscriber::new(sub_config(&app, &url, &tables(&app)));
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    eventually(
+        Duration::from_secs(20),
+        "the late transactions applied",
+        || async { log.lock().unwrap().len() == 2 },
+    )
+    .await;
+    assert_eq!(*log.lock().unwrap(), ["users:Insert:4", "users:Insert:5"]);
+    worker.stop().await;
+    // A restart keeps the join point (it is in the store), and the stream goes on.
+    let more = feed.txn(
+        vec![insert("users", 6, json!({"name": "later", "email": "e"}))],
+        Some("s"),
+    );
+    feed.publish(&[more]).await;
+    let mut sub = Subscriber::new(sub_config(&app, &url, &tables(&app)));
+    let log = recorder(&mut sub);
+    let worker = Worker::start(sub);
+    eventually(
+        Duration::from_secs(20),
+        "the next transaction applied",
+        || async { log.lock().unwrap().len() == 1 },
+    )
+    .await;
+    worker.stop().await;
+    delete_queues(&app).await;
+}

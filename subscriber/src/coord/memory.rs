@@ -48,6 +48,15 @@ impl MemoryCoord {
             .or_insert_with(|| Progress::from_store(through, applied.iter().copied()));
     }
 
+    pub fn join(&self, namespace: &str, generation: u64, through: u64) {
+        if let Some(p) = self.lock().get_mut(&(namespace.into(), generation)) {
+            if p.watermark == 0 && p.above.is_empty() {
+                *p = Progress::from_store(through, []);
+            }
+        }
+        self.wake.notify_waiters();
+    }
+
     pub fn applied(&self, done: &[(&TxId, Option<&[Dep]>)]) -> Vec<TxId> {
         let mut missing = Vec::new();
         {

@@ -64,6 +64,24 @@ impl Coordinator {
         }
     }
 
+    /// Moves a namespace/generation that has applied nothing yet to the watermark
+    /// `through` (a subscriber joining a running stream). A no-op once anything was
+    /// applied.
+    pub async fn join(
+        &self,
+        namespace: &str,
+        generation: u64,
+        through: u64,
+    ) -> Result<(), CoordError> {
+        match self {
+            Coordinator::Memory(c) => {
+                c.join(namespace, generation, through);
+                Ok(())
+            }
+            Coordinator::Redis(c) => c.join(namespace, generation, through).await,
+        }
+    }
+
     /// Records transactions the store applied (`Some(deps)`: this worker applied it and
     /// its counters move) or found already applied (`None`). Wakes waiting workers.
     /// Returns the ids whose state was missing (to `init` and repeat).

@@ -98,6 +98,15 @@ redis.call('SET', KEYS[1], ARGV[2])
 return 1
 "#;
 
+const JOIN: &str = r#"
+if not redis.call('GET', KEYS[1]) then return -1 end
+local w = tonumber(redis.call('GET', KEYS[2]) or '0')
+if w ~= 0 or redis.call('ZCARD', KEYS[3]) ~= 0 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[1], '0')
+return 1
+"#;
+
 pub struct RedisCoord {
     conn: ConnectionManager,
     base: String,
@@ -262,6 +271,35 @@ impl RedisCoord {
             .filter(|(a, _)| *a == -1)
             .map(|(_, (id, _))| (*id).clone())
             .collect())
+    }
+
+    pub async fn join(
+        &self,
+        namespace: &str,
+        generation: u64,
+        through: u64,
+    ) -> Result<(), CoordError> {
+        let [i, w, a, _] = self.keys(namespace, generation);
+        let _: i64 = redis::cmd("EVAL")
+            .arg(JOIN)
+            .arg(3)
+            .arg(i)
+            .arg(w)
+            .arg(a)
+            .arg(through)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| CoordError::Redis {
+                operation: "join",
+                source,
+            })?;
+        let _: Result<i64, _> = redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(1)
+            .query_async(&mut self.conn.clone())
+            .await;
+        self.wake.notify_waiters();
+        Ok(())
     }
 
     pub async fn watermark(

@@ -114,7 +114,7 @@ impl Applier {
                 Ok(missing) => {
                     for id in &missing {
                         if let Err(error) =
-                            seed(&self.store, &self.coord, &id.namespace, id.generation, None).await
+                            seed(&self.store, &self.coord, &id.namespace, id.generation).await
                         {
                             tracing::warn!(error = %error, "cannot seed coordination state; retrying");
                         }
@@ -131,34 +131,13 @@ impl Applier {
 }
 
 /// Seeds the coordinator's state of a namespace/generation from the store.
-///
-/// `first_seq` is the lowest transaction this worker holds of that namespace and
-/// generation. When the store has nothing yet and it is above 1, this subscriber joins a
-/// stream that began before its queue existed: the earlier transactions will never
-/// arrive, so the store records them as behind its watermark (dependencies on them are
-/// met) instead of waiting for them forever. Their rows are not in the store; bootstrap
-/// fills them.
 pub async fn seed(
     store: &SqlStore,
     coord: &Coordinator,
     namespace: &str,
     generation: u64,
-    first_seq: Option<u64>,
 ) -> Result<(), crate::error::SubscriberError> {
-    let (mut through, applied) = store.progress(namespace, generation).await?;
-    if let Some(first) = first_seq {
-        if through == 0 && applied.is_empty() && first > 1 {
-            through = first - 1;
-            store.compact(namespace, generation, through).await?;
-            tracing::warn!(
-                namespace,
-                generation,
-                first_seq = first,
-                "joining a running stream: transactions before this one are not in the store \
-                 (bootstrap to fill the existing rows)"
-            );
-        }
-    }
+    let (through, applied) = store.progress(namespace, generation).await?;
     coord.init(namespace, generation, through, &applied).await?;
     tracing::info!(
         namespace,

@@ -28,6 +28,10 @@ const RECHECK: Duration = Duration::from_millis(500);
 /// A full window with nothing applied for this long hands back its highest deliveries so
 /// the lower transactions they wait for can be delivered (DESIGN.md).
 const HAND_BACK_AFTER: Duration = Duration::from_secs(3);
+/// A subscriber whose store has nothing of a namespace/generation, and whose lowest held
+/// transaction (above 1) has waited this long, joins the stream there: see
+/// [`Worker::join_if_stuck`].
+const JOIN_AFTER: Duration = Duration::from_secs(5);
 /// How often the store's bookkeeping is compacted up to the watermark.
 const COMPACT_EVERY: Duration = Duration::from_secs(5);
 
@@ -226,6 +230,7 @@ impl Worker {
                 _ = wake.notified() => {}
                 _ = recheck.tick() => {
                     self.report_waits();
+                    if let Err(e) = self.join_if_stuck().await { break Err(e); }
                     if let Err(e) = self.hand_back().await { break Err(e); }
                 }
                 _ = compact.tick() => {
@@ -412,16 +417,7 @@ impl Worker {
                 Check::Unknown => {
                     let key = (id.namespace.clone(), id.generation);
                     if !again || !self.seeded.contains(&key) {
-                        // Ids are checked in order: this is the lowest we hold.
-                        let first = Some(id.seq);
-                        seed(
-                            &self.store,
-                            &self.coord,
-                            &id.namespace,
-                            id.generation,
-                            first,
-                        )
-                        .await?;
+                        seed(&self.store, &self.coord, &id.namespace, id.generation).await?;
                         self.seeded.insert(key);
                         again = true;
                     }
@@ -550,6 +546,52 @@ impl Worker {
                 );
             }
         }
+    }
+
+    /// A subscriber whose queue was created after its publisher's generation began never
+    /// receives the first transactions; everything after them waits for them. When the
+    /// store has applied nothing of a namespace/generation and the lowest transaction we
+    /// hold (above 1) has waited [`JOIN_AFTER`], the app joins the stream there: the
+    /// store records everything before it as behind its watermark, so dependencies on
+    /// those transactions are met. (A fresh app that saw sequence 1 has applied it by
+    /// then: sequence 1 waits for nothing.) The existing rows need a bootstrap.
+    async fn join_if_stuck(&mut self) -> Result<(), SubscriberError> {
+        let mut lowest: HashMap<(Arc<str>, u64), (u64, Instant)> = HashMap::new();
+        for (id, w) in &self.waiting {
+            let e = lowest
+                .entry((id.namespace.clone(), id.generation))
+                .or_insert((id.seq, w.since));
+            if id.seq < e.0 {
+                *e = (id.seq, w.since);
+            }
+        }
+        for ((ns, generation), (seq, since)) in lowest {
+            // A dead-lettered transaction is not a missing one: its dependents wait.
+            let dead_here = self
+                .dead
+                .iter()
+                .any(|d| d.namespace == ns && d.generation == generation);
+            if seq <= 1 || since.elapsed() < JOIN_AFTER || dead_here {
+                continue;
+            }
+            if self.coord.watermark(&ns, generation).await? != Some(0) {
+                continue;
+            }
+            let (through, applied) = self.store.progress(&ns, generation).await?;
+            if through != 0 || !applied.is_empty() {
+                continue;
+            }
+            self.store.compact(&ns, generation, seq - 1).await?;
+            self.coord.join(&ns, generation, seq - 1).await?;
+            tracing::warn!(
+                namespace = %ns,
+                generation,
+                first_seq = seq,
+                "joined a running stream: earlier transactions never reached this app's queue \
+                 (bootstrap to fill the rows that existed before)"
+            );
+        }
+        Ok(())
     }
 
     /// With every prefetch slot taken and nothing applied for a while, the transactions
