@@ -80,7 +80,7 @@ printf 'BENCH subscriber-apply-catchup backlog_messages %s msg\n' "$(depth kausa
 
 for app in sqlite pg; do
   t0=$(date +%s.%N)
-  RUST_LOG=warn $BIN subscribe --config "$WORK/$app.toml" & P=$!
+  RUST_LOG=${SUB_LOG:-warn} $BIN subscribe --config "$WORK/$app.toml" 2> "${SUB_LOG_DIR:-$WORK}/$app.log" & P=$!
   until [ "$(depth kausal.bench-$app)" = 0 ]; do sleep 0.1; done
   t1=$(date +%s.%N)
   RSS=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$P/status)

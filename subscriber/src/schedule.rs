@@ -112,21 +112,7 @@ impl Progress {
 
     /// `None` when the transaction may be applied now, else the first thing it waits for.
     pub fn check(&self, mode: Mode, seq: u64, deps: &[Dep], table_keys: &[u32]) -> Option<Wait> {
-        if self.is_applied(seq) {
-            // A redelivery: the store will recognise it; nothing to wait for.
-            return None;
-        }
-        if mode == Mode::Serial {
-            return (self.watermark + 1 < seq).then_some(Wait::Previous { seq: seq - 1 });
-        }
-        deps.iter()
-            .filter(|d| relevant(mode, d, table_keys))
-            .find(|d| !dep_met(d, self.watermark, self.counter(d.k)))
-            .map(|d| Wait::Dep {
-                k: d.k,
-                v: d.v,
-                after: d.after,
-            })
+        check_in(self, mode, seq, deps, table_keys)
     }
 
     /// Records that the store applied `seq`. With `deps` the counters move too; pass
@@ -134,38 +120,144 @@ impl Progress {
     /// updates may or may not have happened: leaving them alone can only leave a
     /// counter low. Returns false when `seq` was already recorded.
     pub fn applied(&mut self, seq: u64, deps: Option<&[Dep]>) -> bool {
-        if self.is_applied(seq) {
-            return false;
+        apply_in(self, seq, deps.unwrap_or(&[]))
+    }
+}
+
+/// Plans a chain: transactions to apply one after the other in one store transaction,
+/// each ready once those before it are applied. An overlay on [`Progress`] that is
+/// thrown away: the real state moves only when the store committed.
+pub struct Plan<'a> {
+    base: &'a Progress,
+    watermark: u64,
+    above: BTreeSet<u64>,
+    counters: HashMap<u32, u64>,
+}
+
+impl<'a> Plan<'a> {
+    pub fn new(base: &'a Progress) -> Self {
+        Plan {
+            base,
+            watermark: base.watermark,
+            above: base.above.clone(),
+            counters: HashMap::new(),
         }
-        self.mark(seq);
-        for d in deps.unwrap_or(&[]) {
-            match d.kind {
-                DepKind::Write => {
-                    let c = self.counters.entry(d.k).or_insert(0);
-                    *c = (*c).max(d.v);
-                }
-                DepKind::Read => {
-                    // Only a read that ran after the write it saw is counted: in `key`
-                    // mode a read may run early, and counting it then would let the next
-                    // write pass before the one this read saw. Not counting leaves the
-                    // counter low, which is safe.
-                    if let Some(c) = self.counter(d.k).filter(|c| *c >= d.v) {
-                        self.counters.insert(d.k, c + 1);
-                    }
+    }
+
+    pub fn check(&self, mode: Mode, seq: u64, deps: &[Dep], table_keys: &[u32]) -> Option<Wait> {
+        check_in(self, mode, seq, deps, table_keys)
+    }
+
+    /// Takes `seq` into the chain: later checks see it as applied.
+    pub fn add(&mut self, seq: u64, deps: &[Dep]) {
+        apply_in(self, seq, deps);
+    }
+}
+
+/// What the rule needs of gate state; shared by [`Progress`] and [`Plan`].
+trait State {
+    fn watermark(&self) -> u64;
+    fn is_applied(&self, seq: u64) -> bool;
+    fn counter(&self, k: u32) -> Option<u64>;
+    fn set_counter(&mut self, k: u32, c: u64);
+    fn mark(&mut self, seq: u64);
+}
+
+impl State for Progress {
+    fn watermark(&self) -> u64 {
+        self.watermark
+    }
+    fn is_applied(&self, seq: u64) -> bool {
+        Progress::is_applied(self, seq)
+    }
+    fn counter(&self, k: u32) -> Option<u64> {
+        Progress::counter(self, k)
+    }
+    fn set_counter(&mut self, k: u32, c: u64) {
+        self.counters.insert(k, c);
+    }
+    fn mark(&mut self, seq: u64) {
+        mark(&mut self.watermark, &mut self.above, seq)
+    }
+}
+
+impl State for Plan<'_> {
+    fn watermark(&self) -> u64 {
+        self.watermark
+    }
+    fn is_applied(&self, seq: u64) -> bool {
+        seq <= self.watermark || self.above.contains(&seq)
+    }
+    fn counter(&self, k: u32) -> Option<u64> {
+        self.counters
+            .get(&k)
+            .copied()
+            .or_else(|| self.base.counter(k))
+    }
+    fn set_counter(&mut self, k: u32, c: u64) {
+        self.counters.insert(k, c);
+    }
+    fn mark(&mut self, seq: u64) {
+        mark(&mut self.watermark, &mut self.above, seq)
+    }
+}
+
+fn check_in<S: State>(
+    s: &S,
+    mode: Mode,
+    seq: u64,
+    deps: &[Dep],
+    table_keys: &[u32],
+) -> Option<Wait> {
+    if s.is_applied(seq) {
+        // A redelivery: the store will recognise it; nothing to wait for.
+        return None;
+    }
+    if mode == Mode::Serial {
+        return (s.watermark() + 1 < seq).then_some(Wait::Previous { seq: seq - 1 });
+    }
+    deps.iter()
+        .filter(|d| relevant(mode, d, table_keys))
+        .find(|d| !dep_met(d, s.watermark(), s.counter(d.k)))
+        .map(|d| Wait::Dep {
+            k: d.k,
+            v: d.v,
+            after: d.after,
+        })
+}
+
+fn apply_in<S: State>(s: &mut S, seq: u64, deps: &[Dep]) -> bool {
+    if s.is_applied(seq) {
+        return false;
+    }
+    s.mark(seq);
+    for d in deps {
+        match d.kind {
+            DepKind::Write => {
+                let c = s.counter(d.k).unwrap_or(0).max(d.v);
+                s.set_counter(d.k, c);
+            }
+            DepKind::Read => {
+                // Only a read that ran after the write it saw is counted: in `key` mode
+                // a read may run early, and counting it then would let the next write
+                // pass before the one this read saw. Not counting leaves the counter
+                // low, which is safe.
+                if let Some(c) = s.counter(d.k).filter(|c| *c >= d.v) {
+                    s.set_counter(d.k, c + 1);
                 }
             }
         }
-        true
     }
+    true
+}
 
-    fn mark(&mut self, seq: u64) {
-        if seq <= self.watermark {
-            return;
-        }
-        self.above.insert(seq);
-        while self.above.remove(&(self.watermark + 1)) {
-            self.watermark += 1;
-        }
+fn mark(watermark: &mut u64, above: &mut BTreeSet<u64>, seq: u64) {
+    if seq <= *watermark {
+        return;
+    }
+    above.insert(seq);
+    while above.remove(&(*watermark + 1)) {
+        *watermark += 1;
     }
 }
 

@@ -2,7 +2,7 @@
 
 use super::{Check, Query};
 use crate::config::Mode;
-use crate::schedule::Progress;
+use crate::schedule::{Plan, Progress};
 use crate::txn::TxId;
 use kausal_bus::Dep;
 use std::collections::HashMap;
@@ -40,6 +40,36 @@ impl MemoryCoord {
                 },
             )
             .collect()
+    }
+
+    /// A chain for one store transaction: indices into `queries` (which must be sorted
+    /// by sequence number) in apply order, each ready once those before it are applied;
+    /// at most `max`. The others get their check as in [`MemoryCoord::check`].
+    pub fn plan(&self, mode: Mode, queries: &[Query<'_>], max: usize) -> (Vec<usize>, Vec<Check>) {
+        let state = self.lock();
+        let mut plans: HashMap<(Arc<str>, u64), Plan<'_>> = HashMap::new();
+        let mut chain = Vec::new();
+        let mut checks = Vec::with_capacity(queries.len());
+        for (i, q) in queries.iter().enumerate() {
+            let key = (q.id.namespace.clone(), q.id.generation);
+            let Some(base) = state.get(&key) else {
+                checks.push(Check::Unknown);
+                continue;
+            };
+            let plan = plans.entry(key).or_insert_with(|| Plan::new(base));
+            match plan.check(mode, q.id.seq, q.deps, q.table_keys) {
+                None if chain.len() < max => {
+                    plan.add(q.id.seq, q.deps);
+                    chain.push(i);
+                    checks.push(Check::Ready);
+                }
+                None => checks.push(Check::Waiting(crate::schedule::Wait::Previous {
+                    seq: q.id.seq.saturating_sub(1),
+                })),
+                Some(w) => checks.push(Check::Waiting(w)),
+            }
+        }
+        (chain, checks)
     }
 
     pub fn init(&self, namespace: &str, generation: u64, through: u64, applied: &[u64]) {

@@ -45,6 +45,21 @@ impl Coordinator {
         }
     }
 
+    /// With in-process state: a chain of transactions to apply in order in one store
+    /// transaction (see [`memory::MemoryCoord::plan`]). `None` with Redis, where other
+    /// workers move the state between planning and applying.
+    pub fn plan(
+        &self,
+        mode: Mode,
+        queries: &[Query<'_>],
+        max: usize,
+    ) -> Option<(Vec<usize>, Vec<Check>)> {
+        match self {
+            Coordinator::Memory(c) => Some(c.plan(mode, queries, max)),
+            Coordinator::Redis(_) => None,
+        }
+    }
+
     /// Seeds the state of a namespace/generation from what the store recorded (the
     /// contiguous `through` and the applied sequence numbers above it). A no-op when the
     /// state exists.

@@ -15,6 +15,9 @@ pub enum Outcome {
     Done(TxId),
     /// Will never apply (the store or a callback rejects it for good): dead-letter it.
     Rejected(TxId, String),
+    /// Not tried: it was chained after a transaction whose group failed. Back to the
+    /// gate.
+    Retry(Arc<Transaction>),
 }
 
 pub struct Applier {
@@ -30,25 +33,31 @@ impl Applier {
     /// Runs until `ready` closes. Several appliers share the receiver.
     pub async fn run(
         self: Arc<Self>,
-        ready: Arc<Mutex<mpsc::UnboundedReceiver<Arc<Transaction>>>>,
+        ready: Arc<Mutex<mpsc::UnboundedReceiver<Vec<Arc<Transaction>>>>>,
         outcomes: mpsc::UnboundedSender<Outcome>,
     ) {
         loop {
-            let group = {
+            // Units are independent of each other; inside one, each transaction may
+            // depend on those before it.
+            let units = {
                 let mut ready = ready.lock().await;
                 let Some(first) = ready.recv().await else {
                     return;
                 };
-                let mut group = vec![first];
-                while group.len() < self.max_group {
+                let mut total = first.len();
+                let mut units = vec![first];
+                while total < self.max_group {
                     match ready.try_recv() {
-                        Ok(tx) => group.push(tx),
+                        Ok(unit) => {
+                            total += unit.len();
+                            units.push(unit);
+                        }
                         Err(_) => break,
                     }
                 }
-                group
+                units
             };
-            for o in self.apply(group).await {
+            for o in self.apply(units).await {
                 if outcomes.send(o).is_err() {
                     return;
                 }
@@ -56,14 +65,21 @@ impl Applier {
         }
     }
 
-    async fn apply(&self, group: Vec<Arc<Transaction>>) -> Vec<Outcome> {
+    async fn apply(&self, units: Vec<Vec<Arc<Transaction>>>) -> Vec<Outcome> {
+        let group: Vec<Arc<Transaction>> = units.iter().flatten().cloned().collect();
         match self.try_group(&group).await {
             Ok(()) => group.iter().map(|t| Outcome::Done(t.id.clone())).collect(),
             Err(_) if group.len() > 1 => {
-                // Isolate the failing transaction: the others must not wait for it.
+                // Isolate the failing transaction: the head of each unit is ready on its
+                // own and is tried alone (retried, or dead-lettered); the rest of a unit
+                // may depend on its head, so it goes back to the gate.
                 let mut out = Vec::with_capacity(group.len());
-                for tx in group {
-                    out.push(self.apply_one(tx).await);
+                for unit in units {
+                    let mut unit = unit.into_iter();
+                    if let Some(head) = unit.next() {
+                        out.push(self.apply_one(head).await);
+                    }
+                    out.extend(unit.map(Outcome::Retry));
                 }
                 out
             }
@@ -99,7 +115,13 @@ impl Applier {
 
     /// One store transaction for the group, then the coordinator learns the result.
     async fn try_group(&self, group: &[Arc<Transaction>]) -> Result<(), SinkError> {
+        let started = std::time::Instant::now();
         let flags = self.store.apply_group(group, &self.callbacks).await?;
+        tracing::debug!(
+            transactions = group.len(),
+            store_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "group applied"
+        );
         let done: Vec<(&TxId, Option<&[kausal_bus::Dep]>)> = group
             .iter()
             .zip(&flags)

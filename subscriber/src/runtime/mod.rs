@@ -134,6 +134,9 @@ struct Worker {
     /// The parts of split transactions in the gate: they are acked once staged, so a
     /// dead letter cannot be rebuilt from the messages.
     split: HashMap<TxId, Vec<Envelope>>,
+    /// Chain dependent transactions into one store transaction (in-process coordination,
+    /// no callbacks).
+    chain: bool,
     /// Dead-lettered in this run: not admitted again (a staged split transaction would
     /// otherwise come back with every recovery scan).
     dead: HashSet<TxId>,
@@ -160,6 +163,7 @@ impl Worker {
         spec.prefetch = cfg.broker.prefetch;
         let consumer = AmqpConsumer::connect(&cfg.broker.url, &cfg.broker.exchange, &spec).await?;
         tracing::info!(queue = %spec.name, mode = ?cfg.ordering.mode, "subscriber consuming");
+        let applier_callbacks_empty = callbacks.is_empty();
         let applier = Arc::new(Applier {
             store: store.clone(),
             coord: coord.clone(),
@@ -175,6 +179,7 @@ impl Worker {
             store,
             coord,
             dead: HashSet::new(),
+            chain: matches!(cfg.coordination, Coordination::Memory) && applier_callbacks_empty,
             split: HashMap::new(),
             applier,
             next_delivery: 0,
@@ -191,7 +196,7 @@ impl Worker {
         // Ready transactions, one by one; a free applier takes all that are there (up to
         // max_group) as one store transaction, so groups grow exactly when the store is
         // the bottleneck. Bounded by the prefetch window, which bounds what we hold.
-        let (group_tx, group_rx) = mpsc::unbounded_channel::<Arc<Transaction>>();
+        let (group_tx, group_rx) = mpsc::unbounded_channel::<Vec<Arc<Transaction>>>();
         let group_rx = Arc::new(Mutex::new(group_rx));
         let (out_tx, mut out_rx) = mpsc::unbounded_channel();
         let mut appliers = Vec::new();
@@ -368,7 +373,7 @@ impl Worker {
     /// Checks every waiting transaction and hands the ready ones to appliers in groups.
     async fn dispatch(
         &mut self,
-        groups: &mpsc::UnboundedSender<Arc<Transaction>>,
+        groups: &mpsc::UnboundedSender<Vec<Arc<Transaction>>>,
     ) -> Result<(), SubscriberError> {
         // Twice at most: a first sight of a namespace/generation seeds its state and
         // checks again.
@@ -383,7 +388,7 @@ impl Worker {
     /// Returns true when state was seeded and another round is due.
     async fn dispatch_once(
         &mut self,
-        groups: &mpsc::UnboundedSender<Arc<Transaction>>,
+        groups: &mpsc::UnboundedSender<Vec<Arc<Transaction>>>,
     ) -> Result<bool, SubscriberError> {
         if self.waiting.is_empty() {
             return Ok(false);
@@ -391,7 +396,7 @@ impl Worker {
         let mut again = false;
         let mut ids: Vec<TxId> = self.waiting.keys().cloned().collect();
         ids.sort();
-        let checks = {
+        let (chain, checks) = {
             let queries: Vec<Query<'_>> = ids
                 .iter()
                 .map(|id| {
@@ -403,14 +408,26 @@ impl Worker {
                     }
                 })
                 .collect();
-            self.coord.check(self.cfg.ordering.mode, &queries).await?
+            let mode = self.cfg.ordering.mode;
+            // Dependent transactions chained into one store transaction save a commit
+            // per link. Not with callbacks: one that reads the store through its own
+            // connection would not see the uncommitted rows of the link before it.
+            let planned = if self.chain {
+                self.coord.plan(mode, &queries, self.cfg.store.max_group)
+            } else {
+                None
+            };
+            match planned {
+                Some((chain, checks)) => (Some(chain), checks),
+                None => (None, self.coord.check(mode, &queries).await?),
+            }
         };
         let mut ready = Vec::new();
-        for (id, check) in ids.into_iter().zip(checks) {
+        for (id, check) in ids.iter().zip(checks) {
             match check {
-                Check::Ready => ready.push(id),
+                Check::Ready => ready.push(id.clone()),
                 Check::Waiting(w) => {
-                    if let Some(x) = self.waiting.get_mut(&id) {
+                    if let Some(x) = self.waiting.get_mut(id) {
                         x.wait = Some(w);
                     }
                 }
@@ -424,12 +441,21 @@ impl Worker {
                 }
             }
         }
-        for id in ready {
-            if let Some(w) = self.waiting.remove(&id) {
-                self.applying.insert(id);
-                if groups.send(w.tx).is_err() {
-                    break;
+        let units: Vec<Vec<TxId>> = match chain {
+            // One unit, in chain order.
+            Some(chain) => vec![chain.into_iter().map(|i| ids[i].clone()).collect()],
+            None => ready.into_iter().map(|id| vec![id]).collect(),
+        };
+        for unit in units {
+            let mut txs = Vec::with_capacity(unit.len());
+            for id in unit {
+                if let Some(w) = self.waiting.remove(&id) {
+                    self.applying.insert(id);
+                    txs.push(w.tx);
                 }
+            }
+            if !txs.is_empty() && groups.send(txs).is_err() {
+                break;
             }
         }
         Ok(again)
@@ -438,6 +464,26 @@ impl Worker {
     async fn finish(&mut self, outcome: Outcome) -> Result<(), SubscriberError> {
         self.last_progress = Instant::now();
         match outcome {
+            Outcome::Retry(tx) => {
+                // Its group failed before it: back to the gate.
+                let id = tx.id.clone();
+                self.applying.remove(&id);
+                let table_keys = tx
+                    .tables
+                    .iter()
+                    .map(|t| table_key(t, self.cfg.ordering.key_space))
+                    .collect();
+                self.waiting.insert(
+                    id,
+                    Waiting {
+                        tx,
+                        table_keys,
+                        since: Instant::now(),
+                        reported: None,
+                        wait: None,
+                    },
+                );
+            }
             Outcome::Done(id) => {
                 self.applying.remove(&id);
                 self.split.remove(&id);
