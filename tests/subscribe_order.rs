@@ -572,11 +572,11 @@ async fn a_failing_callback_is_retried_then_dead_lettered_while_its_dependents_w
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_window_full_of_waiting_transactions_is_moved_aside_so_the_missing_one_arrives() {
-    // Three transactions of one session, queued newest first, and a window of two
-    // messages: the worker holds 3 and 2, which wait for 1, which waits behind them.
+    // Transactions of one session. After the first is applied, 4 and 3 arrive before
+    // 2 and fill a window of two messages: they wait for 2, which waits behind them.
     let s = setup("handback").await;
     let mut feed = s.feed;
-    let t: Vec<_> = (1..=3)
+    let t: Vec<_> = (1..=4)
         .map(|i| {
             feed.txn(
                 vec![insert("users", i, json!({"name": "u", "email": "e"}))],
@@ -584,21 +584,31 @@ async fn a_window_full_of_waiting_transactions_is_moved_aside_so_the_missing_one
             )
         })
         .collect();
-    feed.publish(&t[2..3]).await;
-    feed.publish(&t[1..2]).await;
-    feed.publish(&t[0..1]).await;
     let text = sub_config_text(&s.app, &s.url, &tables(&feed.namespace))
         .replace("prefetch = 64", "prefetch = 2");
     let mut sub = Subscriber::new(toml::from_str(&text).unwrap());
     let log = recorder(&mut sub);
     let worker = Worker::start(sub);
-    eventually(Duration::from_secs(30), "all three applied", || async {
-        log.lock().unwrap().len() == 3
+    feed.publish(&t[0..1]).await;
+    eventually(Duration::from_secs(20), "the first applied", || async {
+        log.lock().unwrap().len() == 1
+    })
+    .await;
+    feed.publish(&t[3..4]).await;
+    feed.publish(&t[2..3]).await;
+    feed.publish(&t[1..2]).await;
+    eventually(Duration::from_secs(30), "all applied", || async {
+        log.lock().unwrap().len() == 4
     })
     .await;
     assert_eq!(
         *log.lock().unwrap(),
-        ["users:Insert:1", "users:Insert:2", "users:Insert:3"]
+        [
+            "users:Insert:1",
+            "users:Insert:2",
+            "users:Insert:3",
+            "users:Insert:4"
+        ]
     );
     worker.stop().await;
     delete_queues(&s.app).await;

@@ -134,6 +134,12 @@ struct Worker {
     /// The parts of split transactions in the gate: they are acked once staged, so a
     /// dead letter cannot be rebuilt from the messages.
     split: HashMap<TxId, Vec<Envelope>>,
+    /// The lowest sequence number received per namespace/generation since start: where
+    /// a subscriber joining a running stream joins.
+    min_seen: HashMap<(Arc<str>, u64), u64>,
+    /// Since when transactions of a namespace/generation have been held with none of
+    /// it applied (cleared by each apply); hand-backs do not reset it.
+    stuck_since: HashMap<(Arc<str>, u64), Instant>,
     /// Chain dependent transactions into one store transaction (in-process coordination,
     /// no callbacks).
     chain: bool,
@@ -179,6 +185,8 @@ impl Worker {
             store,
             coord,
             dead: HashSet::new(),
+            min_seen: HashMap::new(),
+            stuck_since: HashMap::new(),
             chain: matches!(cfg.coordination, Coordination::Memory) && applier_callbacks_empty,
             split: HashMap::new(),
             applier,
@@ -317,6 +325,14 @@ impl Worker {
 
     /// A complete transaction enters the gate (unless it is already in it).
     async fn admit(&mut self, tx_id: TxId, parts: Vec<Envelope>) -> Result<(), SubscriberError> {
+        let seen = self
+            .min_seen
+            .entry((tx_id.namespace.clone(), tx_id.generation))
+            .or_insert(tx_id.seq);
+        *seen = (*seen).min(tx_id.seq);
+        self.stuck_since
+            .entry((tx_id.namespace.clone(), tx_id.generation))
+            .or_insert_with(Instant::now);
         if self.waiting.contains_key(&tx_id) || self.applying.contains(&tx_id) {
             // A duplicate of a transaction we already hold: settled with it.
             return Ok(());
@@ -485,6 +501,8 @@ impl Worker {
                 );
             }
             Outcome::Done(id) => {
+                self.stuck_since
+                    .remove(&(id.namespace.clone(), id.generation));
                 self.applying.remove(&id);
                 self.split.remove(&id);
                 self.release(&id);
@@ -596,22 +614,25 @@ impl Worker {
 
     /// A subscriber whose queue was created after its publisher's generation began never
     /// receives the first transactions; everything after them waits for them. When the
-    /// store has applied nothing of a namespace/generation and the lowest transaction we
-    /// hold (above 1) has waited [`JOIN_AFTER`], the app joins the stream there: the
-    /// store records everything before it as behind its watermark, so dependencies on
-    /// those transactions are met. (A fresh app that saw sequence 1 has applied it by
-    /// then: sequence 1 waits for nothing.) The existing rows need a bootstrap.
+    /// store has applied nothing of a namespace/generation and its transactions have
+    /// waited [`JOIN_AFTER`], the app joins the stream at the lowest transaction it has
+    /// received (a fresh queue delivers in publish order, so that is the first one the
+    /// queue got; a fresh stream is never handed back): the store records
+    /// everything before it as behind its watermark, so dependencies on those are met.
+    /// (A fresh app that received sequence 1 has applied it by then: it waits for
+    /// nothing.) The existing rows need a bootstrap.
     async fn join_if_stuck(&mut self) -> Result<(), SubscriberError> {
-        let mut lowest: HashMap<(Arc<str>, u64), (u64, Instant)> = HashMap::new();
-        for (id, w) in &self.waiting {
-            let e = lowest
-                .entry((id.namespace.clone(), id.generation))
-                .or_insert((id.seq, w.since));
-            if id.seq < e.0 {
-                *e = (id.seq, w.since);
-            }
-        }
-        for ((ns, generation), (seq, since)) in lowest {
+        let stuck: Vec<((Arc<str>, u64), Instant)> = self
+            .stuck_since
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for ((ns, generation), since) in stuck {
+            let seq = self
+                .min_seen
+                .get(&(ns.clone(), generation))
+                .copied()
+                .unwrap_or(1);
             // A dead-lettered transaction is not a missing one: its dependents wait.
             let dead_here = self
                 .dead
@@ -629,6 +650,8 @@ impl Worker {
             }
             self.store.compact(&ns, generation, seq - 1).await?;
             self.coord.join(&ns, generation, seq - 1).await?;
+            // What we hold can run now: no hand-back before it had its chance.
+            self.last_progress = Instant::now();
             tracing::warn!(
                 namespace = %ns,
                 generation,
@@ -642,12 +665,20 @@ impl Worker {
 
     /// With every prefetch slot taken and nothing applied for a while, the transactions
     /// we hold may be waiting for ones the broker cannot deliver to us (they are behind
-    /// them in the queue): move what we hold to the tail of the queue, so the missing
-    /// ones arrive.
+    /// them in the queue, e.g. redelivered after another worker crashed): move the higher
+    /// half of what we hold to the tail of the queue, so the missing ones arrive.
     async fn hand_back(&mut self) -> Result<(), SubscriberError> {
         let full = self.held.len() >= usize::from(self.cfg.broker.prefetch);
         if !full || !self.applying.is_empty() || self.last_progress.elapsed() < HAND_BACK_AFTER {
             return Ok(());
+        }
+        // A stream this store has applied nothing of is joining (see `join_if_stuck`):
+        // moving its first messages away would lose the join point.
+        for (ns, generation) in self.stuck_since.keys().cloned().collect::<Vec<_>>() {
+            let (through, applied) = self.store.progress(&ns, generation).await?;
+            if through == 0 && applied.is_empty() {
+                return Ok(());
+            }
         }
         let mut candidates: Vec<(u64, u64)> = self
             .held
@@ -655,7 +686,10 @@ impl Worker {
             .filter(|(_, h)| h.received.elapsed() >= HAND_BACK_AFTER)
             .map(|(d, h)| (h.max_seq, *d))
             .collect();
+        // The higher half: the lower ones are likelier to be next.
         candidates.sort_unstable();
+        let keep = candidates.len() / 2;
+        candidates.drain(..keep);
         let given = candidates.len();
         for (_, d) in candidates {
             let Some(h) = self.held.remove(&d) else {
