@@ -56,7 +56,11 @@ sub_config() { # app store-url
 }
 sub_config bench-sqlite "sqlite://$WORK/store.db" > "$WORK/sqlite.toml"
 sub_config bench-pg "postgres://postgres@127.0.0.1:5432/$STORE_DB" > "$WORK/pg.toml"
-sub_config bench-latency "sqlite://$WORK/latency.db" > "$WORK/latency.toml"
+# The latency run has its own namespace (slot, checkpoint), started after the probe's
+# queue exists, so the probe follows the stream from its first transaction.
+sed -e 's/namespace = "benchsub"/namespace = "benchlat"/' -e "s#$WORK/pub.checkpoint#$WORK/lat.checkpoint#" \
+  "$WORK/pub.toml" > "$WORK/lat-pub.toml"
+sub_config bench-latency "sqlite://$WORK/latency.db" | sed 's/namespace = "benchsub"/namespace = "benchlat"/' > "$WORK/latency.toml"
 
 depth() { rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$1" '$1 == q {print $2}'; }
 # Declare both queues (a subscriber declares its queue at start), then stop them.
@@ -94,8 +98,8 @@ done
 # Steady load: publisher and the latency probe running, pgbench at a fixed rate.
 RUST_LOG=warn target/release/examples/latency_probe "$WORK/latency.toml" pgbench_history > "$WORK/latency.out" & PROBE=$!
 until [ -n "$(depth kausal.bench-latency)" ]; do sleep 0.2; done
-RUST_LOG=warn $BIN publish --config "$WORK/pub.toml" & PUB=$!
-until [ "$(slot_active)" = 1 ]; do sleep 0.2; done
+RUST_LOG=warn $BIN publish --config "$WORK/lat-pub.toml" & PUB=$!
+until [ "$($PSQL -d $DB -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'kausal_benchlat' AND active")" = 1 ]; do sleep 0.2; done
 sleep 2
 pgbench -h 127.0.0.1 -U postgres -n -c 4 -j 2 -R "$RATE" -T "$SECONDS_LOAD" $DB >/dev/null
 sleep 2
@@ -106,4 +110,6 @@ printf 'BENCH end-to-end-latency rate %d txn/s\n' "$RATE"
 printf 'BENCH end-to-end-latency changes %d\n' "$COUNT"
 printf 'BENCH end-to-end-latency p50 %s ms\nBENCH end-to-end-latency p95 %s ms\n' "$P50" "$P95"
 printf 'BENCH end-to-end-latency p99 %s ms\nBENCH end-to-end-latency max %s ms\n' "$P99" "$MAX"
-$PSQL -d postgres -c "SELECT pg_drop_replication_slot('kausal_benchsub')" >/dev/null 2>&1 || true
+for slot in kausal_benchsub kausal_benchlat; do
+  $PSQL -d postgres -c "SELECT pg_drop_replication_slot('$slot')" >/dev/null 2>&1 || true
+done
