@@ -33,7 +33,8 @@ enum Command {
     },
     /// Follow a publisher's live changes in the terminal (temporary queue, leaves nothing behind).
     Tail(cli::tail::TailArgs),
-    /// The live demo: a workload writes to Postgres, the publisher publishes, tail shows it.
+    /// The live demo: a workload writes to Postgres, the publisher publishes, a subscriber
+    /// keeps a SQLite read model and runs a callback per message, in causal order.
     Demo(cli::demo::DemoArgs),
 }
 
