@@ -1,22 +1,25 @@
 #!/usr/bin/env bash
-# Subscriber apply throughput on a backlog and end-to-end latency at a steady load.
-# Not a test. Usage: scripts/bench-subscribe.sh [backlog transactions, default 40000]
+# Subscriber apply throughput on a backlog, per store / ordering mode / worker count, and
+# end-to-end latency at a steady load. Not a test; part of scripts/bench.sh.
+# Usage: scripts/bench-subscribe.sh [backlog transactions, default 40000]
+# Environment: RUNS (default "sqlite:causal:1 sqlite:key:1 pg:causal:1 pg:key:1
+# pg:causal:2"; each <store>:<mode>:<worker processes>, 2+ workers share Redis),
+# RATE (1000 txn/s), SECONDS_LOAD (60).
 #
 # 1. subscriber-apply-catchup: a pgbench backlog (4 row changes per transaction) is
-#    published into the queues of two subscriber apps while they are stopped; then each
-#    starts alone (one worker process, causal mode) and we time until its queue is
-#    empty (every message acked, i.e. applied). Stores: SQLite file, Postgres database.
-#    The queue is polled with rabbitmqctl (about 0.5 s per poll: the error bound).
+#    published into the queues of stopped subscriber apps, one app per run; then each
+#    starts alone and is timed until its queue is empty (every message acked, i.e.
+#    applied). The queue is polled with rabbitmqctl (about 0.3 s per poll: the error).
 # 2. end-to-end-latency: publisher + subscriber (SQLite) running, pgbench at a fixed
-#    rate for 30 s; the latency probe's callback records now - source commit time.
+#    rate; the latency probe's callback records now - source commit time.
 # Prints `BENCH <scenario> <metric> <value> <unit>` lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TXNS=${1:-40000}
 RATE=${RATE:-1000}
-SECONDS_LOAD=${SECONDS_LOAD:-30}
+SECONDS_LOAD=${SECONDS_LOAD:-60}
+RUNS=${RUNS:-"sqlite:causal:1 sqlite:key:1 pg:causal:1 pg:key:1 pg:causal:2"}
 DB=kausal_bench_sub
-STORE_DB=kausal_bench_store
 PSQL="psql -h 127.0.0.1 -U postgres -qAt"
 cargo build --release --quiet --bin kausal --example latency_probe
 BIN=target/release/kausal
@@ -24,13 +27,9 @@ WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
 $PSQL -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$DB'" >/dev/null
-$PSQL -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB" \
-  -c "DROP DATABASE IF EXISTS $STORE_DB WITH (FORCE)" -c "CREATE DATABASE $STORE_DB"
+$PSQL -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 pgbench -h 127.0.0.1 -U postgres -i -s 10 -q $DB 2>/dev/null
 $PSQL -d $DB -c "ALTER TABLE pgbench_history ADD COLUMN id bigserial PRIMARY KEY"
-for q in kausal.bench-sqlite kausal.bench-pg kausal.bench-latency; do
-  rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
-done
 
 TABLES=""
 for t in pgbench_accounts pgbench_branches pgbench_tellers pgbench_history; do
@@ -47,32 +46,44 @@ url = "amqp://guest:guest@127.0.0.1:5672/%2f"
 path = "$WORK/pub.checkpoint"
 $TABLES
 TOML
-sub_config() { # app store-url
-  local subs=""
+sub_config() { # app store-url mode workers namespace
+  local subs="" coord=""
   for t in pgbench_accounts pgbench_branches pgbench_tellers pgbench_history; do
-    subs+=$'[[table]]\nnamespace = "benchsub"\n'"name = \"$t\""$'\n'
+    subs+=$'[[table]]\n'"namespace = \"$5\""$'\n'"name = \"$t\""$'\n'
   done
-  printf 'app = "%s"\n[broker]\nurl = "amqp://guest:guest@127.0.0.1:5672/%%2f"\n[store]\nurl = "%s"\n%s' "$1" "$2" "$subs"
+  if [ "$4" -gt 1 ]; then
+    coord=$'[coordination]\nkind = "redis"\nurl = "redis://127.0.0.1:6379"\n'"prefix = \"bench$$\""$'\n'
+  fi
+  printf 'app = "%s"\n[broker]\nurl = "amqp://guest:guest@127.0.0.1:5672/%%2f"\n[store]\nurl = "%s"\n[ordering]\nmode = "%s"\n%s%s' \
+    "$1" "$2" "$3" "$coord" "$subs"
 }
-sub_config bench-sqlite "sqlite://$WORK/store.db" > "$WORK/sqlite.toml"
-sub_config bench-pg "postgres://postgres@127.0.0.1:5432/$STORE_DB" > "$WORK/pg.toml"
-# The latency run has its own namespace (slot, checkpoint), started after the probe's
-# queue exists, so the probe follows the stream from its first transaction.
-sed -e 's/namespace = "benchsub"/namespace = "benchlat"/' -e "s#$WORK/pub.checkpoint#$WORK/lat.checkpoint#" \
-  "$WORK/pub.toml" > "$WORK/lat-pub.toml"
-sub_config bench-latency "sqlite://$WORK/latency.db" | sed 's/namespace = "benchsub"/namespace = "benchlat"/' > "$WORK/latency.toml"
-
 depth() { rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$1" '$1 == q {print $2}'; }
-# Declare both queues (a subscriber declares its queue at start), then stop them.
-for app in sqlite pg; do
+
+# One app (queue, store) per run; declare every queue (a worker declares it at start).
+i=0
+FIRST_APP=""
+for run in $RUNS; do
+  IFS=: read -r store mode workers <<< "$run"
+  i=$((i + 1))
+  app="bench-$i-$store-$mode-$workers"
+  FIRST_APP=${FIRST_APP:-$app}
+  rabbitmqctl -q delete_queue "kausal.$app" >/dev/null 2>&1 || true
+  case $store in
+    sqlite) url="sqlite://$WORK/$app.db" ;;
+    pg)
+      $PSQL -d postgres -c "DROP DATABASE IF EXISTS kausal_bench_store_$i WITH (FORCE)" -c "CREATE DATABASE kausal_bench_store_$i"
+      url="postgres://postgres@127.0.0.1:5432/kausal_bench_store_$i" ;;
+  esac
+  sub_config "$app" "$url" "$mode" "$workers" benchsub > "$WORK/$app.toml"
   RUST_LOG=warn $BIN subscribe --config "$WORK/$app.toml" & P=$!
-  until [ -n "$(depth kausal.bench-$app)" ]; do sleep 0.2; done
+  until [ -n "$(depth "kausal.$app")" ]; do sleep 0.2; done
   kill -TERM $P; wait $P || true
 done
+redis-cli --scan --pattern "bench$$:*" | xargs -r redis-cli del >/dev/null
 
-slot_active() { $PSQL -d $DB -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'kausal_benchsub' AND active"; }
+slot_active() { $PSQL -d $DB -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$1' AND active"; }
 RUST_LOG=warn $BIN publish --config "$WORK/pub.toml" & PUB=$!
-until [ "$(slot_active)" = 1 ]; do sleep 0.2; done
+until [ "$(slot_active kausal_benchsub)" = 1 ]; do sleep 0.2; done
 pgbench -h 127.0.0.1 -U postgres -n -c 4 -j 2 -t $((TXNS / 4)) $DB >/dev/null
 END_LSN=$($PSQL -d $DB -c "SELECT pg_current_wal_lsn()")
 confirmed() { $PSQL -d $DB -c "SELECT confirmed_flush_lsn >= '$END_LSN'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'kausal_benchsub'"; }
@@ -80,36 +91,74 @@ until [ "$(confirmed)" = t ]; do sleep 0.2; done
 kill -TERM $PUB; wait $PUB || true
 ROWS=$((TXNS * 4))
 printf 'BENCH subscriber-apply-catchup backlog %d txn\n' "$TXNS"
-printf 'BENCH subscriber-apply-catchup backlog_messages %s msg\n' "$(depth kausal.bench-sqlite)"
+printf 'BENCH subscriber-apply-catchup backlog_messages %s msg\n' "$(depth "kausal.$FIRST_APP")"
 
-for app in sqlite pg; do
+declare -A RATE_OF
+i=0
+for run in $RUNS; do
+  IFS=: read -r store mode workers <<< "$run"
+  i=$((i + 1))
+  app="bench-$i-$store-$mode-$workers"
   t0=$(date +%s.%N)
-  RUST_LOG=${SUB_LOG:-warn} $BIN subscribe --config "$WORK/$app.toml" 2> "${SUB_LOG_DIR:-$WORK}/$app.log" & P=$!
-  until [ "$(depth kausal.bench-$app)" = 0 ]; do sleep 0.1; done
+  PIDS=()
+  for _ in $(seq "$workers"); do
+    RUST_LOG=${SUB_LOG:-warn} $BIN subscribe --config "$WORK/$app.toml" 2>> "${SUB_LOG_DIR:-$WORK}/$app.log" & PIDS+=($!)
+  done
+  until [ "$(depth "kausal.$app")" = 0 ]; do sleep 0.05; done
   t1=$(date +%s.%N)
-  RSS=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$P/status)
-  kill -TERM $P; wait $P || true
+  RSS=0
+  for p in "${PIDS[@]}"; do
+    r=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$p/status)
+    [ "$r" -gt "$RSS" ] && RSS=$r
+  done
+  kill -TERM "${PIDS[@]}"; wait "${PIDS[@]}" || true
   SECS=$(echo "$t1 - $t0" | bc -l)
-  printf 'BENCH subscriber-apply-catchup %s_causal_rows_per_s %.0f rows/s\n' "$app" "$(echo "$ROWS / $SECS" | bc -l)"
-  printf 'BENCH subscriber-apply-catchup %s_causal_txn_per_s %.0f txn/s\n' "$app" "$(echo "$TXNS / $SECS" | bc -l)"
-  printf 'BENCH subscriber-apply-catchup %s_peak_rss %d MiB\n' "$app" "$RSS"
+  name="${store}_${mode}_${workers}w"
+  RATE_OF[$name]=$(echo "$ROWS / $SECS" | bc -l)
+  printf 'BENCH subscriber-apply-catchup %s_rows_per_s %.0f rows/s\n' "$name" "${RATE_OF[$name]}"
+  printf 'BENCH subscriber-apply-catchup %s_txn_per_s %.0f txn/s\n' "$name" "$(echo "$TXNS / $SECS" | bc -l)"
+  printf 'BENCH memory subscriber_%s_peak_rss %d MiB\n' "$name" "$RSS"
+done
+for store in sqlite pg; do
+  for w in 1 2; do
+    c=${RATE_OF[${store}_causal_${w}w]:-}
+    k=${RATE_OF[${store}_key_${w}w]:-}
+    if [ -n "$c" ] && [ -n "$k" ]; then
+      printf 'BENCH subscriber-apply-catchup %s_%sw_causal_vs_key_ratio %.2f x\n' "$store" "$w" "$(echo "$c / $k" | bc -l)"
+    fi
+  done
 done
 
-# Steady load: publisher and the latency probe running, pgbench at a fixed rate.
+# Steady load: a fresh namespace (slot, checkpoint) started after the probe's queue
+# exists, so the probe follows the stream from its first transaction.
+sed -e 's/namespace = "benchsub"/namespace = "benchlat"/' -e "s#$WORK/pub.checkpoint#$WORK/lat.checkpoint#" \
+  "$WORK/pub.toml" > "$WORK/lat-pub.toml"
+sub_config bench-latency "sqlite://$WORK/latency.db" causal 1 benchlat > "$WORK/latency.toml"
+rabbitmqctl -q delete_queue kausal.bench-latency >/dev/null 2>&1 || true
 RUST_LOG=warn target/release/examples/latency_probe "$WORK/latency.toml" pgbench_history > "$WORK/latency.out" & PROBE=$!
 until [ -n "$(depth kausal.bench-latency)" ]; do sleep 0.2; done
 RUST_LOG=warn $BIN publish --config "$WORK/lat-pub.toml" & PUB=$!
-until [ "$($PSQL -d $DB -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'kausal_benchlat' AND active")" = 1 ]; do sleep 0.2; done
+until [ "$(slot_active kausal_benchlat)" = 1 ]; do sleep 0.2; done
 sleep 2
 pgbench -h 127.0.0.1 -U postgres -n -c 4 -j 2 -R "$RATE" -T "$SECONDS_LOAD" $DB >/dev/null
 sleep 2
+PROBE_RSS=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$PROBE/status)
+PUB_RSS=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$PUB/status)
 kill -TERM $PROBE; wait $PROBE || true
 kill -TERM $PUB; wait $PUB || true
 read -r _ COUNT _ P50 _ P95 _ P99 _ MAX < "$WORK/latency.out"
 printf 'BENCH end-to-end-latency rate %d txn/s\n' "$RATE"
-printf 'BENCH end-to-end-latency changes %d\n' "$COUNT"
+printf 'BENCH end-to-end-latency callbacks %d\n' "$COUNT"
 printf 'BENCH end-to-end-latency p50 %s ms\nBENCH end-to-end-latency p95 %s ms\n' "$P50" "$P95"
 printf 'BENCH end-to-end-latency p99 %s ms\nBENCH end-to-end-latency max %s ms\n' "$P99" "$MAX"
+printf 'BENCH memory latency_subscriber_peak_rss %d MiB\nBENCH memory latency_publisher_peak_rss %d MiB\n' "$PROBE_RSS" "$PUB_RSS"
 for slot in kausal_benchsub kausal_benchlat; do
   $PSQL -d postgres -c "SELECT pg_drop_replication_slot('$slot')" >/dev/null 2>&1 || true
 done
+i=0
+for run in $RUNS; do
+  i=$((i + 1))
+  rabbitmqctl -q delete_queue "kausal.bench-$i-${run//:/-}" >/dev/null 2>&1 || true
+  $PSQL -d postgres -c "DROP DATABASE IF EXISTS kausal_bench_store_$i WITH (FORCE)" >/dev/null 2>&1 || true
+done
+rabbitmqctl -q delete_queue kausal.bench-latency >/dev/null 2>&1 || true
