@@ -8,8 +8,8 @@
 #
 # 1. subscriber-apply-catchup: a pgbench backlog (4 row changes per transaction) is
 #    published into the queues of stopped subscriber apps, one app per run; then each
-#    starts alone and is timed until its queue is empty (every message acked, i.e.
-#    applied). The queue is polled with rabbitmqctl (about 0.3 s per poll: the error).
+#    starts alone and is timed until its store has recorded every transaction as
+#    applied (committed), polled every 0.2 s (a psql or python process per poll: polling faster measurably slows the run).
 # 2. end-to-end-latency: publisher + subscriber (SQLite) running, pgbench at a fixed
 #    rate; the latency probe's callback records now - source commit time.
 # Prints `BENCH <scenario> <metric> <value> <unit>` lines.
@@ -58,6 +58,35 @@ sub_config() { # app store-url mode workers namespace
     "$1" "$2" "$3" "$coord" "$subs"
 }
 depth() { rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$1" '$1 == q {print $2}'; }
+# Transactions of namespace benchsub a store has applied (compacted watermark plus the
+# applied rows above it): a cheap poll, read from the store the subscriber commits to.
+APPLIED_SQL="SELECT COALESCE((SELECT MAX(through) FROM kausal_progress WHERE namespace = 'benchsub'), 0) + (SELECT COUNT(*) FROM kausal_applied WHERE namespace = 'benchsub' AND seq > COALESCE((SELECT MAX(through) FROM kausal_progress WHERE namespace = 'benchsub'), 0))"
+# One long-lived poller per run (a psql or python process per poll costs ~20 ms of CPU
+# and measurably slows the run it measures).
+start_poller() { # store-url
+  case $1 in
+    sqlite://*) coproc POLL { python3 -u -c "import sqlite3,sys
+for line in sys.stdin:
+    if line.startswith(chr(92)):
+        continue
+    try:
+        c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True, timeout=1)
+        print(c.execute(line.strip().rstrip(';')).fetchone()[0]); c.close()
+    except Exception:
+        print(0)
+    print('END')" "${1#sqlite://}"; } ;;
+    postgres://*) coproc POLL { psql "$1" -qAt 2>/dev/null; } ;;
+  esac
+}
+applied() {
+  printf '%s;\n\\echo END\n' "$APPLIED_SQL" >&"${POLL[1]}"
+  local n=0 line
+  while read -r line <&"${POLL[0]}"; do
+    [ "$line" = END ] && break
+    [[ $line =~ ^[0-9]+$ ]] && n=$line
+  done
+  echo "$n"
+}
 
 # One app (queue, store) per run; declare every queue (a worker declares it at start).
 i=0
@@ -75,6 +104,7 @@ for run in $RUNS; do
       url="postgres://postgres@127.0.0.1:5432/kausal_bench_store_$i" ;;
   esac
   sub_config "$app" "$url" "$mode" "$workers" benchsub > "$WORK/$app.toml"
+  echo "$url" > "$WORK/$app.url"
   RUST_LOG=warn $BIN subscribe --config "$WORK/$app.toml" & P=$!
   until [ -n "$(depth "kausal.$app")" ]; do sleep 0.2; done
   kill -TERM $P; wait $P || true
@@ -104,8 +134,11 @@ for run in $RUNS; do
   for _ in $(seq "$workers"); do
     RUST_LOG=${SUB_LOG:-warn} $BIN subscribe --config "$WORK/$app.toml" 2>> "${SUB_LOG_DIR:-$WORK}/$app.log" & PIDS+=($!)
   done
-  until [ "$(depth "kausal.$app")" = 0 ]; do sleep 0.05; done
+  start_poller "$(cat "$WORK/$app.url")"
+  until [ "$(applied)" -ge "$TXNS" ]; do sleep 0.1; done
   t1=$(date +%s.%N)
+  exec {POLL[1]}>&-
+  wait "$POLL_PID" 2>/dev/null || true
   RSS=0
   for p in "${PIDS[@]}"; do
     r=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$p/status)
