@@ -30,6 +30,10 @@ started=$(date +%s)
 target/release/examples/broker_ceiling "$CEILING_MSGS" 2048 | tee -a "$OUT"
 # 2-4. Subscriber apply catch-up per store/mode/workers, end-to-end latency, memory.
 RUNS="$RUNS" SECONDS_LOAD="$SECONDS_LOAD" ./scripts/bench-subscribe.sh "$SUB_TXNS" | tee -a "$OUT"
+# 4. Memory during a 1M-row transaction (full mode only: it takes minutes).
+if [ "$MODE" = --full ]; then
+  ./scripts/bench-memory.sh 1000000 | tee -a "$OUT"
+fi
 elapsed=$(( $(date +%s) - started ))
 echo "BENCH harness duration $elapsed s" | tee -a "$OUT"
 
