@@ -17,13 +17,20 @@ const IN_FLIGHT: usize = 256;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let messages: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(20_000);
+    let messages: usize = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(20_000);
     let size: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(1024);
     let namespace = format!("ceiling{}", std::process::id());
     let mut spec = QueueSpec::durable(&format!("kausal.{namespace}"), &[namespace.as_str()]);
     spec.prefetch = 256;
     // Declare the queue first so every message is routed and stored.
-    AmqpConsumer::connect(AMQP, "kausal", &spec).await?.close().await;
+    AmqpConsumer::connect(AMQP, "kausal", &spec)
+        .await?
+        .close()
+        .await;
 
     let publisher = AmqpPublisher::connect(AMQP, "kausal").await?;
     let body = vec![b'x'; size];

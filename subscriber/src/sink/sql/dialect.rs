@@ -150,32 +150,30 @@ impl Dialect {
     /// Records one transaction as applied, unless the compacted watermark already covers
     /// it (a compaction that committed since this group read the watermark). Parameters:
     /// namespace, generation, seq.
-    pub fn record_applied(self) -> String {
+    pub fn record_applied(self, rows: usize) -> String {
         let t = self.quote("through");
-        let (p1, p2, p3) = (
-            self.placeholder(1),
-            self.placeholder(2),
-            self.placeholder(3),
-        );
-        // The subquery repeats the parameters: `?` placeholders are positional.
-        let (q1, q2, q3) = match self {
-            Dialect::Postgres => (p1.clone(), p2.clone(), p3.clone()),
-            Dialect::MySql | Dialect::Sqlite => ("?".into(), "?".into(), "?".into()),
-        };
-        let from = match self {
-            Dialect::MySql => " FROM DUAL",
-            Dialect::Postgres | Dialect::Sqlite => "",
-        };
+        // The rows as a UNION ALL of SELECTs: one form that Postgres, MySQL/MariaDB and
+        // SQLite all accept, with named columns for the guard below.
+        let rows: Vec<String> = (0..rows)
+            .map(|i| {
+                let (a, b, c) = (
+                    self.placeholder(3 * i + 1),
+                    self.placeholder(3 * i + 2),
+                    self.placeholder(3 * i + 3),
+                );
+                if i == 0 {
+                    format!("SELECT {a} AS n, {b} AS g, {c} AS s")
+                } else {
+                    format!("SELECT {a}, {b}, {c}")
+                }
+            })
+            .collect();
         format!(
-            "INSERT INTO kausal_applied (namespace, generation, seq) SELECT {p1}, {p2}, {p3}{from} \
-             WHERE NOT EXISTS (SELECT 1 FROM kausal_progress WHERE namespace = {q1} \
-             AND generation = {q2} AND {t} >= {q3})"
+            "INSERT INTO kausal_applied (namespace, generation, seq) SELECT v.n, v.g, v.s \
+             FROM ({}) v WHERE NOT EXISTS (SELECT 1 FROM kausal_progress p \
+             WHERE p.namespace = v.n AND p.generation = v.g AND p.{t} >= v.s)",
+            rows.join(" UNION ALL ")
         )
-    }
-
-    /// Whether [`Dialect::record_applied`] binds its three parameters twice.
-    pub fn record_applied_binds_twice(self) -> bool {
-        self != Dialect::Postgres
     }
 
     /// `INSERT … ON CONFLICT/DUPLICATE KEY UPDATE` of `columns` (already quoted and in
