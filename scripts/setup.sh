@@ -70,6 +70,9 @@ command -v pgbench >/dev/null || missing_pkgs+=(postgresql-contrib)
 { command -v mariadb >/dev/null && command -v mariadb-admin >/dev/null; } || missing_pkgs+=(mariadb-client)
 { command -v redis-server >/dev/null && command -v redis-cli >/dev/null; } || missing_pkgs+=(redis-server)
 { command -v rabbitmq-server >/dev/null && command -v rabbitmqctl >/dev/null; } || missing_pkgs+=(rabbitmq-server)
+# The benchmark scripts (scripts/bench.sh) compute rates with bc and python3.
+command -v bc >/dev/null || missing_pkgs+=(bc)
+command -v python3 >/dev/null || missing_pkgs+=(python3)
 
 if [ "${#missing_pkgs[@]}" -gt 0 ]; then
   log "installing missing packages: ${missing_pkgs[*]}"
