@@ -19,6 +19,11 @@ case $MODE in
   *) echo "usage: $0 [--quick | --full]" >&2; exit 2 ;;
 esac
 ./scripts/setup.sh >/dev/null
+# Queues an interrupted earlier run left behind would still receive a copy of every
+# benchmark message and slow the broker down.
+for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep -E '^kausal\.bench-|^kausal\.ceiling' || true); do
+  rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+done
 cargo build --release --quiet --bin kausal --example latency_probe --example broker_ceiling
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT

@@ -670,3 +670,62 @@ async fn a_subscriber_whose_queue_came_late_joins_at_the_first_transaction_it_re
     worker.stop().await;
     delete_queues(&app).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_split_transaction_the_store_rejects_is_dead_lettered_whole() {
+    // Three parts of one transaction into a mapped table that does not exist: the store
+    // rejects it for good; the dead letter holds all three parts, rebuilt from staging.
+    let mut s = setup("splitdead").await;
+    let whole = s.feed.txn(
+        (1..=6)
+            .map(|i| insert("users", i, json!({"name": "u", "email": "e"})))
+            .collect(),
+        None,
+    );
+    let parts: Vec<_> = whole
+        .changes
+        .chunks(2)
+        .enumerate()
+        .map(|(i, chunk)| {
+            let mut p = whole.clone();
+            p.part = i as u32;
+            p.parts = (i == 2).then_some(3);
+            p.changes = chunk.to_vec();
+            p.deps = if i == 0 {
+                whole.deps.clone()
+            } else {
+                Vec::new()
+            };
+            p
+        })
+        .collect();
+    let cfg = sub_config(
+        &s.app,
+        &s.url,
+        &format!(
+            "[[table]]\nnamespace = \"{}\"\nname = \"users\"\ninto = \"no_such_table\"\nmode = \"map\"\n",
+            s.feed.namespace
+        ),
+    );
+    let worker = Worker::start(Subscriber::new(cfg));
+    for p in &parts {
+        s.feed.publish(std::slice::from_ref(p)).await;
+    }
+    let letters = dead_letters(&s.app, 1).await;
+    let reason = letters[0].reason.clone().unwrap_or_default();
+    assert!(reason.contains("no_such_table"), "{reason}");
+    let dead = kausal::bus::decode(&letters[0].body).unwrap();
+    assert_eq!(dead.iter().map(|e| e.part).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(dead.iter().map(|e| e.changes.len()).sum::<usize>(), 6);
+    worker.stop().await;
+    let db = store(&s.url).await;
+    let staged: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM kausal_parts")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(
+        staged, 0,
+        "the dead-lettered transaction's parts stay staged"
+    );
+    delete_queues(&s.app).await;
+}

@@ -186,7 +186,7 @@ impl Mapping {
     }
 
     /// Builds the transaction from all of its parts (in part order).
-    pub fn assemble(&mut self, parts: Vec<Envelope>) -> Result<Transaction, MappingError> {
+    pub fn assemble(&mut self, parts: &[Envelope]) -> Result<Transaction, MappingError> {
         let first = &parts[0];
         let id = TxId {
             namespace: first.namespace.as_str().into(),
@@ -196,7 +196,7 @@ impl Mapping {
         let mut deps: BTreeMap<u32, Dep> = BTreeMap::new();
         let mut tables: Vec<String> = Vec::new();
         let mut changes = Vec::new();
-        for env in &parts {
+        for env in parts {
             for d in &env.deps {
                 match deps.get(&d.k) {
                     Some(prev) if prev.kind == DepKind::Write => {}

@@ -131,9 +131,9 @@ struct Worker {
     /// Which deliveries hold envelopes of a transaction (with the count per delivery).
     owners: HashMap<TxId, Vec<(u64, usize)>>,
     waiting: HashMap<TxId, Waiting>,
-    /// The parts of split transactions in the gate: they are acked once staged, so a
-    /// dead letter cannot be rebuilt from the messages.
-    split: HashMap<TxId, Vec<Envelope>>,
+    /// Split transactions in the gate: acked once staged, so a dead letter is rebuilt
+    /// from the staging table, not from the messages.
+    split: HashSet<TxId>,
     /// The lowest sequence number received per namespace/generation since start: where
     /// a subscriber joining a running stream joins.
     min_seen: HashMap<(Arc<str>, u64), u64>,
@@ -188,7 +188,7 @@ impl Worker {
             min_seen: HashMap::new(),
             stuck_since: HashMap::new(),
             chain: matches!(cfg.coordination, Coordination::Memory) && applier_callbacks_empty,
-            split: HashMap::new(),
+            split: HashSet::new(),
             applier,
             next_delivery: 0,
             held: BTreeMap::new(),
@@ -341,10 +341,12 @@ impl Worker {
             self.release(&tx_id);
             return Ok(());
         }
-        match self.mapping.assemble(parts.clone()) {
+        let assembled = self.mapping.assemble(&parts);
+        let split = parts.len() > 1;
+        match assembled {
             Ok(tx) => {
-                if parts.len() > 1 {
-                    self.split.insert(tx_id.clone(), parts);
+                if split {
+                    self.split.insert(tx_id.clone());
                 }
                 let table_keys = tx
                     .tables
@@ -511,9 +513,13 @@ impl Worker {
                 self.applying.remove(&id);
                 // The dead letter holds this transaction's envelopes only, taken from its
                 // staged parts or from the messages that carried it.
-                let envelopes = match self.split.remove(&id) {
-                    Some(parts) => parts,
-                    None => self.envelopes_of(&id),
+                let envelopes = if self.split.remove(&id) {
+                    self.store
+                        .complete(&id.namespace, id.generation, id.seq)
+                        .await?
+                        .unwrap_or_default()
+                } else {
+                    self.envelopes_of(&id)
                 };
                 self.dead_letter(&id, &envelopes, &reason).await?;
             }

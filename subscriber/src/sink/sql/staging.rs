@@ -130,7 +130,7 @@ impl SqlStore {
     }
 
     /// All staged parts of a transaction, sorted, if every part is there.
-    async fn complete(
+    pub async fn complete(
         &self,
         namespace: &str,
         generation: u64,
