@@ -1,0 +1,109 @@
+//! Fresh databases for the store tests: Postgres (127.0.0.1:5432, user postgres,
+//! trust), MariaDB (127.0.0.1:3306, user kausal/kausal) and SQLite (a temporary file),
+//! each dropped when the test ends, even when it fails.
+#![allow(dead_code)]
+
+use anyhow::{Context as _, Result};
+use kausal_subscriber::sink::sql::SqlStore;
+use sqlx::{AnyConnection, AssertSqlSafe, Connection, Executor};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+pub const MY_ADMIN: &str = "mysql://kausal:kausal@127.0.0.1:3306/";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Server {
+    Postgres,
+    MariaDb,
+    Sqlite,
+}
+
+/// A fresh database, dropped (or its file removed) on drop.
+pub struct TestDb {
+    pub server: Server,
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    pub async fn create(server: Server) -> Result<TestDb> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        sqlx::any::install_default_drivers();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .subsec_nanos();
+        let name = format!(
+            "t_sql_{}_{nanos}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let url = match server {
+            Server::Postgres => {
+                admin(PG_ADMIN, &format!("CREATE DATABASE {name}")).await?;
+                format!("postgres://postgres@127.0.0.1:5432/{name}")
+            }
+            Server::MariaDb => {
+                admin(MY_ADMIN, &format!("CREATE DATABASE {name}")).await?;
+                format!("mysql://kausal:kausal@127.0.0.1:3306/{name}")
+            }
+            Server::Sqlite => {
+                let path = std::env::temp_dir().join(format!("{name}.db"));
+                format!("sqlite://{}", path.display())
+            }
+        };
+        Ok(TestDb { server, name, url })
+    }
+
+    /// A new store on this database: each call is another worker with its own pool.
+    pub async fn store(&self) -> Result<SqlStore> {
+        SqlStore::connect(&self.url)
+            .await
+            .with_context(|| format!("connect to {}", self.url))
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let (server, name) = (self.server, self.name.clone());
+        // Drop runs outside any async context we can use: a thread with its own runtime.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let dropped = match server {
+                    Server::Postgres => {
+                        admin(
+                            PG_ADMIN,
+                            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                        )
+                        .await
+                    }
+                    Server::MariaDb => {
+                        admin(MY_ADMIN, &format!("DROP DATABASE IF EXISTS {name}")).await
+                    }
+                    Server::Sqlite => {
+                        for suffix in ["db", "db-wal", "db-shm"] {
+                            let path = std::env::temp_dir().join(format!("{name}.{suffix}"));
+                            let _ = std::fs::remove_file(path);
+                        }
+                        Ok(())
+                    }
+                };
+                if let Err(error) = dropped {
+                    eprintln!("could not drop test database {name}: {error:#}");
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+pub async fn admin(url: &str, sql: &str) -> Result<()> {
+    sqlx::any::install_default_drivers();
+    let mut conn = AnyConnection::connect(url).await?;
+    conn.execute(AssertSqlSafe(sql.to_string())).await?;
+    conn.close().await?;
+    Ok(())
+}
