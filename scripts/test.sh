@@ -13,4 +13,7 @@ for db in $(psql -h 127.0.0.1 -U postgres -d postgres -qAt -c \
     "SELECT datname FROM pg_database WHERE datname LIKE 't\_%'"); do
   psql -h 127.0.0.1 -U postgres -d postgres -qAt -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
 done
+# End-to-end tests run the example programs as worker processes; `cargo test` builds
+# examples only as test harnesses, so build the programs themselves first.
+cargo build --workspace --examples
 cargo test --workspace --all-targets "$@"
