@@ -628,6 +628,12 @@ impl Worker {
     /// (A fresh app that received sequence 1 has applied it by then: it waits for
     /// nothing.) The existing rows need a bootstrap.
     async fn join_if_stuck(&mut self) -> Result<(), SubscriberError> {
+        // Only a single worker process sees the queue's order: with several, the first
+        // transactions may sit in another worker's window while this one waits, and
+        // joining would mark them applied unapplied (seen under load at start-up).
+        if !matches!(self.cfg.coordination, Coordination::Memory) {
+            return Ok(());
+        }
         let stuck: Vec<((Arc<str>, u64), Instant)> = self
             .stuck_since
             .iter()
