@@ -296,16 +296,7 @@ impl Process {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start kausal subscribe");
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stderr)
-                .lines()
-                .map_while(Result::ok)
-            {
-                lines.lock().unwrap().push(line);
-            }
-        });
+        collect_lines(child.stderr.take().unwrap(), lines);
         Process {
             child,
             config: config.to_path_buf(),
@@ -343,16 +334,7 @@ impl Process {
                     exe.display()
                 )
             });
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            use std::io::BufRead;
-            for line in std::io::BufReader::new(stdout)
-                .lines()
-                .map_while(Result::ok)
-            {
-                lines.lock().unwrap().push(line);
-            }
-        });
+        collect_lines(child.stdout.take().unwrap(), lines);
         Process {
             child,
             config: config.to_path_buf(),
@@ -388,6 +370,22 @@ impl Process {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }
+}
+
+/// Reads a child's output line by line into `lines`, on a thread of its own.
+fn collect_lines(
+    output: impl std::io::Read + Send + 'static,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(output)
+            .lines()
+            .map_while(Result::ok)
+        {
+            lines.lock().unwrap().push(line);
+        }
+    });
 }
 
 impl Drop for Process {

@@ -245,30 +245,8 @@ pub async fn converge(db_url: &str, store: &sqlx::AnyPool, timeout: std::time::D
             return;
         }
         if std::time::Instant::now() > deadline {
-            let missing_u = source
-                .0
-                .iter()
-                .filter(|r| !got.0.contains(r))
-                .take(5)
-                .collect::<Vec<_>>();
-            let extra_u = got
-                .0
-                .iter()
-                .filter(|r| !source.0.contains(r))
-                .take(5)
-                .collect::<Vec<_>>();
-            let missing_m = source
-                .1
-                .iter()
-                .filter(|r| !got.1.contains(r))
-                .take(5)
-                .collect::<Vec<_>>();
-            let extra_m = got
-                .1
-                .iter()
-                .filter(|r| !source.1.contains(r))
-                .take(5)
-                .collect::<Vec<_>>();
+            let (missing_u, extra_u) = (not_in(&source.0, &got.0), not_in(&got.0, &source.0));
+            let (missing_m, extra_m) = (not_in(&source.1, &got.1), not_in(&got.1, &source.1));
             panic!(
                 "store differs from the source after {timeout:?}: users {} vs {} (missing {missing_u:?}, extra {extra_u:?}); \
                  messages {} vs {} (missing {missing_m:?}, extra {extra_m:?})",
@@ -277,6 +255,11 @@ pub async fn converge(db_url: &str, store: &sqlx::AnyPool, timeout: std::time::D
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+/// Up to five rows of `a` that `b` lacks.
+fn not_in<'a>(a: &'a [String], b: &[String]) -> Vec<&'a String> {
+    a.iter().filter(|r| !b.contains(r)).take(5).collect()
 }
 
 /// A fresh Postgres database for a subscriber store.
