@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 ROWS=${1:-1000000}
 DB=kausal_bench_mem
 PSQL="psql -h 127.0.0.1 -U postgres -qAt"
-cargo build --release --quiet --bin kausal
+cargo build --release --quiet --features search,mongo --bin kausal
 BIN=target/release/kausal
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT

@@ -9,7 +9,7 @@ TXNS=${1:-20000}
 CLIENTS=4
 DB=kausal_bench
 PSQL="psql -h 127.0.0.1 -U postgres -qAt"
-cargo build --release --quiet
+cargo build --release --quiet --features search,mongo
 BIN=target/release/kausal
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT

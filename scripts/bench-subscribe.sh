@@ -3,7 +3,10 @@
 # end-to-end latency at a steady load. Not a test; part of scripts/bench.sh.
 # Usage: scripts/bench-subscribe.sh [backlog transactions, default 40000]
 # Environment: RUNS (default "sqlite:causal:1 sqlite:key:1 pg:causal:1 pg:key:1
-# pg:causal:2"; each <store>:<mode>:<worker processes>, 2+ workers share Redis),
+# pg:causal:2"; each <store>:<mode>:<worker processes>, 2+ workers share Redis; store
+# `redis` is the Redis cache sink, `search` the tantivy index of pgbench_history, `mongo`
+# the MongoDB sink (MONGO_URL, default nx-27017 on 127.0.0.1:27017), each with a SQLite
+# file for the bookkeeping only),
 # RATE (1000 txn/s), SECONDS_LOAD (60).
 #
 # 1. subscriber-apply-catchup: a pgbench backlog (4 row changes per transaction) is
@@ -21,7 +24,7 @@ SECONDS_LOAD=${SECONDS_LOAD:-60}
 RUNS=${RUNS:-"sqlite:causal:1 sqlite:key:1 pg:causal:1 pg:key:1 pg:causal:2"}
 DB=kausal_bench_sub
 PSQL="psql -h 127.0.0.1 -U postgres -qAt"
-cargo build --release --quiet --bin kausal --example latency_probe
+cargo build --release --quiet --features search,mongo --bin kausal --example latency_probe
 BIN=target/release/kausal
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
@@ -46,11 +49,22 @@ url = "amqp://guest:guest@127.0.0.1:5672/%2f"
 path = "$WORK/pub.checkpoint"
 $TABLES
 TOML
-sub_config() { # app store-url mode workers namespace
+sub_config() { # app store-url mode workers namespace [redis]
   local subs="" coord=""
   for t in pgbench_accounts pgbench_branches pgbench_tellers pgbench_history; do
     subs+=$'[[table]]\n'"namespace = \"$5\""$'\n'"name = \"$t\""$'\n'
+    # A Redis cache or search index run: the SQLite store keeps only the bookkeeping.
+    case ${6:-} in redis | search | mongo) subs+=$'mode = "none"\n' ;; esac
   done
+  if [ "${6:-}" = redis ]; then
+    subs+=$'[[sink]]\nkind = "redis"\nurl = "redis://127.0.0.1:6379"\n'"prefix = \"benchcache$$\""$'\n'
+  fi
+  if [ "${6:-}" = mongo ]; then
+    subs+=$'[[sink]]\nkind = "mongo"\n'"url = \"${MONGO_URL:-mongodb://127.0.0.1:27017}\""$'\n'"database = \"bench_$1\""$'\n'
+  fi
+  if [ "${6:-}" = search ]; then
+    subs+=$'[[sink]]\nkind = "search"\n'"path = \"$WORK/$1.index\""$'\ntable = "pgbench_history"\ntext = ["filler"]\nkeyword = ["aid", "tid", "bid"]\nnumber = ["delta"]\n'
+  fi
   if [ "$4" -gt 1 ]; then
     coord=$'[coordination]\nkind = "redis"\nurl = "redis://127.0.0.1:6379"\n'"prefix = \"bench$$\""$'\n'
   fi
@@ -98,12 +112,12 @@ for run in $RUNS; do
   FIRST_APP=${FIRST_APP:-$app}
   rabbitmqctl -q delete_queue "kausal.$app" >/dev/null 2>&1 || true
   case $store in
-    sqlite) url="sqlite://$WORK/$app.db" ;;
+    sqlite | redis | search | mongo) url="sqlite://$WORK/$app.db" ;;
     pg)
       $PSQL -d postgres -c "DROP DATABASE IF EXISTS kausal_bench_store_$i WITH (FORCE)" -c "CREATE DATABASE kausal_bench_store_$i"
       url="postgres://postgres@127.0.0.1:5432/kausal_bench_store_$i" ;;
   esac
-  sub_config "$app" "$url" "$mode" "$workers" benchsub > "$WORK/$app.toml"
+  sub_config "$app" "$url" "$mode" "$workers" benchsub "$store" > "$WORK/$app.toml"
   echo "$url" > "$WORK/$app.url"
   RUST_LOG=warn $BIN subscribe --config "$WORK/$app.toml" & P=$!
   until [ -n "$(depth "kausal.$app")" ]; do sleep 0.2; done
@@ -168,6 +182,7 @@ sed -e 's/namespace = "benchsub"/namespace = "benchlat"/' -e "s#$WORK/pub.checkp
   "$WORK/pub.toml" > "$WORK/lat-pub.toml"
 sub_config bench-latency "sqlite://$WORK/latency.db" causal 1 benchlat > "$WORK/latency.toml"
 rabbitmqctl -q delete_queue kausal.bench-latency >/dev/null 2>&1 || true
+redis-cli --scan --pattern "benchcache$$:*" | xargs -r redis-cli unlink >/dev/null
 RUST_LOG=warn target/release/examples/latency_probe "$WORK/latency.toml" pgbench_history > "$WORK/latency.out" & PROBE=$!
 until [ -n "$(depth kausal.bench-latency)" ]; do sleep 0.2; done
 RUST_LOG=warn $BIN publish --config "$WORK/lat-pub.toml" & PUB=$!

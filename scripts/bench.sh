@@ -12,10 +12,10 @@ MODE=${1:---quick}
 case $MODE in
   --quick)
     PUB_TXNS=20000 SUB_TXNS=10000 SECONDS_LOAD=20 CEILING_MSGS=10000
-    RUNS="sqlite:causal:1 sqlite:key:1 pg:causal:1 pg:key:1 pg:causal:2" ;;
+    RUNS="sqlite:causal:1 sqlite:key:1 pg:causal:1 pg:key:1 pg:causal:2 redis:causal:1 search:causal:1" ;;
   --full)
     PUB_TXNS=60000 SUB_TXNS=40000 SECONDS_LOAD=60 CEILING_MSGS=50000
-    RUNS="sqlite:serial:1 sqlite:key:1 sqlite:causal:1 pg:serial:1 pg:key:1 pg:causal:1 pg:key:2 pg:causal:2" ;;
+    RUNS="sqlite:serial:1 sqlite:key:1 sqlite:causal:1 pg:serial:1 pg:key:1 pg:causal:1 pg:key:2 pg:causal:2 redis:causal:1 search:causal:1 mongo:causal:1" ;;
   *) echo "usage: $0 [--quick | --full]" >&2; exit 2 ;;
 esac
 ./scripts/setup.sh >/dev/null
@@ -24,20 +24,24 @@ esac
 for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep -E '^kausal\.bench-|^kausal\.ceiling' || true); do
   rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
 done
-cargo build --release --quiet --bin kausal --example latency_probe --example broker_ceiling
+cargo build --release --quiet --features search,mongo --bin kausal --example latency_probe --example broker_ceiling
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
 started=$(date +%s)
 
 # 1. Publisher catch-up vs Postgres's own decoding of the same backlog.
 ./scripts/bench-publish.sh "$PUB_TXNS" | tee -a "$OUT"
+# 1b. The same for a MariaDB binlog backlog vs mariadb-binlog decoding it.
+./scripts/bench-publish-mysql.sh "$PUB_TXNS" | tee -a "$OUT"
 # The broker's ceiling for messages of the size the publisher sends under this load.
 target/release/examples/broker_ceiling "$CEILING_MSGS" 2048 | tee -a "$OUT"
 # 2-4. Subscriber apply catch-up per store/mode/workers, end-to-end latency, memory.
 RUNS="$RUNS" SECONDS_LOAD="$SECONDS_LOAD" ./scripts/bench-subscribe.sh "$SUB_TXNS" | tee -a "$OUT"
-# 4. Memory during a 1M-row transaction (full mode only: it takes minutes).
+# 4. Memory during a 1M-row transaction, and 5. bootstrap of 1M rows (full mode only:
+# they take minutes).
 if [ "$MODE" = --full ]; then
   ./scripts/bench-memory.sh 1000000 | tee -a "$OUT"
+  ./scripts/bench-bootstrap.sh 10 | tee -a "$OUT"
 fi
 elapsed=$(( $(date +%s) - started ))
 echo "BENCH harness duration $elapsed s" | tee -a "$OUT"

@@ -5,6 +5,8 @@
 #   MariaDB 10.11  127.0.0.1:3306  binlog ROW/FULL/FULL, GTID strict, user kausal/kausal
 #   RabbitMQ       127.0.0.1:5672  guest/guest (left as it is)
 #   Redis          127.0.0.1:6379
+#   nx-27017       127.0.0.1:27017 MongoDB wire protocol on SQLite (PyPI), for the mongo sink's
+#                  tests; real MongoDB for users: docker compose --profile mongo up
 #
 # Idempotent: packages are installed only when a binary is missing, config
 # files are written only when their content differs, and a server is
@@ -330,6 +332,42 @@ fi
 REDIS_VER=$(redis-cli -h 127.0.0.1 -p 6379 info server 2>/dev/null | tr -d '\r' | awk -F: '$1=="redis_version"{print $2}')
 REDIS_LINE="redis: ready (${REDIS_VER:-?} on 127.0.0.1:6379) [$REDIS_STATE]"
 
+# ================================================================== nx-27017
+# No MongoDB server is packaged for Debian; nx-27017 speaks its wire protocol (the mongo
+# sink's tests run against it; KAUSAL_TEST_MONGO_URL points them at a real one).
+# Skip with KAUSAL_SETUP_MONGO=0.
+NX_LINE="nx-27017: skipped (KAUSAL_SETUP_MONGO=0)"
+if [ "${KAUSAL_SETUP_MONGO:-1}" != "0" ]; then
+  NX_VERSION=0.8.1
+  NX_STATE="unchanged"
+  NX_BIN=$(command -v nx-27017 || true)
+  if [ -z "$NX_BIN" ] || ! "$NX_BIN" --help >/dev/null 2>&1; then
+    NX_BIN=/opt/kausal-nx/bin/nx-27017
+    if [ ! -x "$NX_BIN" ]; then
+      log "nx-27017: installing $NX_VERSION into /opt/kausal-nx (a virtualenv)"
+      if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' >/dev/null 2>&1; then
+        root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv >/dev/null \
+          || die "nx-27017: apt-get install python3-venv failed"
+      fi
+      root python3 -m venv /opt/kausal-nx || die "nx-27017: cannot create /opt/kausal-nx"
+      root /opt/kausal-nx/bin/pip install -q "nx-27017==$NX_VERSION" \
+        || die "nx-27017: pip install nx-27017==$NX_VERSION failed (is PyPI reachable?)"
+      NX_STATE="installed"
+    fi
+  fi
+  nx_up() { (exec 3<>/dev/tcp/127.0.0.1/27017) 2>/dev/null; }
+  if ! nx_up; then
+    log "nx-27017: starting on 127.0.0.1:27017 (data in /var/lib/kausal-nx)"
+    root install -d /var/lib/kausal-nx
+    root "$NX_BIN" -d --host 127.0.0.1 --port 27017 --data-dir /var/lib/kausal-nx \
+      --log-file /var/log/nx-27017.log --pid-file /run/nx-27017.pid >/dev/null 2>&1 \
+      || die "nx-27017: failed to start (see /var/log/nx-27017.log)"
+    wait_for 20 nx_up || die "nx-27017: not listening on 127.0.0.1:27017 after 20 s (see /var/log/nx-27017.log)"
+    NX_STATE="started"
+  fi
+  NX_LINE="nx-27017: ready (MongoDB wire protocol on 127.0.0.1:27017) [$NX_STATE]"
+fi
+
 # =================================================================== summary
-printf '%s\n' "$PG_LINE" "$MY_LINE" "$RMQ_LINE" "$REDIS_LINE"
+printf '%s\n' "$PG_LINE" "$MY_LINE" "$RMQ_LINE" "$REDIS_LINE" "$NX_LINE"
 awk -v s="$START_TS" -v e="$(date +%s.%N)" 'BEGIN { printf "setup: done in %.1f s\n", e - s }'

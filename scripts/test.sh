@@ -15,5 +15,5 @@ for db in $(psql -h 127.0.0.1 -U postgres -d postgres -qAt -c \
 done
 # End-to-end tests run the example programs as worker processes; `cargo test` builds
 # examples only as test harnesses, so build the programs themselves first.
-cargo build --workspace --examples
-cargo test --workspace --all-targets "$@"
+cargo build --workspace --examples --all-features
+cargo test --workspace --all-targets --all-features "$@"

@@ -123,6 +123,26 @@ columns = ["id", "name"]
     }
 
     #[test]
+    fn the_example_configurations_load_and_validate() {
+        let examples = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+        for name in ["publisher.toml", "publisher-mysql.toml"] {
+            let cfg: PublisherConfig =
+                load(&examples.join(name), [], PUBLISHER_SECTIONS, PUBLISHER_KEYS)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+            cfg.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        for name in ["subscriber.toml", "observer.toml"] {
+            let _: kausal_subscriber::SubscriberConfig = load(
+                &examples.join(name),
+                [],
+                SUBSCRIBER_SECTIONS,
+                SUBSCRIBER_KEYS,
+            )
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+
+    #[test]
     fn environment_overrides_the_file() {
         let path = write(FILE);
         let cfg: PublisherConfig = load(

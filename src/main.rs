@@ -30,12 +30,48 @@ enum Command {
         /// Subscriber configuration (TOML); `KAUSAL_*` variables override it.
         #[arg(long, short)]
         config: PathBuf,
+        /// Bootstrap every subscribed table first (their current rows, from the
+        /// publisher), while following the stream.
+        #[arg(long)]
+        bootstrap: bool,
     },
+    /// Fill this app's store with the current rows of its tables, asked from the
+    /// publisher over the broker (never from the source database), then exit; the live
+    /// stream continues with `kausal subscribe`. Resumes an interrupted bootstrap.
+    Bootstrap {
+        /// Subscriber configuration (TOML); `KAUSAL_*` variables override it.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only these tables, as `namespace.table` (published name); default: all
+        /// subscribed tables. Re-bootstraps a table that was bootstrapped before.
+        #[arg(long = "table")]
+        tables: Vec<String>,
+        /// Rows per chunk.
+        #[arg(long, default_value_t = kausal::bus::bootstrap::DEFAULT_CHUNK_ROWS)]
+        chunk_rows: usize,
+    },
+    /// The publisher contract: export what a publisher publishes; check a subscriber
+    /// configuration against it.
+    #[command(subcommand)]
+    Contract(cli::contract::ContractCommand),
     /// Follow a publisher's live changes in the terminal (temporary queue, leaves nothing behind).
     Tail(cli::tail::TailArgs),
     /// The live demo: a workload writes to Postgres, the publisher publishes, a subscriber
     /// keeps a SQLite read model and runs a callback per message, in causal order.
     Demo(cli::demo::DemoArgs),
+    /// Search a search sink's index (built with `--features search`): prints the best
+    /// matching live rows as JSON lines.
+    #[cfg(feature = "search")]
+    Search {
+        /// The index directory (the sink's `path`).
+        #[arg(long)]
+        index: PathBuf,
+        /// Maximum rows printed.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+        /// tantivy query syntax: words, "phrases", `field:value`, `+must -not`.
+        query: String,
+    },
 }
 
 #[tokio::main]
@@ -64,27 +100,72 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Subscribe { config } => {
-            let cfg: kausal::subscriber::SubscriberConfig = kausal::config::load(
-                &config,
-                std::env::vars(),
-                kausal::config::SUBSCRIBER_SECTIONS,
-                kausal::config::SUBSCRIBER_KEYS,
-            )
-            .with_context(|| format!("loading {}", config.display()))?;
-            let shutdown = cli::shutdown_signal();
-            if let Err(error) = kausal::subscriber::run(cfg, shutdown).await {
-                report(&error);
-                std::process::exit(2);
+        Command::Subscribe { config, bootstrap } => {
+            let plan = bootstrap.then(kausal::subscriber::BootstrapPlan::default);
+            subscribe(&config, plan).await
+        }
+        Command::Bootstrap {
+            config,
+            tables,
+            chunk_rows,
+        } => {
+            let mut plan = kausal::subscriber::BootstrapPlan {
+                exit_when_done: true,
+                chunk_rows,
+                ..Default::default()
+            };
+            for t in tables {
+                let Some((ns, table)) = t.split_once('.') else {
+                    anyhow::bail!("--table {t:?}: write it as namespace.table");
+                };
+                plan.tables.push((ns.to_string(), table.to_string()));
+            }
+            subscribe(&config, Some(plan)).await
+        }
+        Command::Contract(command) => cli::contract::run(command).await,
+        Command::Tail(args) => cli::tail::run(args, cli::shutdown_signal()).await,
+        Command::Demo(args) => cli::demo::run(args).await,
+        #[cfg(feature = "search")]
+        Command::Search {
+            index,
+            limit,
+            query,
+        } => {
+            let rows = kausal::subscriber::sink::search::search_path(&index, &query, limit)
+                .map_err(anyhow::Error::msg)?;
+            for row in rows {
+                println!("{}", serde_json::Value::Object(row));
             }
             Ok(())
         }
-        Command::Tail(args) => cli::tail::run(args, cli::shutdown_signal()).await,
-        Command::Demo(args) => cli::demo::run(args).await,
     }
 }
 
-fn report(error: &dyn std::error::Error) {
+/// `kausal subscribe` (and `kausal bootstrap`, which stops once its plan is done).
+async fn subscribe(
+    config: &std::path::Path,
+    plan: Option<kausal::subscriber::BootstrapPlan>,
+) -> anyhow::Result<()> {
+    let cfg: kausal::subscriber::SubscriberConfig = kausal::config::load(
+        config,
+        std::env::vars(),
+        kausal::config::SUBSCRIBER_SECTIONS,
+        kausal::config::SUBSCRIBER_KEYS,
+    )
+    .with_context(|| format!("loading {}", config.display()))?;
+    let shutdown = cli::shutdown_signal();
+    let mut subscriber = kausal::subscriber::Subscriber::new(cfg);
+    if let Some(plan) = plan {
+        subscriber.bootstrap(plan);
+    }
+    if let Err(error) = subscriber.run(shutdown).await {
+        report(&error);
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+pub(crate) fn report(error: &dyn std::error::Error) {
     eprintln!("error: {error}");
     let mut source = error.source();
     while let Some(cause) = source {

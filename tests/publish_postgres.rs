@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use kausal::bus::deps::{session_key, DEFAULT_KEY_SPACE};
 use kausal::bus::{Dep, DepKind, Envelope, Op};
-use kausal::publisher::source::postgres::assemble::{row_key, table_key};
+use kausal::publisher::source::assemble::{row_key, table_key};
 use serde_json::json;
 use std::time::Duration;
 

@@ -1,8 +1,10 @@
 //! `kill -9` of the publisher in the middle of a 10,000-transaction stream loses nothing:
-//! after restarts every transaction arrives, duplicates are byte-identical replays.
+//! after restarts every transaction arrives, duplicates are byte-identical replays. The
+//! same for a Postgres and a MariaDB source.
 
 mod common;
 
+use common::source::{Kind, Source};
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -12,38 +14,33 @@ const WRITERS: i64 = 4;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_stream_then_restart_loses_nothing_and_replays_identically() {
+    kill_9_and_restart(Kind::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_binlog_stream_then_restart_loses_nothing_and_replays_identically() {
+    kill_9_and_restart(Kind::Mariadb).await;
+}
+
+async fn kill_9_and_restart(kind: Kind) {
     let ns = unique("crash");
-    let db = TestDb::new(
-        &ns,
-        "CREATE TABLE events (id bigint PRIMARY KEY, v int NOT NULL);",
-    )
-    .await;
+    let db = Source::new(kind, &ns, "").await;
     let mut tap = Tap::new(&ns).await;
     let cfg = write_config(
-        &config_text(
-            &ns,
-            &db.url,
-            "[[table]]\nname = \"events\"\ncolumns = [\"*\"]\n",
-        ),
+        &db.config_text(&ns, "[[table]]\nname = \"events\"\ncolumns = [\"*\"]\n"),
         &ns,
     );
-    let slot = format!("kausal_{ns}");
     let mut publisher = Process::spawn(&cfg);
-    wait_for_slot(&db.client, &slot).await;
+    db.wait_streaming(&ns).await;
 
     // Writers: one transaction per row, ids disjoint per writer.
     let mut writers = Vec::new();
     for w in 0..WRITERS {
-        let url = db.url.clone();
+        let mut writer = db.writer().await;
         writers.push(tokio::spawn(async move {
-            let c = connect(&url).await;
-            let stmt = c
-                .prepare("INSERT INTO events VALUES ($1, $2)")
-                .await
-                .unwrap();
             let mut id = w + 1;
             while id <= TXNS {
-                c.execute(&stmt, &[&id, &(id as i32)]).await.unwrap();
+                writer.insert(id, id as i32).await;
                 id += WRITERS;
             }
         }));
@@ -54,7 +51,7 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_replays_identically() 
         tap.until(Duration::from_secs(120), |r| complete(r) >= threshold)
             .await;
         publisher.kill();
-        wait_for_slot_released(&db.client, &slot).await;
+        db.wait_released(&ns).await;
         publisher = Process::spawn(&cfg);
     }
     for w in writers {
@@ -94,7 +91,8 @@ async fn kill_9_mid_stream_then_restart_loses_nothing_and_replays_identically() 
         .collect();
     assert_eq!(ids, (1..=TXNS).collect());
     println!(
-        "received {} envelopes for {TXNS} transactions: {duplicates} duplicates after 2 kills",
+        "{kind:?}: received {} envelopes for {TXNS} transactions: {duplicates} duplicates \
+         after 2 kills",
         tap.received.len()
     );
     tap.delete().await;

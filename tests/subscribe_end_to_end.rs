@@ -23,33 +23,7 @@ async fn four_worker_processes_never_call_back_a_message_before_its_user() {
     let inserts = workload::run(&e.db.url, 4_000, 4, 7).await;
     let store = e.store().await;
     workload::converge(&e.db.url, &store, Duration::from_secs(240)).await;
-    for _ in 0..300 {
-        if lines.lock().unwrap().len() as u64 >= inserts {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let lines = lines.lock().unwrap().clone();
-    let violations: Vec<&String> = lines
-        .iter()
-        .filter(|l| l.starts_with("VIOLATION"))
-        .collect();
-    assert!(
-        violations.is_empty(),
-        "{} callbacks ran before their user: {:?}",
-        violations.len(),
-        &violations[..violations.len().min(5)]
-    );
-    let keys: std::collections::BTreeSet<&str> = lines
-        .iter()
-        .filter_map(|l| l.rsplit_once('[').map(|(_, k)| k))
-        .collect();
-    assert_eq!(keys.len(), lines.len(), "a callback fired twice");
-    assert_eq!(
-        lines.len() as u64,
-        inserts,
-        "one callback per inserted message"
-    );
+    observer_saw_every_message_after_its_user(&lines, inserts).await;
     for w in &mut workers {
         w.kill();
     }

@@ -56,6 +56,32 @@ pub struct Envelope {
     /// Dependencies of this part; see `docs/wire-format.md` for the rule.
     #[serde(default)]
     pub deps: Vec<Dep>,
+    /// Set on a bootstrap chunk: current rows of one table, sent to the queue of the
+    /// subscriber that asked only (see `docs/bootstrap.md`). It is no transaction of the
+    /// stream: `seq` is the version of its rows (the last transaction published before
+    /// it), its changes are inserts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<Snapshot>,
+}
+
+/// What a bootstrap chunk belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The request, as the subscriber named it.
+    pub request: String,
+    /// Published table name.
+    pub table: String,
+    /// Chunk number within the table, from 0.
+    pub chunk: u64,
+    /// Key of the last row of this chunk (in key order): where the next one starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_key: Option<Map<String, Value>>,
+    /// Set on the table's last chunk.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub done: bool,
+    /// The source's estimate of the table's rows, for progress reports.
+    #[serde(default)]
+    pub estimated_rows: u64,
 }
 
 impl Envelope {
@@ -312,6 +338,7 @@ mod tests {
                 kind: DepKind::Write,
                 after: 40,
             }],
+            snapshot: None,
         }
     }
 

@@ -3,16 +3,20 @@
 //! - [`envelope`]: the versioned wire format and its pure codec.
 //! - [`deps`]: hashing of dependency keys into a bounded space.
 //! - [`amqp`]: RabbitMQ topology, confirmed publishing, consuming with manual acks.
+//! - [`bootstrap`]: bootstrap requests (initial sync of a subscriber).
+//! - [`contract`]: the publisher contract file (what a publisher publishes).
 //!
 //! Depends on neither the publisher nor the subscriber.
 
 pub mod amqp;
+pub mod bootstrap;
+pub mod contract;
 pub mod deps;
 pub mod envelope;
 mod error;
 
 pub use envelope::{
     decode, encode, BatchWriter, Change, Column, Context, DecodeError, Dep, DepKind, Envelope, Op,
-    TableSchema,
+    Snapshot, TableSchema,
 };
 pub use error::{BusError, ErrorClass};

@@ -10,13 +10,19 @@ use crate::tracker::{KeyState, TrackerState};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8; 8] = b"KSLCKPT1";
+/// Version 1 had no resume token; version 2 appends it. Both are read.
+const MAGIC_V1: &[u8; 8] = b"KSLCKPT1";
+const MAGIC: &[u8; 8] = b"KSLCKPT2";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkpoint {
     /// Source position up to which everything is published and confirmed (for
     /// Postgres: the end LSN of the last published transaction's commit).
     pub position: u64,
+    /// Where the source resumes, for sources whose position is not a number (MySQL /
+    /// MariaDB: `gtid:<domain-server-seq,...>` or `file:<binlog file>:<offset>`). Empty
+    /// for Postgres.
+    pub resume: String,
     pub state: TrackerState,
 }
 
@@ -80,15 +86,18 @@ pub fn encode(cp: &Checkpoint) -> Vec<u8> {
         out.extend_from_slice(table.as_bytes());
         out.extend_from_slice(&fp.to_le_bytes());
     }
+    out.extend_from_slice(&(cp.resume.len() as u32).to_le_bytes());
+    out.extend_from_slice(cp.resume.as_bytes());
     let sum = fnv64(&out);
     out.extend_from_slice(&sum.to_le_bytes());
     out
 }
 
 pub fn decode(bytes: &[u8]) -> Result<Checkpoint, &'static str> {
-    if bytes.len() < MAGIC.len() + 8 || &bytes[..8] != MAGIC {
+    if bytes.len() < MAGIC.len() + 8 || (&bytes[..8] != MAGIC && &bytes[..8] != MAGIC_V1) {
         return Err("not a Kausal checkpoint");
     }
+    let v2 = &bytes[..8] == MAGIC;
     let (body, sum) = bytes.split_at(bytes.len() - 8);
     if fnv64(body) != u64::from_le_bytes(sum.try_into().map_err(|_| "short")?) {
         return Err("checksum mismatch");
@@ -138,10 +147,22 @@ pub fn decode(bytes: &[u8]) -> Result<Checkpoint, &'static str> {
             u64::from_le_bytes(fp.try_into().map_err(|_| "truncated")?),
         );
     }
+    let mut resume = String::new();
+    if v2 {
+        let (h, t) = p.split_at_checked(4).ok_or("truncated")?;
+        let len = u32::from_le_bytes(h.try_into().map_err(|_| "truncated")?) as usize;
+        let (r, t) = t.split_at_checked(len).ok_or("truncated")?;
+        p = t;
+        resume = String::from_utf8(r.to_vec()).map_err(|_| "bad resume token")?;
+    }
     if !p.is_empty() {
         return Err("trailing bytes");
     }
-    Ok(Checkpoint { position, state })
+    Ok(Checkpoint {
+        position,
+        resume,
+        state,
+    })
 }
 
 /// Loads the checkpoint; `Ok(None)` if there is none.
@@ -206,6 +227,7 @@ mod tests {
         state.schemas.insert("users".into(), 42);
         Checkpoint {
             position: 0x16B3748,
+            resume: "gtid:0-1-77".into(),
             state,
         }
     }
@@ -216,6 +238,22 @@ mod tests {
         let bytes = encode(&cp);
         assert_eq!(bytes, encode(&cp.clone()));
         assert_eq!(decode(&bytes).unwrap(), cp);
+    }
+
+    #[test]
+    fn reads_version_one_checkpoints() {
+        let cp = Checkpoint {
+            resume: String::new(),
+            ..sample()
+        };
+        let mut v1 = encode(&cp);
+        // A version 1 file is a version 2 file without the resume token.
+        let body_end = v1.len() - 8 - 4;
+        v1.truncate(body_end);
+        v1[..8].copy_from_slice(MAGIC_V1);
+        let sum = fnv64(&v1);
+        v1.extend_from_slice(&sum.to_le_bytes());
+        assert_eq!(decode(&v1).unwrap(), cp);
     }
 
     #[test]

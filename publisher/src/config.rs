@@ -40,6 +40,51 @@ pub struct PublisherConfig {
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
 pub enum SourceConfig {
     Postgres(PostgresSource),
+    /// MySQL 8 or MariaDB 10.5+ (`kind = "mysql"`), read from the binlog.
+    Mysql(MysqlSource),
+}
+
+/// Default table an application writes transaction context to on MySQL / MariaDB (the
+/// binlog has no `pg_logical_emit_message`): see docs/publisher.md.
+pub const DEFAULT_CONTEXT_TABLE: &str = "kausal_context";
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlSource {
+    /// `mysql://user@host:3306/db`: the database is the default for unqualified table
+    /// names. A password may be in the URL, but prefer `password_env` / `password_file`.
+    pub url: String,
+    #[serde(default)]
+    pub password_env: Option<String>,
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Server id this publisher registers with as a replica: unique among the server's
+    /// replicas. Default: derived from the namespace.
+    #[serde(default)]
+    pub server_id: Option<u32>,
+    /// Table (`db.table` or `table`) whose inserted rows carry transaction context and
+    /// read hints as JSON; never published. Default `kausal_context`.
+    #[serde(default)]
+    pub context_table: Option<String>,
+}
+
+impl std::fmt::Debug for MysqlSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlSource")
+            .field("url", &kausal_bus::amqp::redact_url(&self.url))
+            .field("password_env", &self.password_env)
+            .field("password_file", &self.password_file)
+            .field("server_id", &self.server_id)
+            .field("context_table", &self.context_table)
+            .finish()
+    }
+}
+
+impl MysqlSource {
+    /// The password from `password_env` or `password_file`, if configured.
+    pub fn password(&self) -> Result<Option<String>, ConfigError> {
+        read_password(self.password_env.as_deref(), self.password_file.as_deref())
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -279,19 +324,26 @@ impl PublisherConfig {
 impl PostgresSource {
     /// The password from `password_env` or `password_file`, if configured.
     pub fn password(&self) -> Result<Option<String>, ConfigError> {
-        if let Some(var) = &self.password_env {
-            return std::env::var(var)
-                .map(Some)
-                .map_err(|_| ConfigError::PasswordEnv(var.clone()));
-        }
-        if let Some(path) = &self.password_file {
-            return std::fs::read_to_string(path)
-                .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
-                .map_err(|source| ConfigError::PasswordFile {
-                    path: path.clone(),
-                    source,
-                });
-        }
-        Ok(None)
+        read_password(self.password_env.as_deref(), self.password_file.as_deref())
     }
+}
+
+fn read_password(
+    env: Option<&str>,
+    file: Option<&std::path::Path>,
+) -> Result<Option<String>, ConfigError> {
+    if let Some(var) = env {
+        return std::env::var(var)
+            .map(Some)
+            .map_err(|_| ConfigError::PasswordEnv(var.to_string()));
+    }
+    if let Some(path) = file {
+        return std::fs::read_to_string(path)
+            .map(|s| Some(s.trim_end_matches(['\n', '\r']).to_string()))
+            .map_err(|source| ConfigError::PasswordFile {
+                path: path.to_path_buf(),
+                source,
+            });
+    }
+    Ok(None)
 }

@@ -109,6 +109,68 @@ pub enum SourceError {
     KeyMissing { table: String },
     #[error("the publish loop stopped")]
     PublisherGone,
+    #[error("cannot bootstrap table {table}: {reason}")]
+    Bootstrap { table: String, reason: String },
+    #[error(
+        "cannot reach MySQL/MariaDB at {endpoint}: is the server running and source.url \
+         right?"
+    )]
+    MysqlUnreachable {
+        endpoint: String,
+        #[source]
+        source: mysql_async::Error,
+    },
+    #[error(
+        "MySQL/MariaDB rejected the login for user {user:?} at {endpoint}: check the \
+         password (source.password_env / source.password_file / the URL) and the user's host"
+    )]
+    MysqlBadLogin {
+        endpoint: String,
+        user: String,
+        #[source]
+        source: mysql_async::Error,
+    },
+    #[error("MySQL/MariaDB has {setting} = {found}, Kausal needs {setting} = {want}: {fix}")]
+    BinlogSetting {
+        setting: &'static str,
+        found: String,
+        want: &'static str,
+        fix: &'static str,
+    },
+    #[error(
+        "user {user:?} may not read the binlog: run `GRANT REPLICATION SLAVE, REPLICATION \
+         CLIENT ON *.* TO {user};` as an administrator"
+    )]
+    NoBinlogPrivilege { user: String },
+    #[error(
+        "table {table} has no primary key: add one (`ALTER TABLE {table} ADD PRIMARY KEY \
+         (...)`); subscribers need a stable key to apply changes"
+    )]
+    MysqlNoKey { table: String },
+    #[error(
+        "the binlog no longer holds position {position} ({detail}): it was purged (or the \
+         server's binlog was reset) before the publisher read it, so changes since the \
+         checkpoint are lost. Move the checkpoint away to start a new generation, \
+         re-bootstrap subscribers, and raise binlog_expire_logs_seconds / expire_logs_days"
+    )]
+    BinlogPurged { position: String, detail: String },
+    #[error("MySQL/MariaDB query failed: {context}")]
+    MysqlQuery {
+        context: &'static str,
+        #[source]
+        source: mysql_async::Error,
+    },
+    #[error(
+        "checkpoint {checkpoint} holds no binlog position (written for another source?): \
+         move it away to start a new generation"
+    )]
+    ForeignCheckpoint { checkpoint: String },
+    #[error("no binlog event or heartbeat for {seconds} s: reconnecting")]
+    BinlogSilent { seconds: u64 },
+    #[error("binlog stream failed")]
+    Binlog(#[source] mysql_async::Error),
+    #[error("cannot decode a binlog event of table {table}: {detail}")]
+    BinlogDecode { table: String, detail: String },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 }
@@ -133,13 +195,31 @@ impl SourceError {
                     ErrorClass::Definite
                 }
             }
-            Unreachable { .. } | UnknownRelation { .. } | PublisherGone => ErrorClass::Transient,
+            Unreachable { .. } | UnknownRelation { .. } | PublisherGone | Bootstrap { .. } => {
+                ErrorClass::Transient
+            }
+            MysqlUnreachable { .. } | BinlogSilent { .. } => ErrorClass::Transient,
+            MysqlQuery { source, .. } | Binlog(source) => mysql_class(source),
             Replication(e) if e.is_transient() || e.is_io() => ErrorClass::Transient,
             Replication(e) if e.is_server() && !e.to_string().contains("does not exist") => {
                 ErrorClass::Transient
             }
             _ => ErrorClass::Definite,
         }
+    }
+}
+
+/// Connection problems and server shutdowns are transient; SQL errors are definite,
+/// except the ones a restart or retry cures (lock wait timeout, deadlock, server
+/// shutting down, too many connections).
+fn mysql_class(e: &mysql_async::Error) -> ErrorClass {
+    match e {
+        mysql_async::Error::Io(_) => ErrorClass::Transient,
+        mysql_async::Error::Driver(_) => ErrorClass::Transient,
+        mysql_async::Error::Server(s) if matches!(s.code, 1040 | 1053 | 1205 | 1213 | 1927) => {
+            ErrorClass::Transient
+        }
+        _ => ErrorClass::Definite,
     }
 }
 

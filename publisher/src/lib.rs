@@ -2,19 +2,24 @@
 //!
 //! Layout:
 //! - [`config`]: what is published (tables, column allowlist, renames, references).
-//! - [`source::postgres`]: logical replication (`pgoutput`), catalog checks, and the
-//!   assembler that turns row changes into envelopes.
+//! - [`source::postgres`]: logical replication (`pgoutput`) and catalog checks.
+//! - [`source::mysql`]: the MySQL / MariaDB binlog and `information_schema` checks.
+//! - [`source::assemble`]: row changes of either source into envelopes.
 //! - [`tracker`]: dependency counters, in memory, in commit order.
 //! - [`checkpoint`]: position + counters, saved once RabbitMQ confirmed everything
 //!   before them.
 //! - [`publish`]: batching and confirms in flight.
+//! - [`bootstrap`]: current rows in chunks to one subscriber, between watermarks.
+//! - [`contract`]: the contract file describing what is published.
 //!
 //! [`run`] supervises it all: transient failures (database or broker restarts, network)
 //! restart the stream from the checkpoint with backoff; definite ones stop with a
 //! message naming the fix.
 
+pub mod bootstrap;
 pub mod checkpoint;
 pub mod config;
+pub mod contract;
 pub mod error;
 pub mod publish;
 pub mod source;
@@ -73,8 +78,10 @@ pub async fn run(
 /// privileges, broker — and returns the first problem found.
 pub async fn check(cfg: &PublisherConfig) -> Result<(), PublisherError> {
     cfg.validate()?;
-    let SourceConfig::Postgres(pg) = &cfg.source;
-    source::postgres::check(cfg, pg).await?;
+    match &cfg.source {
+        SourceConfig::Postgres(pg) => source::postgres::check(cfg, pg).await?,
+        SourceConfig::Mysql(my) => source::mysql::check(cfg, my).await?,
+    }
     let bus = AmqpPublisher::connect(&cfg.broker.url, &cfg.broker.exchange).await?;
     bus.close().await;
     Ok(())
@@ -87,7 +94,6 @@ async fn run_once(
 ) -> Result<(), PublisherError> {
     let path = cfg.checkpoint_path();
     let checkpoint = checkpoint::load(&path)?;
-    let SourceConfig::Postgres(pg) = &cfg.source;
     let bus = AmqpPublisher::connect(&cfg.broker.url, &cfg.broker.exchange).await?;
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (durable_tx, durable_rx) = watch::channel(0u64);
@@ -100,8 +106,31 @@ async fn run_once(
         stats,
     };
     let publishing = tokio::spawn(publisher.run(rx));
-    let streamed =
-        source::postgres::stream(cfg, pg, checkpoint, &path, tx, durable_rx, shutdown).await;
+    let streamed = match &cfg.source {
+        SourceConfig::Postgres(pg) => {
+            // Bootstrap requests are answered while the stream runs: chunks go out when
+            // the stream reaches their high watermarks.
+            let windows = Arc::new(bootstrap::Windows::default());
+            let conn = source::postgres::catalog::ConnInfo::parse(&pg.url, pg.password()?)?;
+            let mut serving = tokio::spawn(bootstrap::serve(
+                Arc::new(cfg.clone()),
+                conn,
+                windows.clone(),
+            ));
+            let streamed = tokio::select! {
+                s = source::postgres::stream(cfg, pg, checkpoint, &path, tx, durable_rx, shutdown, &windows) => s,
+                served = &mut serving => match served {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(SourceError::PublisherGone.into()),
+                },
+            };
+            serving.abort();
+            streamed
+        }
+        SourceConfig::Mysql(my) => {
+            source::mysql::stream(cfg, my, checkpoint, &path, tx, shutdown).await
+        }
+    };
     let published = publishing.await.expect("publish loop does not panic");
     match (streamed, published) {
         (_, Err(e)) => Err(e),

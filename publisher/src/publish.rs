@@ -22,6 +22,12 @@ pub enum Item {
     Envelope(Envelope),
     /// Everything before this is to be checkpointed with this state.
     Marker(Box<Checkpoint>),
+    /// A bootstrap chunk for one subscriber's queue (not part of the stream: it is
+    /// published straight to that queue, after everything before it).
+    Direct {
+        queue: String,
+        envelope: Box<Envelope>,
+    },
 }
 
 /// Counters for logs and status.
@@ -70,6 +76,14 @@ impl PublishLoop {
                     match item {
                         None => open = false,
                         Some(Item::Marker(cp)) => inflight.push_back(Box::pin(async move { Ok(Some(cp)) })),
+                        Some(Item::Direct { queue, envelope }) => {
+                            let body = kausal_bus::encode(std::slice::from_ref(&*envelope));
+                            let confirm = self.bus.publish_to_queue(&queue, &body).await?;
+                            inflight.push_back(Box::pin(async move {
+                                confirm.wait().await?;
+                                Ok(None)
+                            }));
+                        }
                         Some(Item::Envelope(first)) => {
                             let mut batch = BatchWriter::new();
                             let last_seq = self.fill(&mut batch, first, &mut rx, &mut held);
@@ -105,8 +119,8 @@ impl PublishLoop {
         {
             match rx.try_recv() {
                 Ok(Item::Envelope(e)) => last_seq = self.add(batch, e),
-                Ok(marker) => {
-                    *held = Some(marker);
+                Ok(other) => {
+                    *held = Some(other);
                     break;
                 }
                 Err(_) => break,

@@ -37,6 +37,23 @@ pub struct TrackerState {
 }
 
 impl TrackerState {
+    /// The state of a new generation (numbered by the current time in milliseconds, so
+    /// later generations have higher numbers), logged loudly: subscribers of the
+    /// namespace start over.
+    pub fn new_generation(key_space: u32, checkpoint: &std::path::Path) -> Self {
+        let generation = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(1);
+        tracing::warn!(
+            generation,
+            checkpoint = %checkpoint.display(),
+            "no checkpoint found: starting a NEW GENERATION (sequence numbers restart at 1; \
+             subscribers of this namespace reset their dependency state)"
+        );
+        TrackerState::new(generation, key_space)
+    }
+
     pub fn new(generation: u64, key_space: u32) -> Self {
         TrackerState {
             generation,

@@ -124,6 +124,7 @@ rename = {{ body = "text" }}
             exchange: kausal::bus::amqp::DEFAULT_EXCHANGE.into(),
             namespace: "demo".into(),
             table: None,
+            filters: Vec::new(),
             json: false,
         };
         tokio::spawn(super::tail::run(tail, stop_rx.clone()))

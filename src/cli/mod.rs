@@ -1,3 +1,4 @@
+pub mod contract;
 pub mod demo;
 mod demo_reader;
 pub mod tail;

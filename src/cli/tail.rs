@@ -23,9 +23,37 @@ pub struct TailArgs {
     /// Only changes of this (published) table.
     #[arg(long)]
     pub table: Option<String>,
+    /// Only changes whose row has COLUMN equal to VALUE (e.g. `--where user_id=42`);
+    /// repeat to require several. Compared as text.
+    #[arg(long = "where", value_name = "COLUMN=VALUE", value_parser = parse_filter)]
+    pub filters: Vec<(String, String)>,
     /// One JSON envelope per line instead of the human format.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_filter(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((c, v)) if !c.is_empty() => Ok((c.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: write it as COLUMN=VALUE")),
+    }
+}
+
+/// Whether a change passes `--table` and every `--where`.
+fn wanted(c: &kausal::bus::Change, args: &TailArgs) -> bool {
+    if args.table.as_ref().is_some_and(|t| t != &c.table) {
+        return false;
+    }
+    let row = c.new.as_ref().or(c.old.as_ref()).unwrap_or(&c.key);
+    args.filters.iter().all(|(column, value)| {
+        let found = row.get(column).or_else(|| c.key.get(column));
+        match found {
+            Some(serde_json::Value::String(s)) => s == value,
+            Some(serde_json::Value::Null) => value == "null",
+            Some(other) => value.as_str() == other.to_string().as_str(),
+            None => false,
+        }
+    })
 }
 
 pub async fn run(args: TailArgs, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -35,6 +63,7 @@ pub async fn run(args: TailArgs, mut shutdown: watch::Receiver<bool>) -> anyhow:
         prefetch: 512,
         temporary: true,
         message_ttl_ms: None,
+        expires_ms: None,
     };
     let mut consumer = AmqpConsumer::connect(&args.broker, &args.exchange, &spec).await?;
     eprintln!("following namespace {:?} (Ctrl-C to stop)", args.namespace);
@@ -58,13 +87,19 @@ pub async fn run(args: TailArgs, mut shutdown: watch::Receiver<bool>) -> anyhow:
 }
 
 fn print_envelope(e: &Envelope, args: &TailArgs) {
-    if let Some(t) = &args.table {
-        if !e.changes.iter().any(|c| &c.table == t) {
-            return;
-        }
+    let filtering = args.table.is_some() || !args.filters.is_empty();
+    if filtering && !e.changes.iter().any(|c| wanted(c, args)) {
+        return;
     }
     if args.json {
-        println!("{}", serde_json::to_string(e).unwrap_or_default());
+        if filtering {
+            // Only the matching changes: what the filter asked for, nothing more.
+            let mut shown = e.clone();
+            shown.changes.retain(|c| wanted(c, args));
+            println!("{}", serde_json::to_string(&shown).unwrap_or_default());
+        } else {
+            println!("{}", serde_json::to_string(e).unwrap_or_default());
+        }
         return;
     }
     let part = match e.parts {
@@ -90,7 +125,7 @@ fn print_envelope(e: &Envelope, args: &TailArgs) {
         who
     );
     for c in &e.changes {
-        if args.table.as_ref().is_some_and(|t| t != &c.table) {
+        if !wanted(c, args) {
             continue;
         }
         let row = c.new.as_ref().or(c.old.as_ref()).unwrap_or(&c.key);

@@ -39,6 +39,58 @@ pub struct SubscriberConfig {
     /// Subscribed tables.
     #[serde(rename = "table", default)]
     pub tables: Vec<TableSubscription>,
+    /// Read models beside the store (`[[sink]]`), written inside its transactions.
+    #[serde(rename = "sink", default)]
+    pub sinks: Vec<SinkConfig>,
+}
+
+/// A sink beside the store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum SinkConfig {
+    /// A Redis cache: rows as hashes or JSON strings (see `sink::redis`).
+    Redis(RedisSinkConfig),
+    /// A tantivy full-text index of one table (feature `search`; see `sink::search`).
+    #[cfg(feature = "search")]
+    Search(crate::sink::search::SearchSinkConfig),
+    /// MongoDB documents, one collection per table (feature `mongo`; see `sink::mongo`).
+    #[cfg(feature = "mongo")]
+    Mongo(crate::sink::mongo::MongoSinkConfig),
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSinkConfig {
+    /// `redis://host:6379/db`.
+    pub url: String,
+    /// Key prefix: rows are at `<prefix>:<table>:<key>`. Default `cache`.
+    #[serde(default = "default_cache_prefix")]
+    pub prefix: String,
+    /// `hash` (default) or `json`.
+    #[serde(default)]
+    pub format: crate::sink::redis::CacheFormat,
+    /// Expiry set on every write, in seconds; 0 (default) keeps rows until deleted.
+    #[serde(default)]
+    pub ttl_seconds: u64,
+    /// Destination tables cached; default: every subscribed table.
+    #[serde(default)]
+    pub tables: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for RedisSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSinkConfig")
+            .field("url", &kausal_bus::amqp::redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("format", &self.format)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("tables", &self.tables)
+            .finish()
+    }
+}
+
+fn default_cache_prefix() -> String {
+    "cache".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -217,7 +269,14 @@ impl SubscriberConfig {
             ordering: OrderingConfig::default(),
             callbacks: CallbackConfig::default(),
             tables: Vec::new(),
+            sinks: Vec::new(),
         }
+    }
+
+    /// Adds a sink beside the store.
+    pub fn sink(mut self, sink: SinkConfig) -> Self {
+        self.sinks.push(sink);
+        self
     }
 
     /// Subscribes a published table, with these columns (published names; empty: all).

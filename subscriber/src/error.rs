@@ -36,6 +36,13 @@ pub enum SinkError {
     },
     #[error("{0}")]
     Mapping(#[from] MappingError),
+    /// A sink beside the SQL store (Redis cache, search index, document store).
+    #[error("sink {sink} failed: {message}")]
+    External {
+        sink: String,
+        message: String,
+        class: ErrorClass,
+    },
 }
 
 impl SinkError {
@@ -57,7 +64,7 @@ impl SinkError {
             }
             SinkError::Store { source, .. } => sqlx_class(source),
             SinkError::Rejected { .. } | SinkError::Mapping(_) => ErrorClass::Definite,
-            SinkError::Callback { class, .. } => *class,
+            SinkError::Callback { class, .. } | SinkError::External { class, .. } => *class,
         }
     }
 }

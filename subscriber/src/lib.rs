@@ -3,6 +3,7 @@
 //!
 //! Layout:
 //! - [`config`]: what an app subscribes, its store, coordination and ordering mode.
+//! - [`contract`]: a configuration checked against a publisher's contract file.
 //! - [`txn`]: envelopes assembled into [`txn::Transaction`]s, mapped onto the
 //!   subscribed tables and columns.
 //! - [`schedule`]: the causal gate (the dependency rule, counters, the watermark).
@@ -11,6 +12,7 @@
 //! - [`runtime`]: consume, gate, apply in groups, ack; the worker loop.
 
 pub mod config;
+pub mod contract;
 pub mod coord;
 pub mod error;
 pub mod runtime;
@@ -20,5 +22,5 @@ pub mod txn;
 
 pub use config::{Mode, SubscriberConfig};
 pub use error::{ErrorClass, SinkError, SubscriberError};
-pub use runtime::{run, Subscriber};
+pub use runtime::{run, BootstrapPlan, Subscriber};
 pub use sink::{CallbackError, Callbacks, Event};

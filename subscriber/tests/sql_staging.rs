@@ -59,6 +59,7 @@ fn part(seq: u64, part: u32, parts: u32) -> Envelope {
             kind: DepKind::Write,
             after: seq - 1,
         }],
+        snapshot: None,
     }
 }
 

@@ -44,19 +44,24 @@ pub async fn e2e_with(label: &str, publisher_extra: &str) -> E2e {
     }
 }
 
+/// A config file for worker processes of namespace `ns` sharing its queue through Redis,
+/// subscribed to the workload's tables.
+pub fn redis_config(ns: &str, store_url: &str, extra: &str) -> std::path::PathBuf {
+    let text = sub_config_text(
+        ns,
+        store_url,
+        &format!(
+            "appliers = 2\n{extra}\n[coordination]\nkind = \"redis\"\nurl = \"{REDIS}\"\nprefix = \"{ns}\"\n{}",
+            workload::subscribed(ns)
+        ),
+    );
+    write_config(&text, &format!("{ns}.sub"))
+}
+
 impl E2e {
     /// A config file for worker processes sharing the queue through Redis.
     pub fn redis_config(&self, extra: &str) -> std::path::PathBuf {
-        let text = sub_config_text(
-            &self.ns,
-            &self.store_url,
-            &format!(
-                "appliers = 2\n{extra}\n[coordination]\nkind = \"redis\"\nurl = \"{REDIS}\"\nprefix = \"{}\"\n{}",
-                self.ns,
-                workload::subscribed(&self.ns)
-            ),
-        );
-        write_config(&text, &format!("{}.sub", self.ns))
+        redis_config(&self.ns, &self.store_url, extra)
     }
 
     pub async fn store(&self) -> sqlx::AnyPool {
@@ -70,4 +75,40 @@ impl E2e {
         workload::drop_store_db(&self.store_name).await;
         delete_queues(&self.ns).await;
     }
+}
+
+/// Waits (up to 30 s) for one line per inserted message from the `observer` example
+/// workers, then checks them: no callback ran before its user was in the read model, none
+/// fired twice, one per inserted message.
+pub async fn observer_saw_every_message_after_its_user(
+    lines: &std::sync::Mutex<Vec<String>>,
+    inserts: u64,
+) {
+    for _ in 0..300 {
+        if lines.lock().unwrap().len() as u64 >= inserts {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let lines = lines.lock().unwrap().clone();
+    let violations: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.starts_with("VIOLATION"))
+        .collect();
+    assert!(
+        violations.is_empty(),
+        "{} callbacks ran before their user: {:?}",
+        violations.len(),
+        &violations[..violations.len().min(5)]
+    );
+    let keys: std::collections::BTreeSet<&str> = lines
+        .iter()
+        .filter_map(|l| l.rsplit_once('[').map(|(_, k)| k))
+        .collect();
+    assert_eq!(keys.len(), lines.len(), "a callback fired twice");
+    assert_eq!(
+        lines.len() as u64,
+        inserts,
+        "one callback per inserted message"
+    );
 }

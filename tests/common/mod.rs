@@ -13,6 +13,9 @@ use tokio_postgres::{Client, NoTls};
 
 pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
 pub mod e2e;
+pub mod my_workload;
+pub mod mysql;
+pub mod source;
 pub mod sub;
 pub mod workload;
 
@@ -339,6 +342,29 @@ impl Process {
             child,
             config: config.to_path_buf(),
         }
+    }
+
+    /// `kausal <args> --config <config>` (warnings and errors to the test's stderr).
+    pub fn kausal(args: &[&str], config: &std::path::Path) -> Process {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
+            .args(args)
+            .arg("--config")
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("KAUSAL_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .spawn()
+            .expect("start kausal");
+        Process {
+            child,
+            config: config.to_path_buf(),
+        }
+    }
+
+    /// Whether the process has exited, with its status.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     pub fn spawn(config: &std::path::Path) -> Process {

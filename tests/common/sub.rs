@@ -232,6 +232,7 @@ impl Feed {
             schemas,
             changes,
             deps,
+            snapshot: None,
         }
     }
 

@@ -237,8 +237,16 @@ pub async fn store_rows(store: &sqlx::AnyPool) -> (Vec<String>, Vec<String>) {
 /// Waits until the store equals the source row by row; panics with the difference after
 /// `timeout`.
 pub async fn converge(db_url: &str, store: &sqlx::AnyPool, timeout: std::time::Duration) {
+    converge_to(source_rows(db_url).await, store, timeout).await
+}
+
+/// Waits until the store holds `source` (users, messages as text rows).
+pub async fn converge_to(
+    source: (Vec<String>, Vec<String>),
+    store: &sqlx::AnyPool,
+    timeout: std::time::Duration,
+) {
     let deadline = std::time::Instant::now() + timeout;
-    let source = source_rows(db_url).await;
     loop {
         let got = store_rows(store).await;
         if got == source {

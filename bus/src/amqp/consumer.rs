@@ -22,6 +22,9 @@ pub struct QueueSpec {
     pub temporary: bool,
     /// Messages older than this are dropped by the broker (a laptop subscriber's queue).
     pub message_ttl_ms: Option<u32>,
+    /// The broker deletes the queue (and its dead-letter queue) after it was unused this
+    /// long: no consumer, not declared again.
+    pub expires_ms: Option<u32>,
 }
 
 impl QueueSpec {
@@ -32,6 +35,7 @@ impl QueueSpec {
             prefetch: 256,
             temporary: false,
             message_ttl_ms: None,
+            expires_ms: None,
         }
     }
 
@@ -265,11 +269,15 @@ pub async fn declare_queue(
             .await
             .map_err(amqp("exchange.declare"))?;
         let dlq = spec.dead_letter_queue();
+        let mut dlq_args = FieldTable::default();
+        if let Some(ms) = spec.expires_ms {
+            dlq_args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+        }
         channel
             .queue_declare(
                 dlq.as_str().into(),
                 QueueDeclareOptions::durable(),
-                FieldTable::default(),
+                dlq_args,
             )
             .await
             .map_err(amqp("queue.declare"))?;
@@ -294,6 +302,9 @@ pub async fn declare_queue(
     }
     if let Some(ttl) = spec.message_ttl_ms {
         args.insert("x-message-ttl".into(), AMQPValue::LongUInt(ttl));
+    }
+    if let Some(ms) = spec.expires_ms {
+        args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
     }
     let options = if spec.temporary {
         QueueDeclareOptions {

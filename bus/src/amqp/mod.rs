@@ -9,7 +9,9 @@
 mod consumer;
 mod publisher;
 
-pub use consumer::{peek_dead_letters, AmqpConsumer, DeadLetter, Delivery, QueueSpec};
+pub use consumer::{
+    declare_queue, peek_dead_letters, AmqpConsumer, DeadLetter, Delivery, QueueSpec,
+};
 pub use publisher::{AmqpPublisher, PendingConfirm};
 
 use crate::error::BusError;

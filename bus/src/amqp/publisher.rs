@@ -58,13 +58,33 @@ impl AmqpPublisher {
         routing_key: &str,
         body: &[u8],
     ) -> Result<PendingConfirm, BusError> {
+        self.publish_via(&self.exchange, routing_key, body).await
+    }
+
+    /// Publishes one persistent message straight to queue `queue` (through the default
+    /// exchange, so no other queue gets it): bootstrap chunks for one subscriber,
+    /// bootstrap requests to a publisher.
+    pub async fn publish_to_queue(
+        &self,
+        queue: &str,
+        body: &[u8],
+    ) -> Result<PendingConfirm, BusError> {
+        self.publish_via("", queue, body).await
+    }
+
+    async fn publish_via(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+    ) -> Result<PendingConfirm, BusError> {
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/vnd.kausal".into());
         let confirm = self
             .channel
             .basic_publish(
-                self.exchange.as_str().into(),
+                exchange.into(),
                 routing_key.into(),
                 BasicPublishOptions::default(),
                 body,

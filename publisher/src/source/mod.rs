@@ -1,2 +1,53 @@
-//! Sources of row changes.
+//! Sources of row changes. Each source turns its log into the same row-change
+//! vocabulary (pgoutput's: text values, full or key-only old rows) and hands it to the
+//! shared [`assemble::Assembler`], so every source publishes identical envelopes and
+//! dependencies for the same logical changes.
+
+pub mod assemble;
+pub mod mysql;
 pub mod postgres;
+pub mod values;
+
+use crate::config::TableConfig;
+use crate::error::SourceError;
+use postgres::catalog::TableMeta;
+
+/// Checks a published table's configuration against its catalog facts, the same way
+/// for every source: listed columns exist, the key is published, references name
+/// existing columns and a published table (`published(reference.table)`).
+pub fn check_columns(
+    t: &TableConfig,
+    meta: &TableMeta,
+    display: &str,
+    published: impl Fn(&str) -> bool,
+) -> Result<(), SourceError> {
+    let missing = |column: &String| SourceError::MissingColumn {
+        table: display.to_string(),
+        column: column.clone(),
+    };
+    if let Some(c) = t
+        .columns
+        .iter()
+        .find(|c| *c != "*" && !meta.columns.contains(c))
+    {
+        return Err(missing(c));
+    }
+    if let Some(k) = meta.key.iter().find(|k| !t.publishes(k)) {
+        return Err(SourceError::KeyNotPublished {
+            table: display.to_string(),
+            column: k.clone(),
+        });
+    }
+    for r in &t.references {
+        if let Some(c) = r.columns.iter().find(|c| !meta.columns.contains(c)) {
+            return Err(missing(c));
+        }
+        if !published(&r.table) {
+            return Err(SourceError::BadReference {
+                table: display.to_string(),
+                referenced: r.table.clone(),
+            });
+        }
+    }
+    Ok(())
+}

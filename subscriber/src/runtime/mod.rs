@@ -6,7 +6,10 @@
 //! been applied (or found applied, or dead-lettered on its own).
 
 mod apply;
+mod bootstrap;
 mod upkeep;
+
+pub use bootstrap::BootstrapPlan;
 
 use crate::config::{Coordination, SubscriberConfig};
 use crate::coord::{memory::MemoryCoord, redis::RedisCoord, Check, Coordinator, Query};
@@ -40,6 +43,7 @@ const COMPACT_EVERY: Duration = Duration::from_secs(5);
 pub struct Subscriber {
     cfg: SubscriberConfig,
     callbacks: Callbacks,
+    bootstrap: Option<BootstrapPlan>,
 }
 
 impl Subscriber {
@@ -47,7 +51,15 @@ impl Subscriber {
         Subscriber {
             cfg,
             callbacks: Callbacks::default(),
+            bootstrap: None,
         }
+    }
+
+    /// Bootstraps tables at start (see [`BootstrapPlan`]); an unfinished bootstrap in the
+    /// store is resumed at every start anyway.
+    pub fn bootstrap(&mut self, plan: BootstrapPlan) -> &mut Self {
+        self.bootstrap = Some(plan);
+        self
     }
 
     /// Register callbacks here (`on_insert`, `on_update`, `on_delete`, `on_change`).
@@ -60,16 +72,24 @@ impl Subscriber {
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), SubscriberError> {
         self.cfg.validate().map_err(SubscriberError::Config)?;
         let mut backoff = Duration::from_millis(250);
+        // The plan is handed to workers until one has recorded it in the store; after
+        // that a restarted worker resumes it from there.
+        let plan_started = Arc::new(std::sync::atomic::AtomicBool::new(false));
         loop {
             let started = Instant::now();
             match Worker::start(&self.cfg, self.callbacks.clone()).await {
-                Ok(worker) => match worker.run(shutdown.clone()).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) if e.class() == crate::ErrorClass::Definite => return Err(e),
-                    Err(e) => {
-                        tracing::warn!(error = %error_chain(&e), "worker stopped; restarting")
+                Ok(mut worker) => {
+                    if !plan_started.load(std::sync::atomic::Ordering::Relaxed) {
+                        worker.boot.plan = self.bootstrap.clone();
                     }
-                },
+                    match worker.run(shutdown.clone(), &plan_started).await {
+                        Ok(()) => return Ok(()),
+                        Err(e) if e.class() == crate::ErrorClass::Definite => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(error = %error_chain(&e), "worker stopped; restarting")
+                        }
+                    }
+                }
                 Err(e) if e.class() == crate::ErrorClass::Definite => return Err(e),
                 Err(e) => tracing::warn!(error = %error_chain(&e), "cannot start; retrying"),
             }
@@ -148,6 +168,7 @@ struct Worker {
     /// otherwise come back with every recovery scan).
     dead: HashSet<TxId>,
     applying: HashSet<TxId>,
+    boot: bootstrap::Boot,
     seeded: HashSet<(Arc<str>, u64)>,
     last_progress: Instant,
 }
@@ -157,7 +178,25 @@ impl Worker {
         cfg: &SubscriberConfig,
         callbacks: Callbacks,
     ) -> Result<Worker, SubscriberError> {
-        let store = SqlStore::connect(&cfg.store.url).await?;
+        let mut sinks: Vec<Arc<dyn crate::sink::Sink>> = Vec::new();
+        for sink in &cfg.sinks {
+            match sink {
+                crate::config::SinkConfig::Redis(r) => {
+                    sinks.push(Arc::new(crate::sink::redis::RedisSink::connect(r).await?))
+                }
+                #[cfg(feature = "search")]
+                crate::config::SinkConfig::Search(s) => {
+                    sinks.push(Arc::new(crate::sink::search::SearchSink::open(s)?))
+                }
+                #[cfg(feature = "mongo")]
+                crate::config::SinkConfig::Mongo(m) => {
+                    sinks.push(Arc::new(crate::sink::mongo::MongoSink::connect(m).await?))
+                }
+            }
+        }
+        let store = SqlStore::connect(&cfg.store.url)
+            .await?
+            .with_sinks(crate::sink::Sinks::new(sinks));
         let coord = Arc::new(match &cfg.coordination {
             Coordination::Memory => Coordinator::Memory(MemoryCoord::new()),
             Coordination::Redis { url, prefix } => {
@@ -198,10 +237,15 @@ impl Worker {
             applying: HashSet::new(),
             seeded: HashSet::new(),
             last_progress: Instant::now(),
+            boot: bootstrap::Boot::default(),
         })
     }
 
-    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), SubscriberError> {
+    async fn run(
+        mut self,
+        mut shutdown: watch::Receiver<bool>,
+        plan_started: &std::sync::atomic::AtomicBool,
+    ) -> Result<(), SubscriberError> {
         // Ready transactions, one by one; a free applier takes all that are there (up to
         // max_group) as one store transaction, so groups grow exactly when the store is
         // the bottleneck. Bounded by the prefetch window, which bounds what we hold.
@@ -216,13 +260,24 @@ impl Worker {
         }
         drop(out_tx);
         self.recover_staged().await?;
+        self.start_bootstraps().await?;
+        plan_started.store(true, std::sync::atomic::Ordering::Relaxed);
         let wake = self.coord.wakeups();
         let mut recheck = tokio::time::interval(RECHECK);
         let mut compact = tokio::time::interval(COMPACT_EVERY);
         let result: Result<(), SubscriberError> = loop {
-            // Every event below can make a waiting transaction ready.
-            if let Err(e) = self.dispatch(&group_tx).await {
+            // Chunks first, once nothing is in flight; no new groups while one waits.
+            if let Err(e) = self.take_stashed_chunks().await {
                 break Err(e);
+            }
+            if self.boot.finished {
+                break Ok(());
+            }
+            // Every event below can make a waiting transaction ready.
+            if self.boot.stash.is_empty() {
+                if let Err(e) = self.dispatch(&group_tx).await {
+                    break Err(e);
+                }
             }
             tokio::select! {
                 biased;
@@ -239,13 +294,16 @@ impl Worker {
                     Some(Err(e)) => break Err(e.into()),
                     Some(Ok(d)) => {
                         if let Err(e) = self.receive(d).await { break Err(e); }
-                        }
+                        if self.boot.finished { break Ok(()); }
+                    }
                 },
                 _ = wake.notified() => {}
                 _ = recheck.tick() => {
                     self.report_waits();
                     if let Err(e) = self.join_if_stuck().await { break Err(e); }
                     if let Err(e) = self.hand_back().await { break Err(e); }
+                    if let Err(e) = self.re_request_if_silent().await { break Err(e); }
+                    if self.boot.finished { break Ok(()); }
                 }
                 _ = compact.tick() => {
                     self.compact().await;
@@ -285,6 +343,15 @@ impl Worker {
                 return Ok(());
             }
         };
+        if let [env] = envelopes.as_slice() {
+            if env.snapshot.is_some() {
+                // A bootstrap chunk: no transaction of the stream, not gated. Applied
+                // when no store transaction is in flight (its row versions are read
+                // once: a group committing meanwhile could be overwritten).
+                self.boot.stash.push((env.clone(), delivery));
+                return self.take_stashed_chunks().await;
+            }
+        }
         let max_seq = envelopes.iter().map(|e| e.seq).max().unwrap_or(0);
         self.held.insert(
             id,
@@ -296,6 +363,8 @@ impl Worker {
             },
         );
         for env in envelopes {
+            self.join_for_bootstrap(&env.namespace, env.generation, env.seq)
+                .await?;
             let tx_id = TxId {
                 namespace: env.namespace.as_str().into(),
                 generation: env.generation,

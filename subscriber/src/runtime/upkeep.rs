@@ -154,6 +154,9 @@ impl Worker {
                     if let Err(error) = self.store.compact(&ns, generation, w).await {
                         tracing::warn!(error = %error, "cannot compact bookkeeping");
                     }
+                    if let Err(error) = self.store.finish_bootstraps(&ns, generation, w).await {
+                        tracing::warn!(error = %error, "cannot finish bootstraps");
+                    }
                 }
                 Ok(_) => {}
                 Err(error) => tracing::warn!(error = %error, "cannot read the watermark"),

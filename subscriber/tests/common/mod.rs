@@ -3,6 +3,8 @@
 //! each dropped when the test ends, even when it fails.
 #![allow(dead_code)]
 
+pub mod build;
+
 use anyhow::{Context as _, Result};
 use kausal_subscriber::sink::sql::SqlStore;
 use sqlx::{AnyConnection, AssertSqlSafe, Connection, Executor};

@@ -2,9 +2,9 @@
 //! (checked before streaming), keys, foreign keys and types of published tables, and the
 //! publication and slot it owns.
 
-use super::values::Conv;
 use crate::config::{split_name, PublisherConfig};
 use crate::error::SourceError;
+use crate::source::values::Conv;
 use std::collections::HashMap;
 use tokio_postgres::{Client, NoTls};
 
@@ -115,6 +115,11 @@ pub struct TableMeta {
     /// Declared foreign keys: (local columns, referenced schema, table, referenced columns).
     pub foreign_keys: Vec<(Vec<String>, String, String, Vec<String>)>,
     pub columns: Vec<String>,
+    /// Text columns that hold JSON (MariaDB's `JSON` is `LONGTEXT` with a `json_valid`
+    /// check): published as JSON values.
+    pub json_columns: Vec<String>,
+    /// MySQL `BOOLEAN` columns (`tinyint(1)`): published as booleans.
+    pub bool_columns: Vec<String>,
 }
 
 pub async fn table_meta(
@@ -181,7 +186,23 @@ pub async fn table_meta(
             .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
             .collect(),
         columns: col_rows.iter().map(|r| r.get(0)).collect(),
+        json_columns: Vec::new(),
+        bool_columns: Vec::new(),
     }))
+}
+
+/// Columns of table `oid` with the type names envelopes carry (`typname`), in order.
+pub async fn column_types(client: &Client, oid: u32) -> Result<Vec<(String, String)>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, t.typname::text FROM pg_attribute a \
+             JOIN pg_type t ON t.oid = a.atttypid \
+             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(q("read column types"))?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// Conversions and names of column types, looked up once per type.
@@ -323,39 +344,10 @@ pub async fn preflight(
                 identity: identity.to_string(),
             });
         }
-        for c in &t.columns {
-            if c != "*" && !meta.columns.contains(c) {
-                return Err(SourceError::MissingColumn {
-                    table: display,
-                    column: c.clone(),
-                });
-            }
-        }
-        for k in &meta.key {
-            if !t.publishes(k) {
-                return Err(SourceError::KeyNotPublished {
-                    table: display,
-                    column: k.clone(),
-                });
-            }
-        }
-        for r in &t.references {
-            for c in &r.columns {
-                if !meta.columns.contains(c) {
-                    return Err(SourceError::MissingColumn {
-                        table: display.clone(),
-                        column: c.clone(),
-                    });
-                }
-            }
-            let target = split_name(&r.table);
-            if !cfg.tables.iter().any(|o| o.qualified() == target) {
-                return Err(SourceError::BadReference {
-                    table: display,
-                    referenced: r.table.clone(),
-                });
-            }
-        }
+        crate::source::check_columns(t, &meta, &display, |r| {
+            let target = split_name(r);
+            cfg.tables.iter().any(|o| o.qualified() == target)
+        })?;
         out.insert((schema, table), meta);
     }
     Ok(out)

@@ -1,17 +1,15 @@
 //! The Postgres source: logical replication with `pgoutput` through
-//! `pgwire-replication`, turned into envelopes by [`assemble`].
+//! `pgwire-replication`, turned into envelopes by [`crate::source::assemble`].
 
-pub mod assemble;
 pub mod catalog;
 pub mod pgoutput;
-pub mod values;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{split_name, PostgresSource, PublisherConfig};
 use crate::error::{PublisherError, SourceError};
 use crate::publish::Item;
+use crate::source::assemble::{resolve_refs, schema_of, Assembler, ColumnRt, RefSpec, TableRt};
 use crate::tracker::{Tracker, TrackerState};
-use assemble::{schema_of, Assembler, ColumnRt, TableRt};
 use catalog::{ConnInfo, TableMeta, TypeCache};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use std::collections::HashMap;
@@ -43,6 +41,8 @@ pub async fn check(cfg: &PublisherConfig, pg: &PostgresSource) -> Result<(), Sou
 /// Checks the server, prepares publication and slot, and streams until shutdown or an
 /// error. Envelopes and checkpoint markers go to `tx` in commit order; `durable` reports
 /// positions whose checkpoint is on disk, which are then confirmed to Postgres.
+/// Bootstrap watermarks in the stream go to `windows`.
+#[allow(clippy::too_many_arguments)]
 pub async fn stream(
     cfg: &PublisherConfig,
     pg: &PostgresSource,
@@ -51,6 +51,7 @@ pub async fn stream(
     tx: mpsc::Sender<Item>,
     mut durable: watch::Receiver<u64>,
     mut shutdown: watch::Receiver<bool>,
+    windows: &crate::bootstrap::Windows,
 ) -> Result<(), PublisherError> {
     let conn = ConnInfo::parse(&pg.url, pg.password()?)?;
     let sql = conn.connect().await?;
@@ -83,17 +84,10 @@ pub async fn stream(
                 Some((_, confirmed)) => confirmed,
                 None => catalog::create_slot(&sql, &slot).await?,
             };
-            let generation = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(1);
-            tracing::warn!(
-                generation,
-                checkpoint = %checkpoint_path.display(),
-                "no checkpoint found: starting a NEW GENERATION (sequence numbers restart at 1; \
-                 subscribers of this namespace reset their dependency state)"
-            );
-            (TrackerState::new(generation, cfg.tuning.key_space), start)
+            (
+                TrackerState::new_generation(cfg.tuning.key_space, checkpoint_path),
+                start,
+            )
         }
     };
     tracing::info!(slot, publication, start = %Lsn(start), generation = state.generation,
@@ -153,6 +147,7 @@ pub async fn stream(
     let marker = |asm: &Assembler, pos: u64| {
         Item::Marker(Box::new(Checkpoint {
             position: pos,
+            resume: String::new(),
             state: asm.tracker.state.clone(),
         }))
     };
@@ -203,6 +198,7 @@ pub async fn stream(
                             continue;
                         }
                         if let Some(part) = asm.change(msg)? {
+                            windows.record(&part.changes);
                             send(&tx, Item::Envelope(part)).await?;
                         }
                     }
@@ -211,10 +207,22 @@ pub async fn stream(
                     {
                         asm.context_message(&content);
                     }
+                    ReplicationEvent::Message { transactional: false, prefix, content, .. }
+                        if prefix == crate::bootstrap::WATERMARK_PREFIX =>
+                    {
+                        let state = &asm.tracker.state;
+                        let last_seq = state.next_seq.saturating_sub(1);
+                        if let Some(chunk) =
+                            windows.mark(&content, &cfg.namespace, state.generation, last_seq)
+                        {
+                            send(&tx, chunk).await?;
+                        }
+                    }
                     ReplicationEvent::Message { .. } => {}
                     ReplicationEvent::Commit { end_lsn, .. } => {
                         last_commit_end = end_lsn.as_u64();
                         if let Some(last) = asm.commit() {
+                            windows.record(&last.changes);
                             send(&tx, Item::Envelope(last)).await?;
                             dirty = true;
                         } else if clean {
@@ -291,42 +299,24 @@ async fn relation(
     let index_of = |name: &str| rel.columns.iter().position(|c| c.name == name);
     let key: Vec<usize> = meta.key.iter().filter_map(|k| index_of(k)).collect();
     let key_names: Vec<String> = meta.key.iter().map(|k| tcfg.published_column(k)).collect();
-    let mut refs = Vec::new();
-    let mut push_ref = |local: &[String],
-                        target: (String, String),
-                        target_cols: Option<&[String]>| {
-        let Some(tt) = cfg.tables.iter().find(|t| t.qualified() == target) else {
-            return;
-        };
-        let Some(tmeta) = metas.get(&target) else {
-            return;
-        };
-        // Map local columns onto the referenced table's key order.
-        let ordered: Option<Vec<usize>> = match target_cols {
-            Some(rc) => tmeta
-                .key
-                .iter()
-                .map(|k| {
-                    rc.iter()
-                        .position(|c| c == k)
-                        .and_then(|p| index_of(&local[p]))
-                })
-                .collect(),
-            None if local.len() == tmeta.key.len() => local.iter().map(|c| index_of(c)).collect(),
-            None => None,
-        };
-        if let Some(ordered) = ordered.filter(|o| o.len() == tmeta.key.len()) {
-            refs.push((ordered, tt.published_name()));
-        }
-    };
-    for (local, rs, rt, rc) in &meta.foreign_keys {
-        if rc.len() == local.len() {
-            push_ref(local, (rs.clone(), rt.clone()), Some(rc));
-        }
-    }
-    for r in &tcfg.references {
-        push_ref(&r.columns, split_name(&r.table), None);
-    }
+    let mut specs: Vec<RefSpec<'_>> = meta
+        .foreign_keys
+        .iter()
+        .map(|(local, rs, rt, rc)| RefSpec {
+            local,
+            target: (rs.clone(), rt.clone()),
+            target_columns: Some(rc),
+        })
+        .collect();
+    specs.extend(tcfg.references.iter().map(|r| RefSpec {
+        local: &r.columns,
+        target: split_name(&r.table),
+        target_columns: None,
+    }));
+    let refs = resolve_refs(&specs, index_of, |target| {
+        let tt = cfg.tables.iter().find(|t| t.qualified() == *target)?;
+        Some((tt.published_name(), metas.get(target)?.key.clone()))
+    });
     let (schema, fingerprint) = schema_of(&published, &described, &key_names);
     Ok(Some(TableRt {
         published,

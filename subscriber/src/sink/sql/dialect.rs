@@ -72,7 +72,7 @@ impl Dialect {
     }
 
     /// `CREATE TABLE IF NOT EXISTS` statements for Kausal's bookkeeping tables.
-    pub fn bookkeeping_ddl(self) -> [String; 3] {
+    pub fn bookkeeping_ddl(self) -> [String; 5] {
         let ns = match self {
             Dialect::MySql => "VARCHAR(200)",
             Dialect::Postgres | Dialect::Sqlite => "TEXT",
@@ -101,6 +101,27 @@ impl Dialect {
                  generation BIGINT NOT NULL, seq BIGINT NOT NULL, part BIGINT NOT NULL, \
                  total BIGINT NULL, body {body} NOT NULL, \
                  PRIMARY KEY (namespace, generation, seq, part)){options}"
+            ),
+            // Bootstraps of this store, one row per table (published name); see
+            // `sql::bootstrap`.
+            format!(
+                "CREATE TABLE IF NOT EXISTS kausal_bootstrap (namespace {ns} NOT NULL, \
+                 tbl {ns} NOT NULL, request {ns} NOT NULL, last_key {body} NULL, \
+                 done INT NOT NULL, rows_applied BIGINT NOT NULL, \
+                 generation BIGINT NOT NULL, done_seq BIGINT NOT NULL, \
+                 PRIMARY KEY (namespace, tbl)){options}"
+            ),
+            // Row versions of tables being bootstrapped (`k` = key as JSON; '' = the
+            // table's truncate floor).
+            format!(
+                "CREATE TABLE IF NOT EXISTS kausal_rowv (namespace {ns} NOT NULL, \
+                 tbl {ns} NOT NULL, k {key} NOT NULL, seq BIGINT NOT NULL, \
+                 PRIMARY KEY (namespace, tbl, k)){options}",
+                key = match self {
+                    // InnoDB keys hold 3072 bytes: 200 + 200 + 350 characters of utf8mb4.
+                    Dialect::MySql => "VARCHAR(350)",
+                    Dialect::Postgres | Dialect::Sqlite => "TEXT",
+                }
             ),
         ]
     }

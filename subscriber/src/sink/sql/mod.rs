@@ -8,18 +8,21 @@
 //! - [`value`]: JSON values to bound parameters, per destination column type.
 //! - [`staging`]: parts of split transactions, kept in `kausal_parts` until all are
 //!   there, whichever worker received them.
+//! - [`bootstrap`]: chunks of an initial sync, and row versions while one runs.
 //!
 //! Bookkeeping: `kausal_applied` holds the seq of every applied transaction above the
 //! compacted watermark `kausal_progress.through` of its (namespace, generation). A
 //! transaction found in either is skipped, which makes redelivery harmless. Applying a
 //! split transaction deletes its staged parts; compaction deletes those it covers.
 
+mod bootstrap;
 mod dialect;
 mod rows;
 mod schema;
 mod staging;
 mod value;
 
+pub use bootstrap::{ChunkApplied, Unfinished};
 pub use dialect::Dialect;
 
 use crate::config::TableMode;
@@ -53,12 +56,16 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct SqlStore {
     inner: Arc<Inner>,
+    /// Sinks beside the store, applied inside its transactions.
+    sinks: crate::sink::Sinks,
 }
 
 struct Inner {
     pool: AnyPool,
     dialect: Dialect,
     tables: Tables,
+    /// (namespace, published table) being bootstrapped: their writes keep row versions.
+    bootstrapping: std::sync::Mutex<HashSet<(String, String)>>,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -131,13 +138,30 @@ impl SqlStore {
                     source,
                 })?;
         }
+        let bootstrapping = bootstrap::load_active(&pool, dialect).await?;
         Ok(SqlStore {
             inner: Arc::new(Inner {
                 pool,
                 dialect,
                 tables: Tables::default(),
+                bootstrapping: std::sync::Mutex::new(bootstrapping),
             }),
+            sinks: crate::sink::Sinks::default(),
         })
+    }
+
+    /// The store with `sinks` applied in its transactions, after the rows of each
+    /// transaction and before its callbacks.
+    pub fn with_sinks(mut self, sinks: crate::sink::Sinks) -> SqlStore {
+        self.sinks = sinks;
+        self
+    }
+
+    fn bootstrapping(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
+        self.inner
+            .bootstrapping
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -250,7 +274,14 @@ impl SqlStore {
     ) -> Result<Vec<bool>, SinkError> {
         let tables = self.prepare_tables(group).await?;
         let mut tx = self.begin().await?;
-        match self.apply_in(&mut tx, group, callbacks, &tables).await {
+        let applied = match self.apply_in(&mut tx, group, callbacks, &tables).await {
+            Ok(applied) => self.sinks.flush().await.map(|()| applied),
+            Err(error) => Err(error),
+        };
+        if applied.is_err() {
+            self.sinks.abort().await;
+        }
+        match applied {
             Ok(applied) => {
                 tx.commit().await.map_err(|source| SinkError::Store {
                     operation: "commit",
@@ -335,12 +366,23 @@ impl SqlStore {
                 continue;
             }
             for change in &tx.changes {
+                let guarded = {
+                    let active = self.bootstrapping();
+                    !active.is_empty()
+                        && active.contains(&(id.namespace.to_string(), change.source_table.clone()))
+                };
+                if guarded
+                    && !bootstrap::admit(conn, dialect, &id.namespace, change, id.seq).await?
+                {
+                    continue;
+                }
                 if change.shape.mode == TableMode::None {
                     continue;
                 }
                 let info = &tables[&change.shape.name];
                 rows::write(conn, dialect, info, change, id.seq).await?;
             }
+            self.sinks.apply(tx).await?;
             callbacks.run(tx).await?;
             applied.push(true);
         }

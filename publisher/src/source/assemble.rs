@@ -5,7 +5,7 @@
 //! keys) before handing a relation over, so the same input always gives the same
 //! envelopes — which is what makes replays after a crash byte-identical.
 
-use super::pgoutput::{Datum, Message, OldKind};
+pub use super::postgres::pgoutput::{Datum, Message, OldKind};
 use super::values::Conv;
 use crate::error::SourceError;
 use crate::tracker::Tracker;
@@ -123,11 +123,22 @@ impl Assembler {
         self.tables.insert(oid, table);
     }
 
+    /// A Postgres transaction begins (commit time on the Postgres epoch).
     pub fn begin(&mut self, final_lsn: &str, xid: u32, commit_time_pg_us: i64) {
+        self.begin_at(
+            format!("pg:{final_lsn}"),
+            xid.to_string(),
+            commit_time_pg_us.saturating_add(PG_EPOCH_OFFSET_US),
+        );
+    }
+
+    /// A transaction begins: its position in the source's log (as envelopes show it),
+    /// its id at the source, and its commit time in microseconds since the Unix epoch.
+    pub fn begin_at(&mut self, position: String, txid: String, commit_ts_us: i64) {
         self.open = Some(Open {
-            position: format!("pg:{final_lsn}"),
-            txid: xid.to_string(),
-            commit_ts_us: commit_time_pg_us.saturating_add(PG_EPOCH_OFFSET_US),
+            position,
+            txid,
+            commit_ts_us,
         });
         self.part = 0;
         self.context = Context::default();
@@ -418,6 +429,7 @@ impl Assembler {
             schemas,
             changes: std::mem::take(&mut self.changes),
             deps: self.tracker.take_part(),
+            snapshot: None,
         };
         self.part += 1;
         self.part_bytes = 0;
@@ -434,6 +446,53 @@ impl Assembler {
         self.part_bytes = 0;
         out
     }
+}
+
+/// A reference from a table's rows to another published table's key.
+pub struct RefSpec<'a> {
+    /// Local columns holding the referenced key.
+    pub local: &'a [String],
+    /// Referenced source table.
+    pub target: (String, String),
+    /// Referenced columns, in `local`'s order (declared foreign keys); `None` for
+    /// configured references, whose columns follow the target's key order.
+    pub target_columns: Option<&'a [String]>,
+}
+
+/// Resolves references into (local column indices in the referenced key's order,
+/// published name of the referenced table). `index_of` finds a local column; `target`
+/// gives a published table's published name and source key columns. References to
+/// unpublished tables or that do not cover the target's key are dropped.
+pub fn resolve_refs(
+    specs: &[RefSpec<'_>],
+    index_of: impl Fn(&str) -> Option<usize>,
+    target: impl Fn(&(String, String)) -> Option<(String, Vec<String>)>,
+) -> Vec<(Vec<usize>, String)> {
+    let mut refs = Vec::new();
+    for spec in specs {
+        let Some((published, key)) = target(&spec.target) else {
+            continue;
+        };
+        let ordered: Option<Vec<usize>> = match spec.target_columns {
+            Some(rc) if rc.len() == spec.local.len() => key
+                .iter()
+                .map(|k| {
+                    rc.iter()
+                        .position(|c| c == k)
+                        .and_then(|p| index_of(&spec.local[p]))
+                })
+                .collect(),
+            Some(_) => None,
+            None if spec.local.len() == key.len() => {
+                spec.local.iter().map(|c| index_of(c)).collect()
+            }
+            None => None,
+        };
+        if let Some(ordered) = ordered.filter(|o| o.len() == key.len()) {
+            refs.push((ordered, published));
+        }
+    }
+    refs
 }
 
 /// Builds the published schema of a relation and its fingerprint.

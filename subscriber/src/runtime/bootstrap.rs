@@ -1,0 +1,331 @@
+//! Bootstrap in the worker: asking publishers for the current rows of subscribed
+//! tables, applying the chunks that come back, resuming after a restart.
+//!
+//! The request is sent once the worker consumes its queue, so every transaction after
+//! the chunks' watermarks reaches this app; chunks bypass the causal gate (they are no
+//! transactions of the stream) and the store's row versions order them against the
+//! stream (see `sink::sql::bootstrap` and `docs/bootstrap.md`).
+
+use super::Worker;
+use crate::error::SubscriberError;
+use kausal_bus::bootstrap::{send_request, BootstrapRequest, TableRequest, DEFAULT_CHUNK_ROWS};
+use kausal_bus::Envelope;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+/// A chunk not followed by another within this time: the request is sent again (the
+/// publisher may have been down, or restarted and lost its place).
+const RE_REQUEST_AFTER: Duration = Duration::from_secs(60);
+
+/// What to bootstrap when a subscriber starts.
+#[derive(Debug, Clone, Default)]
+pub struct BootstrapPlan {
+    /// `(namespace, published table)`; empty: every subscribed table.
+    pub tables: Vec<(String, String)>,
+    /// Stop the worker once every table is bootstrapped (`kausal bootstrap`); else keep
+    /// following the stream (`kausal subscribe --bootstrap`).
+    pub exit_when_done: bool,
+    /// Rows per chunk; 0: the default.
+    pub chunk_rows: usize,
+}
+
+/// The worker's bootstrap state.
+#[derive(Default)]
+pub(super) struct Boot {
+    /// A plan not started yet (taken by the first worker of the subscriber).
+    pub plan: Option<BootstrapPlan>,
+    pub exit_when_done: bool,
+    pub chunk_rows: usize,
+    /// Tables with chunks still to come.
+    pub pending: HashSet<(String, String)>,
+    pub last_chunk: Option<Instant>,
+    pub started: Option<Instant>,
+    /// Rows applied per table (from the store, across restarts).
+    pub rows: HashMap<(String, String), u64>,
+    pub finished: bool,
+    /// Chunks received while store transactions were in flight, with their deliveries.
+    pub stash: Vec<(Envelope, kausal_bus::amqp::Delivery)>,
+    /// Streams joined (or found joined) since start.
+    pub joined: HashSet<(String, u64)>,
+}
+
+impl Worker {
+    /// Resumes the store's unfinished bootstraps and starts the plan's new ones.
+    pub(super) async fn start_bootstraps(&mut self) -> Result<(), SubscriberError> {
+        let plan = self.boot.plan.take();
+        if let Some(p) = &plan {
+            self.boot.exit_when_done = p.exit_when_done;
+            self.boot.chunk_rows = p.chunk_rows;
+        }
+        let unfinished = self.store.unfinished_bootstraps().await?;
+        let mut resumed: BTreeMap<String, Vec<TableRequest>> = BTreeMap::new();
+        for u in &unfinished {
+            self.boot
+                .rows
+                .insert((u.namespace.clone(), u.table.clone()), u.rows_applied);
+            resumed
+                .entry(u.namespace.clone())
+                .or_default()
+                .push(TableRequest {
+                    table: u.table.clone(),
+                    after: u.last_key.clone(),
+                });
+        }
+        for (ns, tables) in resumed {
+            tracing::info!(namespace = %ns, tables = tables.len(), "resuming a bootstrap");
+            self.request(&ns, tables, true).await?;
+        }
+        let Some(plan) = plan else { return Ok(()) };
+        let subscribed: Vec<(String, String)> = self
+            .cfg
+            .tables
+            .iter()
+            .map(|t| (t.namespace.clone(), t.name.clone()))
+            .collect();
+        let wanted: Vec<(String, String)> = if plan.tables.is_empty() {
+            // Every table not bootstrapped before (naming a table starts it over).
+            let done = self.store.bootstrapped_tables().await?;
+            subscribed
+                .iter()
+                .filter(|t| !done.contains(*t))
+                .cloned()
+                .collect()
+        } else {
+            for t in &plan.tables {
+                if !subscribed.contains(t) {
+                    let list: Vec<String> =
+                        subscribed.iter().map(|(n, t)| format!("{n}.{t}")).collect();
+                    return Err(SubscriberError::Config(format!(
+                        "cannot bootstrap {}.{}: this configuration does not subscribe it \
+                         (it subscribes {})",
+                        t.0,
+                        t.1,
+                        list.join(", ")
+                    )));
+                }
+            }
+            plan.tables.clone()
+        };
+        let mut fresh: BTreeMap<String, Vec<TableRequest>> = BTreeMap::new();
+        for (ns, table) in wanted {
+            if unfinished
+                .iter()
+                .any(|u| u.namespace == ns && u.table == table)
+            {
+                continue;
+            }
+            // Configuration order: parents first, when the config lists them first.
+            let list = fresh.entry(ns).or_default();
+            if !list.iter().any(|t| t.table == table) {
+                list.push(TableRequest { table, after: None });
+            }
+        }
+        for (ns, tables) in fresh {
+            tracing::info!(namespace = %ns, tables = tables.len(), "starting a bootstrap");
+            self.request(&ns, tables, false).await?;
+        }
+        if self.boot.pending.is_empty() && self.boot.exit_when_done {
+            self.boot.finished = true;
+        }
+        Ok(())
+    }
+
+    /// Records the bootstrap in the store (row versions on from here), then asks the
+    /// publisher of `namespace`.
+    async fn request(
+        &mut self,
+        namespace: &str,
+        tables: Vec<TableRequest>,
+        resume: bool,
+    ) -> Result<(), SubscriberError> {
+        self.request_as(namespace, tables, resume, None).await
+    }
+
+    /// [`Self::request`] under the id `reuse` (asking again for the same request: its
+    /// chunks still count) or a new one.
+    async fn request_as(
+        &mut self,
+        namespace: &str,
+        tables: Vec<TableRequest>,
+        resume: bool,
+        reuse: Option<String>,
+    ) -> Result<(), SubscriberError> {
+        let id = reuse.unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                self.cfg.app,
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis())
+                    .unwrap_or_default()
+            )
+        });
+        let names: Vec<String> = tables.iter().map(|t| t.table.clone()).collect();
+        self.store
+            .begin_bootstrap(namespace, &names, &id, resume)
+            .await?;
+        let request = BootstrapRequest {
+            request: id,
+            queue: self.cfg.queue(),
+            tables,
+            chunk_rows: if self.boot.chunk_rows == 0 {
+                DEFAULT_CHUNK_ROWS
+            } else {
+                self.boot.chunk_rows
+            },
+        };
+        send_request(
+            &self.cfg.broker.url,
+            &self.cfg.broker.exchange,
+            namespace,
+            &request,
+        )
+        .await?;
+        for t in names {
+            self.boot.pending.insert((namespace.to_string(), t));
+        }
+        self.boot.started.get_or_insert_with(Instant::now);
+        self.boot.last_chunk = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Applies the stashed chunks, in arrival order, if no store transaction is in
+    /// flight; each delivery is acked once its chunk is applied.
+    pub(super) async fn take_stashed_chunks(&mut self) -> Result<(), SubscriberError> {
+        if !self.applying.is_empty() {
+            return Ok(());
+        }
+        while !self.boot.stash.is_empty() {
+            let (env, delivery) = self.boot.stash.remove(0);
+            self.take_chunk(env).await?;
+            delivery.ack().await?;
+        }
+        Ok(())
+    }
+
+    /// Applies a bootstrap chunk (a message of its own, acked by the caller after).
+    async fn take_chunk(&mut self, env: Envelope) -> Result<(), SubscriberError> {
+        let Some(snapshot) = env.snapshot.clone() else {
+            return Ok(());
+        };
+        let ns = env.namespace.clone();
+        let tx = match self.mapping.assemble(std::slice::from_ref(&env)) {
+            Ok(tx) => tx,
+            Err(error) => {
+                tracing::error!(table = %snapshot.table, error = %error,
+                    "a bootstrap chunk does not fit the subscription; skipped");
+                return Ok(());
+            }
+        };
+        let key = (ns.clone(), snapshot.table.clone());
+        if self.boot.pending.contains(&key) {
+            // The publisher is answering: no need to ask again yet.
+            self.boot.last_chunk = Some(Instant::now());
+        }
+        let applied = self.store.apply_chunk(&tx, &snapshot).await?;
+        if !applied.current {
+            tracing::debug!(table = %snapshot.table, request = %snapshot.request,
+                "chunk of an earlier request or a finished table; ignored");
+            return Ok(());
+        }
+        self.boot.rows.insert(key.clone(), applied.rows_applied);
+        let elapsed = self
+            .boot
+            .started
+            .map_or(0.0, |s| s.elapsed().as_secs_f64())
+            .max(0.001);
+        let rate = applied.rows_applied as f64 / elapsed;
+        let left = snapshot.estimated_rows.saturating_sub(applied.rows_applied);
+        tracing::info!(
+            namespace = %ns,
+            table = %snapshot.table,
+            chunk = snapshot.chunk,
+            rows = applied.rows_applied,
+            estimated_rows = snapshot.estimated_rows,
+            written = applied.written,
+            rows_per_s = rate.round() as u64,
+            eta_s = if rate > 0.0 { (left as f64 / rate).round() as u64 } else { 0 },
+            "bootstrap progress"
+        );
+        if applied.done {
+            self.boot.pending.remove(&key);
+            tracing::info!(namespace = %ns, table = %snapshot.table,
+                rows = applied.rows_applied, "table bootstrapped");
+            if self.boot.pending.is_empty() {
+                tracing::info!(seconds = elapsed.round() as u64, "bootstrap complete");
+                if self.boot.exit_when_done {
+                    self.boot.finished = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A bootstrapping app whose store has nothing of this stream joins it at the first
+    /// transaction its queue delivers (the lowest: a queue delivers in publish order):
+    /// everything before is behind the chunks' watermarks, so its rows come with the
+    /// chunks. Only with one worker process: with several, a lower transaction may sit
+    /// in another worker's window.
+    pub(super) async fn join_for_bootstrap(
+        &mut self,
+        namespace: &str,
+        generation: u64,
+        seq: u64,
+    ) -> Result<(), SubscriberError> {
+        let bootstrapping = self.boot.pending.iter().any(|(ns, _)| ns == namespace);
+        if !bootstrapping
+            || seq <= 1
+            || !matches!(self.cfg.coordination, crate::config::Coordination::Memory)
+            || !self.boot.joined.insert((namespace.to_string(), generation))
+        {
+            return Ok(());
+        }
+        let (through, applied) = self.store.progress(namespace, generation).await?;
+        if through != 0 || !applied.is_empty() {
+            return Ok(());
+        }
+        // The store first: a later seeding of the gate from the store agrees with it.
+        self.store.compact(namespace, generation, seq - 1).await?;
+        super::apply::seed(&self.store, &self.coord, namespace, generation).await?;
+        self.seeded.insert((namespace.into(), generation));
+        self.coord.join(namespace, generation, seq - 1).await?;
+        tracing::info!(
+            namespace,
+            generation,
+            first_seq = seq,
+            "bootstrap: joined the stream at the first transaction this queue received"
+        );
+        Ok(())
+    }
+
+    /// Asks again when chunks stopped coming (publisher down or restarted).
+    pub(super) async fn re_request_if_silent(&mut self) -> Result<(), SubscriberError> {
+        let silent = self
+            .boot
+            .last_chunk
+            .is_some_and(|t| t.elapsed() >= RE_REQUEST_AFTER);
+        if self.boot.pending.is_empty() || !silent {
+            return Ok(());
+        }
+        tracing::warn!(
+            waited_s = RE_REQUEST_AFTER.as_secs(),
+            "no bootstrap chunk for a while (is the publisher running?): asking again"
+        );
+        // The same request id: chunks of the answer in progress keep counting, so a
+        // slow answer is not superseded by every retry.
+        let mut by_request: BTreeMap<(String, String), Vec<TableRequest>> = BTreeMap::new();
+        for u in self.store.unfinished_bootstraps().await? {
+            by_request
+                .entry((u.namespace, u.request))
+                .or_default()
+                .push(TableRequest {
+                    table: u.table,
+                    after: u.last_key,
+                });
+        }
+        for ((ns, id), tables) in by_request {
+            self.request_as(&ns, tables, true, Some(id)).await?;
+        }
+        Ok(())
+    }
+}

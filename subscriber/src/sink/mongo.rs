@@ -1,0 +1,547 @@
+//! The MongoDB sink (feature `mongo`): subscribed rows as documents, one collection per
+//! destination table (`<prefix><table>`), keyed by the primary key.
+//!
+//! Documents: `_id` is the key value (a sub-document of the key columns in key order
+//! when the key has several), the other fields are the row's columns (JSON columns as
+//! embedded documents, integers as 64-bit integers, integers beyond that as strings,
+//! timestamps, numerics and dates as the text the publisher sends), and `_kausal_v`
+//! holds the row's version `<generation>:<seq>`, both zero-padded to 20 digits so that
+//! comparing the strings compares the versions.
+//!
+//! Versions: a delete leaves a tombstone `{_id: "<collection>|<key JSON>", v}` in the
+//! `kausal_tombstones` collection, a truncate a floor `{_id: "<collection>|*", v}`.
+//! A change is written only when its version is newer than the row's document, its
+//! tombstone and its table's floor: read first (one query per collection per source
+//! transaction), then written with the version in the filter (`_kausal_v <= v`, upsert: a
+//! transaction may change a row twice),
+//! so a concurrent newer write turns the upsert into a duplicate-key error, read as
+//! "skip". Re-applying a transaction therefore changes nothing.
+//!
+//! Atomicity: on a replica set or sharded cluster (the server's `hello` says so) each
+//! source transaction is one MongoDB transaction: readers see all of its changes or
+//! none. A standalone server has no transactions: the writes go one by one, in order,
+//! each guarded, and a crash in the middle is finished by the replay.
+
+use super::{Sink, SinkFuture};
+use crate::error::{ErrorClass, SinkError};
+use crate::txn::{RowChange, Transaction};
+use kausal_bus::Op;
+use mongodb::bson::{doc, Bson, Document};
+use mongodb::error::{ErrorKind, WriteFailure, TRANSIENT_TRANSACTION_ERROR};
+use mongodb::{Client, ClientSession, Collection, Database};
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use std::collections::{HashMap, HashSet};
+
+/// The driver, for code that reads what the sink wrote.
+pub use mongodb;
+
+/// The field holding a document's version.
+pub const VERSION_FIELD: &str = "_kausal_v";
+/// The collection holding tombstones and truncate floors.
+pub const TOMBSTONES: &str = "kausal_tombstones";
+/// MongoDB's duplicate-key error: an upsert whose guard failed met a newer document.
+const DUPLICATE_KEY: i32 = 11000;
+
+/// `[[sink]] kind = "mongo"`.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoSinkConfig {
+    /// `mongodb://host:27017/?replicaSet=rs0`.
+    pub url: String,
+    /// Database holding the collections.
+    pub database: String,
+    /// Collection name prefix: a table's documents are in `<prefix><table>`.
+    #[serde(default)]
+    pub prefix: String,
+    /// Destination tables written; default: every subscribed table.
+    #[serde(default)]
+    pub tables: Option<Vec<String>>,
+    /// `auto` (default): one MongoDB transaction per source transaction where the
+    /// server supports them (replica set, sharded cluster); `off`: guarded writes one by
+    /// one even there.
+    #[serde(default)]
+    pub transactions: Transactions,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transactions {
+    #[default]
+    Auto,
+    Off,
+}
+
+impl std::fmt::Debug for MongoSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MongoSinkConfig")
+            .field("url", &kausal_bus::amqp::redact_url(&self.url))
+            .field("database", &self.database)
+            .field("prefix", &self.prefix)
+            .field("tables", &self.tables)
+            .field("transactions", &self.transactions)
+            .finish()
+    }
+}
+
+pub struct MongoSink {
+    name: String,
+    db: Database,
+    client: Client,
+    prefix: String,
+    tables: Option<HashSet<String>>,
+    transactions: bool,
+}
+
+/// A version as stored: comparable as a string.
+pub fn version_text(generation: u64, seq: u64) -> String {
+    format!("{generation:020}:{seq:020}")
+}
+
+impl MongoSink {
+    /// Connects and asks the server whether it runs transactions.
+    pub async fn connect(cfg: &MongoSinkConfig) -> Result<MongoSink, SinkError> {
+        let endpoint = kausal_bus::amqp::redact_url(&cfg.url);
+        let name = format!("mongo {endpoint} ({})", cfg.database);
+        let failed = |e: mongodb::error::Error| SinkError::External {
+            sink: name.clone(),
+            message: format!("cannot connect: {e}; is MongoDB running and sink.url right?"),
+            class: ErrorClass::Transient,
+        };
+        let client = Client::with_uri_str(&cfg.url).await.map_err(failed)?;
+        let db = client.database(&cfg.database);
+        let hello = db.run_command(doc! {"hello": 1}).await.map_err(failed)?;
+        let clustered =
+            hello.get_str("setName").is_ok() || hello.get_str("msg").is_ok_and(|m| m == "isdbgrid");
+        let transactions = clustered && cfg.transactions == Transactions::Auto;
+        tracing::info!(sink = %name, transactions, "mongo sink connected");
+        Ok(MongoSink {
+            name,
+            db,
+            client,
+            prefix: cfg.prefix.clone(),
+            tables: cfg.tables.as_ref().map(|t| t.iter().cloned().collect()),
+            transactions,
+        })
+    }
+
+    /// Whether each source transaction is one MongoDB transaction.
+    pub fn uses_transactions(&self) -> bool {
+        self.transactions
+    }
+
+    /// The collection of a destination table.
+    pub fn collection(&self, table: &str) -> Collection<Document> {
+        self.db.collection(&format!("{}{table}", self.prefix))
+    }
+
+    /// The `_id` of a row: its key value, or a sub-document of the key columns.
+    pub fn id(key_columns: &[String], key: &Map<String, Value>) -> Bson {
+        if let [only] = key_columns {
+            return to_bson(key.get(only).unwrap_or(&Value::Null));
+        }
+        let mut d = Document::new();
+        for c in key_columns {
+            d.insert(c.clone(), to_bson(key.get(c).unwrap_or(&Value::Null)));
+        }
+        Bson::Document(d)
+    }
+
+    fn tombstone_id(
+        &self,
+        table: &str,
+        key_columns: &[String],
+        key: &Map<String, Value>,
+    ) -> String {
+        let values: Vec<&Value> = key_columns
+            .iter()
+            .map(|c| key.get(c).unwrap_or(&Value::Null))
+            .collect();
+        format!(
+            "{}{table}|{}",
+            self.prefix,
+            serde_json::to_string(&values).unwrap_or_default()
+        )
+    }
+
+    fn floor_id(&self, table: &str) -> String {
+        format!("{}{table}|*", self.prefix)
+    }
+
+    fn wanted(&self, change: &RowChange) -> bool {
+        self.tables
+            .as_ref()
+            .is_none_or(|t| t.contains(&change.shape.name))
+    }
+
+    fn error(&self, e: mongodb::error::Error) -> SinkError {
+        let transient = e.contains_label(TRANSIENT_TRANSACTION_ERROR)
+            || e.contains_label("RetryableWriteError")
+            || matches!(
+                *e.kind,
+                ErrorKind::Io(_)
+                    | ErrorKind::ServerSelection { .. }
+                    | ErrorKind::ConnectionPoolCleared { .. }
+            );
+        SinkError::External {
+            sink: self.name.clone(),
+            message: e.to_string(),
+            class: if transient {
+                ErrorClass::Transient
+            } else {
+                ErrorClass::Definite
+            },
+        }
+    }
+
+    /// Applies `tx`, inside `session`'s transaction when there is one.
+    async fn write(
+        &self,
+        tx: &Transaction,
+        session: &mut Option<ClientSession>,
+    ) -> Result<(), mongodb::error::Error> {
+        let changes: Vec<&RowChange> = tx.changes.iter().filter(|c| self.wanted(c)).collect();
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let v = version_text(tx.id.generation, tx.id.seq);
+        let stored = self.stored_versions(&changes, session).await?;
+        let newer = |s: &Stored| stored.get(s).is_some_and(|x| x.as_str() >= v.as_str());
+        let tombstones = self.db.collection::<Document>(TOMBSTONES);
+        for change in changes {
+            let table = &change.shape.name;
+            let coll = self.collection(table);
+            if newer(&Stored::Marker(self.floor_id(table))) {
+                continue;
+            }
+            match change.op {
+                Op::Truncate => {
+                    let set = doc! {"$set": {"v": &v}};
+                    let floor = doc! {"_id": self.floor_id(table)};
+                    guarded_upsert(&tombstones, floor, "v", &v, set, session).await?;
+                    let filter = doc! {VERSION_FIELD: {"$lte": &v}};
+                    match session.as_mut() {
+                        Some(s) => coll.delete_many(filter).session(s).await?,
+                        None => coll.delete_many(filter).await?,
+                    };
+                }
+                Op::Delete => {
+                    self.delete(&coll, change, &change.key, &v, &newer, session)
+                        .await?
+                }
+                Op::Insert | Op::Update => {
+                    if let Some(old) = change.old_key.as_ref().filter(|o| **o != change.key) {
+                        self.delete(&coll, change, old, &v, &newer, session).await?;
+                    }
+                    let id = Self::id(&change.shape.key, &change.key);
+                    let tomb = self.tombstone_id(table, &change.shape.key, &change.key);
+                    if newer(&Stored::Doc(table.clone(), id_text(&id)))
+                        || newer(&Stored::Marker(tomb))
+                    {
+                        continue;
+                    }
+                    // `_id` in the document too: an upsert takes it from the filter's
+                    // equality on MongoDB, not on every server speaking its protocol.
+                    let mut fields = doc! {"_id": id.clone()};
+                    for (column, value) in change.new.iter().flatten() {
+                        fields.insert(column.clone(), to_bson(value));
+                    }
+                    fields.insert(VERSION_FIELD, &v);
+                    let filter = doc! {"_id": id};
+                    // Columns the source did not log (unchanged TOAST) are merged into the
+                    // stored document; otherwise it is replaced whole, so a column set to
+                    // NULL or dropped does not linger.
+                    if change.unchanged.is_empty() {
+                        guarded_replace(&coll, filter, &v, fields, session).await?;
+                    } else {
+                        fields.remove("_id");
+                        let set = doc! {"$set": fields};
+                        guarded_upsert(&coll, filter, VERSION_FIELD, &v, set, session).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the row at `key` and leaves its tombstone, unless something newer is there.
+    async fn delete(
+        &self,
+        coll: &Collection<Document>,
+        change: &RowChange,
+        key: &Map<String, Value>,
+        v: &str,
+        newer: &impl Fn(&Stored) -> bool,
+        session: &mut Option<ClientSession>,
+    ) -> Result<(), mongodb::error::Error> {
+        let table = &change.shape.name;
+        let tomb = self.tombstone_id(table, &change.shape.key, key);
+        if newer(&Stored::Marker(tomb.clone())) {
+            return Ok(());
+        }
+        let tombstones = self.db.collection::<Document>(TOMBSTONES);
+        let set = doc! {"$set": {"v": v}};
+        guarded_upsert(&tombstones, doc! {"_id": &tomb}, "v", v, set, session).await?;
+        let filter = doc! {"_id": Self::id(&change.shape.key, key), VERSION_FIELD: {"$lte": v}};
+        match session.as_mut() {
+            Some(s) => coll.delete_one(filter).session(s).await?,
+            None => coll.delete_one(filter).await?,
+        };
+        Ok(())
+    }
+
+    /// The stored versions of everything `changes` touches: documents, tombstones and
+    /// floors. One query for the markers and one per collection touched.
+    async fn stored_versions(
+        &self,
+        changes: &[&RowChange],
+        session: &mut Option<ClientSession>,
+    ) -> Result<HashMap<Stored, String>, mongodb::error::Error> {
+        let mut ids: HashMap<&str, Vec<Bson>> = HashMap::new();
+        let mut markers: Vec<Bson> = Vec::new();
+        for change in changes {
+            let table = change.shape.name.as_str();
+            markers.push(Bson::String(self.floor_id(table)));
+            if change.op == Op::Truncate {
+                continue;
+            }
+            for key in std::iter::once(&change.key).chain(change.old_key.as_ref()) {
+                ids.entry(table)
+                    .or_default()
+                    .push(Self::id(&change.shape.key, key));
+                markers.push(Bson::String(self.tombstone_id(
+                    table,
+                    &change.shape.key,
+                    key,
+                )));
+            }
+        }
+        let mut out = HashMap::new();
+        let tombstones = self.db.collection(TOMBSTONES);
+        for (id, v) in find_versions(&tombstones, markers, "v", session).await? {
+            if let Bson::String(id) = id {
+                out.insert(Stored::Marker(id), v);
+            }
+        }
+        for (table, ids) in ids {
+            let coll = self.collection(table);
+            for (id, v) in find_versions(&coll, ids, VERSION_FIELD, session).await? {
+                out.insert(Stored::Doc(table.to_string(), id_text(&id)), v);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Sink for MongoSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn apply<'a>(&'a self, tx: &'a Transaction) -> SinkFuture<'a> {
+        Box::pin(async move {
+            if !tx.changes.iter().any(|c| self.wanted(c)) {
+                return Ok(());
+            }
+            if !self.transactions {
+                return self.write(tx, &mut None).await.map_err(|e| self.error(e));
+            }
+            let mut session = Some(
+                self.client
+                    .start_session()
+                    .await
+                    .map_err(|e| self.error(e))?,
+            );
+            let result = async {
+                if let Some(s) = session.as_mut() {
+                    s.start_transaction().await?;
+                }
+                self.write(tx, &mut session).await?;
+                if let Some(s) = session.as_mut() {
+                    s.commit_transaction().await?;
+                }
+                Ok(())
+            }
+            .await;
+            if result.is_err() {
+                if let Some(s) = session.as_mut() {
+                    // Fails when the transaction already ended; nothing to undo then.
+                    let _ = s.abort_transaction().await;
+                }
+            }
+            result.map_err(|e| self.error(e))
+        })
+    }
+}
+
+/// What a stored version belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Stored {
+    /// A document of a table, by its `_id` as extended JSON.
+    Doc(String, String),
+    /// A tombstone or floor, by its `_id`.
+    Marker(String),
+}
+
+/// An `_id` as text (its display form), to look it up: BSON values are not hashable.
+fn id_text(id: &Bson) -> String {
+    id.to_string()
+}
+
+/// `(_id, version)` of the documents of `coll` among `ids` (in chunks).
+async fn find_versions(
+    coll: &Collection<Document>,
+    ids: Vec<Bson>,
+    field: &str,
+    session: &mut Option<ClientSession>,
+) -> Result<Vec<(Bson, String)>, mongodb::error::Error> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(1000) {
+        let filter = doc! {"_id": {"$in": chunk.to_vec()}};
+        let projection = doc! {field: 1};
+        let docs: Vec<Document> = match session.as_mut() {
+            Some(s) => {
+                let mut cursor = coll
+                    .find(filter)
+                    .projection(projection)
+                    .session(&mut *s)
+                    .await?;
+                let mut docs = Vec::new();
+                while let Some(d) = cursor.next(s).await {
+                    docs.push(d?);
+                }
+                docs
+            }
+            None => {
+                use futures_util::TryStreamExt;
+                coll.find(filter)
+                    .projection(projection)
+                    .await?
+                    .try_collect()
+                    .await?
+            }
+        };
+        for d in docs {
+            if let (Some(id), Ok(v)) = (d.get("_id"), d.get_str(field)) {
+                out.push((id.clone(), v.to_string()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Is `e` the duplicate-key error of an upsert whose version guard did not match?
+fn duplicate_key(e: &mongodb::error::Error) -> bool {
+    matches!(&*e.kind, ErrorKind::Write(WriteFailure::WriteError(w)) if w.code == DUPLICATE_KEY)
+}
+
+/// `update_one(filter + {field <= v}, update, upsert)`: an existing document with a newer
+/// version makes the upsert insert a duplicate `_id`, which means "newer is there".
+async fn guarded_upsert(
+    coll: &Collection<Document>,
+    mut filter: Document,
+    field: &str,
+    v: &str,
+    update: Document,
+    session: &mut Option<ClientSession>,
+) -> Result<(), mongodb::error::Error> {
+    filter.insert(field, doc! {"$lte": v});
+    let done = match session.as_mut() {
+        Some(s) => {
+            coll.update_one(filter, update)
+                .upsert(true)
+                .session(s)
+                .await
+        }
+        None => coll.update_one(filter, update).upsert(true).await,
+    };
+    match done {
+        Err(e) if duplicate_key(&e) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// `replace_one` with the same guard as [`guarded_upsert`].
+async fn guarded_replace(
+    coll: &Collection<Document>,
+    mut filter: Document,
+    v: &str,
+    replacement: Document,
+    session: &mut Option<ClientSession>,
+) -> Result<(), mongodb::error::Error> {
+    filter.insert(VERSION_FIELD, doc! {"$lte": v});
+    let done = match session.as_mut() {
+        Some(s) => {
+            coll.replace_one(filter, replacement)
+                .upsert(true)
+                .session(s)
+                .await
+        }
+        None => coll.replace_one(filter, replacement).upsert(true).await,
+    };
+    match done {
+        Err(e) if duplicate_key(&e) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// A JSON value as BSON: integers as Int64 (beyond it, as text: exact), other numbers as
+/// doubles, objects as embedded documents.
+pub fn to_bson(value: &Value) -> Bson {
+    match value {
+        Value::Null => Bson::Null,
+        Value::Bool(b) => Bson::Boolean(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Bson::Int64(i),
+            (None, Some(_)) if n.is_u64() => Bson::String(n.to_string()),
+            (None, Some(f)) => Bson::Double(f),
+            (None, None) => Bson::String(n.to_string()),
+        },
+        Value::String(s) => Bson::String(s.clone()),
+        Value::Array(a) => Bson::Array(a.iter().map(to_bson).collect()),
+        Value::Object(o) => Bson::Document(
+            o.iter()
+                .map(|(k, v)| (k.clone(), to_bson(v)))
+                .collect::<Document>(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn version_texts_compare_like_versions() {
+        assert!(version_text(1, 9) < version_text(1, 10));
+        assert!(version_text(1, u64::MAX) < version_text(2, 1));
+        assert_eq!(version_text(3, 4), version_text(3, 4));
+    }
+
+    #[test]
+    fn json_values_become_bson_without_losing_integers() {
+        assert_eq!(to_bson(&json!(-5)), Bson::Int64(-5));
+        assert_eq!(
+            to_bson(&json!(18446744073709551615u64)),
+            Bson::String("18446744073709551615".into())
+        );
+        assert_eq!(to_bson(&json!(1.5)), Bson::Double(1.5));
+        assert_eq!(
+            to_bson(&json!({"a": [1, "x", null]})),
+            Bson::Document(doc! {"a": [1_i64, "x", Bson::Null]})
+        );
+    }
+
+    #[test]
+    fn composite_keys_become_a_sub_document_in_key_order() {
+        let key = json!({"b": 2, "a": "x"});
+        let key = key.as_object().unwrap();
+        let cols = vec!["b".to_string(), "a".to_string()];
+        assert_eq!(
+            MongoSink::id(&cols, key),
+            Bson::Document(doc! {"b": 2_i64, "a": "x"})
+        );
+        assert_eq!(MongoSink::id(&cols[..1], key), Bson::Int64(2));
+    }
+}

@@ -1,0 +1,315 @@
+//! The Redis cache sink: subscribed rows written to Redis as they change, so readers
+//! find the new value right after the transaction is applied (refresh, not invalidate).
+//!
+//! Keys: `<prefix>:<table>:<key>` (destination table name; key values in key order,
+//! joined by `:`, strings as they are, numbers in decimal). A row is a hash (one field
+//! per non-null column, values as text; JSON values as JSON text) or, with
+//! `format = "json"`, a string holding the row as a JSON object. An optional TTL is set
+//! on every write. Deletes remove the key.
+//!
+//! Versions: every write goes through one Lua script that compares the row version
+//! `<generation>:<seq>` with the version kept for the row in `<prefix>:_v:<table>` (a
+//! hash, one field per key, kept after a delete as its tombstone) and with the table's
+//! truncate floor `<prefix>:_truncated:<table>`; an older version is skipped (an equal
+//! one is the same transaction changing the row again, or its replay: same result).
+//! All changes of one source transaction go in one `MULTI`/`EXEC`: a reader sees all of
+//! them or none (a truncate, done with `SCAN`, is the exception).
+
+use super::{Sink, SinkFuture};
+use crate::config::RedisSinkConfig;
+use crate::error::{ErrorClass, SinkError};
+use crate::txn::{RowChange, Transaction};
+use kausal_bus::Op;
+use redis::aio::ConnectionManager;
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+
+/// KEYS: data key, versions hash, truncate floor. ARGV: row field, generation, seq, op
+/// (`hash`, `hash-merge`, `json`, `del`), ttl seconds, then the payload (hash: field,
+/// value, …; json: the document).
+const WRITE: &str = r#"
+local g, s = tonumber(ARGV[2]), tonumber(ARGV[3])
+local function older(stored)
+  if not stored then return false end
+  local sg, ss = string.match(stored, '^(%d+):(%d+)$')
+  sg, ss = tonumber(sg), tonumber(ss)
+  if g ~= sg then return g < sg end
+  return s < ss
+end
+if older(redis.call('HGET', KEYS[2], ARGV[1])) then return 0 end
+if older(redis.call('GET', KEYS[3])) then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2] .. ':' .. ARGV[3])
+local op = ARGV[4]
+if op ~= 'hash-merge' then redis.call('DEL', KEYS[1]) end
+if op == 'del' then return 1 end
+if op == 'json' then
+  redis.call('SET', KEYS[1], ARGV[6])
+else
+  redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+end
+local ttl = tonumber(ARGV[5])
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+return 1
+"#;
+
+/// KEYS: truncate floor, versions hash. ARGV: generation, seq. Returns 1 when the
+/// truncate is newer than the floor (the caller then deletes the table's keys).
+const TRUNCATE: &str = r#"
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local sg, ss = string.match(stored, '^(%d+):(%d+)$')
+  local g, s = tonumber(ARGV[1]), tonumber(ARGV[2])
+  sg, ss = tonumber(sg), tonumber(ss)
+  if g < sg or (g == sg and s <= ss) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+"#;
+
+/// How rows are stored.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheFormat {
+    /// A hash per row, one field per non-null column.
+    #[default]
+    Hash,
+    /// A string per row holding the row as a JSON object (types kept).
+    Json,
+}
+
+pub struct RedisSink {
+    name: String,
+    conn: ConnectionManager,
+    prefix: String,
+    format: CacheFormat,
+    ttl: u64,
+    tables: Option<HashSet<String>>,
+}
+
+impl RedisSink {
+    pub async fn connect(cfg: &RedisSinkConfig) -> Result<RedisSink, SinkError> {
+        let endpoint = kausal_bus::amqp::redact_url(&cfg.url);
+        let name = format!("redis {endpoint} ({})", cfg.prefix);
+        let failed = |e: redis::RedisError| SinkError::External {
+            sink: name.clone(),
+            message: format!("cannot connect: {e}; is Redis running and sink.url right?"),
+            class: ErrorClass::Transient,
+        };
+        let client = redis::Client::open(cfg.url.as_str()).map_err(failed)?;
+        let conn = ConnectionManager::new(client).await.map_err(failed)?;
+        Ok(RedisSink {
+            name: name.clone(),
+            conn,
+            prefix: cfg.prefix.clone(),
+            format: cfg.format,
+            ttl: cfg.ttl_seconds,
+            tables: cfg.tables.as_ref().map(|t| t.iter().cloned().collect()),
+        })
+    }
+
+    /// The Redis key of a row: `<prefix>:<table>:<key values joined by ':'>`.
+    pub fn key(&self, table: &str, key_columns: &[String], key: &Map<String, Value>) -> String {
+        let mut out = format!("{}:{table}", self.prefix);
+        for c in key_columns {
+            out.push(':');
+            match key.get(c) {
+                Some(Value::String(s)) => out.push_str(s),
+                Some(v) => out.push_str(&v.to_string()),
+                None => {}
+            }
+        }
+        out
+    }
+
+    fn error(&self, e: redis::RedisError) -> SinkError {
+        let transient = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_cluster_error();
+        SinkError::External {
+            sink: self.name.clone(),
+            message: e.to_string(),
+            class: if transient {
+                ErrorClass::Transient
+            } else {
+                ErrorClass::Definite
+            },
+        }
+    }
+
+    fn wanted(&self, change: &RowChange) -> bool {
+        self.tables
+            .as_ref()
+            .is_none_or(|t| t.contains(&change.shape.name))
+    }
+
+    /// Adds the writes of one row change to `pipe`.
+    fn push(
+        &self,
+        pipe: &mut redis::Pipeline,
+        tx: &Transaction,
+        change: &RowChange,
+    ) -> Result<(), SinkError> {
+        let table = &change.shape.name;
+        let versions = format!("{}:_v:{table}", self.prefix);
+        let floor = format!("{}:_truncated:{table}", self.prefix);
+        let (g, s) = (tx.id.generation, tx.id.seq);
+        let mut script = |key: String, op: &str, payload: Vec<String>| {
+            let field = key
+                .get(self.prefix.len() + table.len() + 2..)
+                .unwrap_or_default()
+                .to_string();
+            let cmd = pipe
+                .cmd("EVAL")
+                .arg(WRITE)
+                .arg(3)
+                .arg(&key)
+                .arg(&versions)
+                .arg(&floor)
+                .arg(field)
+                .arg(g)
+                .arg(s)
+                .arg(op)
+                .arg(self.ttl);
+            for p in payload {
+                cmd.arg(p);
+            }
+            cmd.ignore();
+        };
+        let key_of = |k: &Map<String, Value>| self.key(table, &change.shape.key, k);
+        match change.op {
+            Op::Truncate => {}
+            Op::Delete => script(key_of(&change.key), "del", Vec::new()),
+            Op::Insert | Op::Update => {
+                if let Some(old) = change.old_key.as_ref().filter(|o| **o != change.key) {
+                    script(key_of(old), "del", Vec::new());
+                }
+                let row = change.new.clone().unwrap_or_default();
+                match self.format {
+                    CacheFormat::Json if !change.unchanged.is_empty() => {
+                        return Err(SinkError::External {
+                            sink: self.name.clone(),
+                            message: format!(
+                                "table {table}: columns {:?} were not logged by the source \
+                                 (unchanged TOAST values); a JSON cache entry cannot be \
+                                 merged: use format = \"hash\" or REPLICA IDENTITY FULL at \
+                                 the source",
+                                change.unchanged
+                            ),
+                            class: ErrorClass::Definite,
+                        })
+                    }
+                    CacheFormat::Json => script(
+                        key_of(&change.key),
+                        "json",
+                        vec![Value::Object(row).to_string()],
+                    ),
+                    CacheFormat::Hash => {
+                        let mut payload = Vec::with_capacity(row.len() * 2);
+                        for (column, value) in row {
+                            let text = match value {
+                                Value::Null => continue,
+                                Value::String(s) => s,
+                                other => other.to_string(),
+                            };
+                            payload.push(column);
+                            payload.push(text);
+                        }
+                        let op = if change.unchanged.is_empty() {
+                            "hash"
+                        } else {
+                            "hash-merge"
+                        };
+                        script(key_of(&change.key), op, payload);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn truncate(&self, tx: &Transaction, table: &str) -> Result<(), SinkError> {
+        let mut conn = self.conn.clone();
+        let newer: i64 = redis::cmd("EVAL")
+            .arg(TRUNCATE)
+            .arg(2)
+            .arg(format!("{}:_truncated:{table}", self.prefix))
+            .arg(format!("{}:_v:{table}", self.prefix))
+            .arg(tx.id.generation)
+            .arg(tx.id.seq)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.error(e))?;
+        if newer == 0 {
+            return Ok(());
+        }
+        let pattern = format!("{}:{table}:*", self.prefix);
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| self.error(e))?;
+            if !keys.is_empty() {
+                redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| self.error(e))?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    async fn flush(
+        &self,
+        pipe: &mut redis::Pipeline,
+        pending: &mut usize,
+    ) -> Result<(), SinkError> {
+        if *pending == 0 {
+            return Ok(());
+        }
+        pipe.query_async::<()>(&mut self.conn.clone())
+            .await
+            .map_err(|e| self.error(e))?;
+        *pipe = redis::pipe();
+        pipe.atomic();
+        *pending = 0;
+        Ok(())
+    }
+}
+
+impl Sink for RedisSink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn apply<'a>(&'a self, tx: &'a Transaction) -> SinkFuture<'a> {
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            let mut pending = 0;
+            for change in tx.changes.iter().filter(|c| self.wanted(c)) {
+                if change.op == Op::Truncate {
+                    // Everything before the truncate first, then the truncate itself.
+                    self.flush(&mut pipe, &mut pending).await?;
+                    self.truncate(tx, &change.shape.name).await?;
+                    continue;
+                }
+                self.push(&mut pipe, tx, change)?;
+                pending += 1;
+            }
+            self.flush(&mut pipe, &mut pending).await
+        })
+    }
+}

@@ -1,0 +1,181 @@
+//! Bootstrap (initial sync): a subscriber started after its publisher gets the rows that
+//! existed before, from the publisher over the broker, while a writer keeps changing
+//! the same tables — and ends equal to the source, also when the subscriber and then the
+//! publisher are killed in the middle.
+
+mod common;
+
+use common::sub::*;
+use common::*;
+use std::time::{Duration, Instant};
+
+/// Rows written before the publisher starts: only a bootstrap can bring them.
+const USERS: i64 = 15_000;
+const MESSAGES: i64 = 30_000;
+
+async fn prefill(db: &TestDb) {
+    // Ids far above the workload's, which numbers its rows from 0.
+    db.client
+        .batch_execute(&format!(
+            "INSERT INTO users SELECT g, 'user' || g, 'u' || g || '@example.com' \
+               FROM generate_series(10000000, 10000000 + {USERS} - 1) g;
+             INSERT INTO messages (id, user_id, text) \
+               SELECT g, 10000000 + g % {USERS}, 'old message ' || g \
+               FROM generate_series(20000000, 20000000 + {MESSAGES} - 1) g;"
+        ))
+        .await
+        .unwrap();
+}
+
+/// `(table, done, rows_applied)` of the store's bootstraps.
+async fn bootstraps(store: &sqlx::AnyPool) -> Vec<(String, i32, i64)> {
+    use sqlx::Row;
+    sqlx::query("SELECT tbl, done, rows_applied FROM kausal_bootstrap ORDER BY tbl")
+        .fetch_all(store)
+        .await
+        .map(|rows| {
+            rows.iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn row_versions_left(store: &sqlx::AnyPool) -> i64 {
+    use sqlx::Row;
+    sqlx::query("SELECT COUNT(*) FROM kausal_rowv")
+        .fetch_one(store)
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(-1)
+}
+
+/// Waits until every bootstrap is finished (`done = 2`: the store applied everything up
+/// to the last chunk) and its row versions are gone.
+async fn finished(store: &sqlx::AnyPool) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let b = bootstraps(store).await;
+        let left = row_versions_left(store).await;
+        if !b.is_empty() && b.iter().all(|x| x.1 == 2) && left == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bootstraps not finished: {b:?}, {left} row versions left"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn sqlite_store(url: &str) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    for _ in 0..100 {
+        if let Ok(pool) = sqlx::AnyPool::connect(url).await {
+            if sqlx::query("SELECT 1 FROM kausal_bootstrap")
+                .fetch_optional(&pool)
+                .await
+                .is_ok()
+            {
+                return pool;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the subscriber never created its store at {url}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_subscriber_bootstraps_while_the_source_changes_and_ends_equal() {
+    logs();
+    let ns = unique("boot");
+    let db = TestDb::new(&ns, workload::SCHEMA).await;
+    prefill(&db).await;
+    let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
+    // Live traffic before the subscriber exists: it never reaches its queue.
+    workload::run(&db.url, 300, 2, 41).await;
+
+    let sqlite = sqlite_url(&ns);
+    let text = sub_config_text(&ns, &sqlite, &workload::subscribed(&ns));
+    let cfg = write_config(&text, &format!("{ns}.sub"));
+    let mut worker = Process::kausal(&["subscribe", "--bootstrap"], &cfg);
+    let store = sqlite_store(&sqlite).await;
+    // The writer keeps inserting, updating and deleting (users of the bootstrapped
+    // rows too) while the chunks come.
+    workload::run(&db.url, 3_000, 4, 43).await;
+    workload::converge(&db.url, &store, Duration::from_secs(300)).await;
+
+    let done = bootstraps(&store).await;
+    assert_eq!(done.len(), 2, "{done:?}");
+    for (table, _, rows) in &done {
+        assert!(*rows > 0, "table {table}: no rows applied");
+    }
+    finished(&store).await;
+    worker.kill();
+    publisher.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bootstrap_survives_kill_9_of_the_subscriber_and_then_of_the_publisher() {
+    logs();
+    let ns = unique("bootkill");
+    let db = TestDb::new(&ns, workload::SCHEMA).await;
+    prefill(&db).await;
+    let pub_cfg = write_config(
+        &config_text(&ns, &db.url, workload::PUBLISHED),
+        &format!("{ns}.pub"),
+    );
+    let slot = format!("kausal_{ns}");
+    let mut publisher = Process::spawn(&pub_cfg);
+    wait_for_slot(&db.client, &slot).await;
+
+    let sqlite = sqlite_url(&ns);
+    let text = sub_config_text(&ns, &sqlite, &workload::subscribed(&ns));
+    let cfg = write_config(&text, &format!("{ns}.sub"));
+    let url = db.url.clone();
+    let writing = tokio::spawn(async move { workload::run(&url, 2_000, 2, 47).await });
+    // Small chunks, so that there is a middle to kill in.
+    let mut worker = Process::kausal(&["bootstrap", "--chunk-rows", "300"], &cfg);
+    let store = sqlite_store(&sqlite).await;
+    let applied_some = |b: &[(String, i32, i64)]| b.iter().map(|x| x.2).sum::<i64>() > 2_000;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !applied_some(&bootstraps(&store).await) {
+        assert!(Instant::now() < deadline, "the bootstrap made no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    worker.kill();
+    let before = bootstraps(&store).await;
+    assert!(
+        before.iter().any(|b| b.1 == 0),
+        "the bootstrap finished before the kill: {before:?}"
+    );
+
+    // A plain subscriber resumes the unfinished bootstrap from where the store says.
+    let mut worker = Process::kausal(&["subscribe"], &cfg);
+    let progressed = |b: &[(String, i32, i64)]| b.iter().map(|x| x.2).sum::<i64>();
+    let at_restart = progressed(&before);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let now = bootstraps(&store).await;
+        if progressed(&now) > at_restart + 2_000 || now.iter().all(|b| b.1 >= 1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the resumed bootstrap made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publisher.kill();
+    wait_for_slot_released(&db.client, &slot).await;
+    let mut publisher = Process::spawn(&pub_cfg);
+    wait_for_slot(&db.client, &slot).await;
+
+    writing.await.unwrap();
+    workload::converge(&db.url, &store, Duration::from_secs(300)).await;
+    finished(&store).await;
+    worker.kill();
+    publisher.kill();
+    db.drop().await;
+}
