@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::boot::{bootstraps, sqlite_store};
 use common::sub::*;
 use common::*;
 use std::time::{Duration, Instant};
@@ -25,20 +26,6 @@ async fn prefill(db: &TestDb) {
         ))
         .await
         .unwrap();
-}
-
-/// `(table, done, rows_applied)` of the store's bootstraps.
-async fn bootstraps(store: &sqlx::AnyPool) -> Vec<(String, i32, i64)> {
-    use sqlx::Row;
-    sqlx::query("SELECT tbl, done, rows_applied FROM kausal_bootstrap ORDER BY tbl")
-        .fetch_all(store)
-        .await
-        .map(|rows| {
-            rows.iter()
-                .map(|r| (r.get(0), r.get(1), r.get(2)))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 async fn row_versions_left(store: &sqlx::AnyPool) -> i64 {
@@ -66,23 +53,6 @@ async fn finished(store: &sqlx::AnyPool) {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-async fn sqlite_store(url: &str) -> sqlx::AnyPool {
-    sqlx::any::install_default_drivers();
-    for _ in 0..100 {
-        if let Ok(pool) = sqlx::AnyPool::connect(url).await {
-            if sqlx::query("SELECT 1 FROM kausal_bootstrap")
-                .fetch_optional(&pool)
-                .await
-                .is_ok()
-            {
-                return pool;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the subscriber never created its store at {url}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_postgres::{Client, NoTls};
 
 pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
+pub mod boot;
 pub mod e2e;
 pub mod my_workload;
 pub mod mysql;

@@ -186,6 +186,7 @@ pub async fn stream(
                 };
                 match event {
                     ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                        windows.begin(xid);
                         asm.begin(&final_lsn.to_string(), xid, commit_time_micros);
                     }
                     ReplicationEvent::XLogData { data, .. } => {

@@ -1,0 +1,238 @@
+//! Bootstrap (initial sync) on the publisher side: the current rows of a table, in
+//! chunks, to one subscriber's queue, interleaved with the live stream — without a long
+//! transaction or a lock (watermarks, as DBLog; the argument is in `docs/bootstrap.md`).
+//!
+//! Per chunk: a low watermark goes into the WAL (a non-transactional logical message),
+//! the chunk is read in its own short transaction (keyset pagination on the key; the
+//! snapshot is noted), a high watermark follows. The stream, when it reaches the low
+//! watermark, starts noting the keys of that table changed by transactions it
+//! publishes; at the high watermark it drops those rows from the chunk (the stream
+//! carries newer values for them) and publishes the rest, stamped with the sequence
+//! number of the last transaction before it, straight to the subscriber's queue — unless
+//! the snapshot missed a transaction the stream decoded before the low watermark
+//! (`windows`): then the chunk is read again.
+
+mod reader;
+mod windows;
+
+pub use windows::{PgSnapshot, Windows};
+
+use crate::config::PublisherConfig;
+use crate::error::{PublisherError, SourceError};
+use crate::source::postgres::catalog::ConnInfo;
+use kausal_bus::amqp::AmqpConsumer;
+use kausal_bus::bootstrap::{control_queue_spec, BootstrapRequest, TableRequest};
+use kausal_bus::Snapshot;
+use reader::Reader;
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+use windows::{Mark, Outcome, Window};
+
+/// Prefix of the watermark messages in the WAL.
+pub const WATERMARK_PREFIX: &str = "kausal-bootstrap";
+/// How long a chunk may wait for the stream to reach its high watermark before it is
+/// read again (the stream restarted in between, say).
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+const CHUNK_ATTEMPTS: u32 = 5;
+/// Reads of one chunk that may each find a committed transaction not yet visible.
+const STALE_ATTEMPTS: u32 = 100;
+/// How often an idle bootstrap task lets the stream forget old transaction ids.
+const FLOOR_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Rows of a chunk: (key, row), published names.
+type Rows = Vec<(Map<String, Value>, Map<String, Value>)>;
+
+/// Takes bootstrap requests from the namespace's control queue and answers them one at
+/// a time, until the stream ends (the caller aborts this task). A request is acked
+/// when its last chunk went out, so a publisher crash leaves it for the next start.
+pub async fn serve(
+    cfg: Arc<PublisherConfig>,
+    conn: ConnInfo,
+    windows: Arc<Windows>,
+) -> Result<(), PublisherError> {
+    let spec = control_queue_spec(&cfg.namespace);
+    let mut consumer = AmqpConsumer::connect(&cfg.broker.url, &cfg.broker.exchange, &spec).await?;
+    let client = conn.connect().await?;
+    loop {
+        // Between requests, tell the stream which transaction ids every later chunk's
+        // snapshot will show, so it forgets them.
+        set_floor(&client, &windows).await?;
+        let Ok(next) = tokio::time::timeout(FLOOR_INTERVAL, consumer.next()).await else {
+            continue;
+        };
+        let Some(delivery) = next else { break };
+        let delivery = delivery?;
+        match serde_json::from_slice::<BootstrapRequest>(&delivery.body) {
+            Ok(request) => {
+                tracing::info!(request = %request.request, queue = %request.queue,
+                    tables = request.tables.len(), "bootstrap requested");
+                // A request that fails is dead-lettered with the reason, not retried at
+                // every start: the stream goes on (the subscriber asks again).
+                match answer(&cfg, &client, &windows, &request).await {
+                    Ok(()) => tracing::info!(request = %request.request, "bootstrap sent"),
+                    Err(error) => {
+                        tracing::error!(request = %request.request, error = %error,
+                            "bootstrap request failed; dead-lettered");
+                        consumer
+                            .send_to_dead_letters(delivery.body.clone(), &error.to_string())
+                            .await?;
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(error = %error, "not a bootstrap request; dead-lettered");
+                consumer
+                    .send_to_dead_letters(delivery.body.clone(), &error.to_string())
+                    .await?;
+            }
+        }
+        delivery.ack().await?;
+    }
+    Ok(())
+}
+
+/// Sends every table of `request`, chunk by chunk.
+async fn answer(
+    cfg: &PublisherConfig,
+    client: &tokio_postgres::Client,
+    windows: &Windows,
+    request: &BootstrapRequest,
+) -> Result<(), PublisherError> {
+    for tr in &request.tables {
+        let Some(t) = cfg.tables.iter().find(|t| t.published_name() == tr.table) else {
+            tracing::warn!(request = %request.request, table = %tr.table,
+                "bootstrap of a table this publisher does not publish: skipped");
+            continue;
+        };
+        let reader = Reader::new(client, t).await?;
+        let mut after = tr.after.clone();
+        let mut chunk = 0;
+        loop {
+            let (last_key, done) =
+                send_chunk(client, windows, request, tr, &reader, chunk, after.clone()).await?;
+            if done {
+                break;
+            }
+            after = last_key;
+            chunk += 1;
+        }
+    }
+    Ok(())
+}
+
+/// One chunk between its watermarks; returns its last key and whether it was the last.
+async fn send_chunk(
+    client: &tokio_postgres::Client,
+    windows: &Windows,
+    request: &BootstrapRequest,
+    tr: &TableRequest,
+    reader: &Reader,
+    chunk: u64,
+    after: Option<Map<String, Value>>,
+) -> Result<(Option<Map<String, Value>>, bool), PublisherError> {
+    let (mut timeouts, mut stale) = (0, 0);
+    for attempt in 1.. {
+        let id = format!("{}/{}/{chunk}/{attempt}", request.request, tr.table);
+        let (done_tx, done_rx) = oneshot::channel();
+        let snapshot = Snapshot {
+            request: request.request.clone(),
+            table: tr.table.clone(),
+            chunk,
+            last_key: None,
+            done: false,
+            estimated_rows: reader.estimated_rows,
+        };
+        let window = Window::new(
+            request.queue.clone(),
+            snapshot,
+            reader.schema.clone(),
+            done_tx,
+        );
+        windows.open(&id, window);
+        emit(client, &id, false).await?;
+        let limit = request.chunk_rows.max(1);
+        let (rows, pg_snapshot) = match reader.read(client, after.as_ref(), limit).await {
+            Ok(read) => read,
+            Err(error) => {
+                windows.close(&id);
+                return Err(error.into());
+            }
+        };
+        let last = rows.len() < limit;
+        let last_key = rows.last().map(|(k, _)| k.clone());
+        let window_key = last_key.clone().or_else(|| after.clone());
+        windows.set_rows(&id, rows, pg_snapshot, window_key, last);
+        emit(client, &id, true).await?;
+        match tokio::time::timeout(CHUNK_TIMEOUT, done_rx).await {
+            Ok(Ok(Outcome::Published)) => return Ok((last_key, last)),
+            Ok(Ok(Outcome::Stale)) => {
+                // A transaction that had committed in the WAL was still becoming
+                // visible: it is gone in a moment.
+                stale += 1;
+                tracing::debug!(chunk = %id, attempt, "chunk read before a committed transaction was visible; reading it again");
+                if stale >= STALE_ATTEMPTS {
+                    return Err(SourceError::Bootstrap {
+                        table: tr.table.clone(),
+                        reason: format!(
+                            "{STALE_ATTEMPTS} reads of one chunk each missed a transaction that \
+                             had committed before it (a synchronous standby not answering?)"
+                        ),
+                    }
+                    .into());
+                }
+                tokio::time::sleep(Duration::from_millis(10 * u64::from(stale.min(20)))).await;
+            }
+            _ => {
+                windows.close(&id);
+                timeouts += 1;
+                tracing::warn!(chunk = %id, attempt,
+                    "the stream did not reach the chunk's high watermark; reading it again");
+                if timeouts >= CHUNK_ATTEMPTS {
+                    break;
+                }
+            }
+        }
+    }
+    Err(SourceError::Bootstrap {
+        table: tr.table.clone(),
+        reason: format!("the stream never reached a high watermark in {CHUNK_ATTEMPTS} attempts"),
+    }
+    .into())
+}
+
+/// Forgets, in the stream, the transactions every snapshot taken from now on shows.
+async fn set_floor(client: &tokio_postgres::Client, windows: &Windows) -> Result<(), SourceError> {
+    let text: String = client
+        .query_one("SELECT pg_current_snapshot()::text", &[])
+        .await
+        .map_err(|source| SourceError::Query {
+            context: "take a snapshot",
+            source,
+        })?
+        .get(0);
+    if let Some(snapshot) = PgSnapshot::parse(&text) {
+        windows.set_floor(snapshot.xmin);
+    }
+    Ok(())
+}
+
+async fn emit(client: &tokio_postgres::Client, chunk: &str, high: bool) -> Result<(), SourceError> {
+    let mark = serde_json::to_string(&Mark {
+        chunk: chunk.to_string(),
+        high,
+    })
+    .unwrap_or_default();
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(false, $1, $2::text)",
+            &[&WATERMARK_PREFIX, &mark],
+        )
+        .await
+        .map_err(|source| SourceError::Query {
+            context: "write a bootstrap watermark",
+            source,
+        })?;
+    Ok(())
+}
