@@ -20,6 +20,17 @@ pub enum BusError {
         #[source]
         source: lapin::Error,
     },
+    #[error(
+        "queue {queue} exists with other settings than asked for ({asked}): RabbitMQ cannot \
+         change a queue's arguments. Use the settings it was created with, or delete the \
+         queue (`rabbitmqctl delete_queue {queue}`; what it holds is lost) and start again"
+    )]
+    QueueMismatch {
+        queue: String,
+        asked: String,
+        #[source]
+        source: lapin::Error,
+    },
     #[error("RabbitMQ refused the login at {endpoint}: check the user and password in broker.url")]
     AccessRefused {
         endpoint: String,
@@ -41,7 +52,9 @@ pub enum BusError {
 impl BusError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            BusError::AccessRefused { .. } | BusError::BadUrl { .. } => ErrorClass::Definite,
+            BusError::AccessRefused { .. }
+            | BusError::BadUrl { .. }
+            | BusError::QueueMismatch { .. } => ErrorClass::Definite,
             _ => ErrorClass::Transient,
         }
     }

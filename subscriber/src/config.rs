@@ -42,6 +42,29 @@ pub struct SubscriberConfig {
     /// Read models beside the store (`[[sink]]`), written inside its transactions.
     #[serde(rename = "sink", default)]
     pub sinks: Vec<SinkConfig>,
+    /// Where the secret salt of `hash` masks comes from.
+    #[serde(default)]
+    pub masking: MaskingConfig,
+}
+
+/// The secret salt of `hash` masks (see `crate::mask`): from a file, else from an
+/// environment variable — never from the configuration file itself, which gets shared.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaskingConfig {
+    /// Environment variable holding the salt; default `KAUSAL_MASK_SALT`.
+    pub salt_env: String,
+    /// File holding the salt (trailing newline ignored); wins over `salt_env`.
+    pub salt_file: Option<std::path::PathBuf>,
+}
+
+impl Default for MaskingConfig {
+    fn default() -> Self {
+        MaskingConfig {
+            salt_env: "KAUSAL_MASK_SALT".into(),
+            salt_file: None,
+        }
+    }
 }
 
 /// A sink beside the store.
@@ -104,6 +127,42 @@ pub struct BrokerConfig {
     pub queue: Option<String>,
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
+    /// The broker deletes the queue after it had no consumer this long (`"7d"`, `"12h"`,
+    /// `"90m"`; at most 49 days): a laptop subscriber's queue keeps what was published
+    /// while the laptop slept, and a forgotten one does not fill the broker forever.
+    /// Default: never.
+    #[serde(default)]
+    pub queue_expires: Option<String>,
+}
+
+impl BrokerConfig {
+    /// `queue_expires` in milliseconds.
+    pub fn queue_expires_ms(&self) -> Result<Option<u32>, String> {
+        let Some(text) = &self.queue_expires else {
+            return Ok(None);
+        };
+        let bad = || {
+            format!(
+                "broker.queue_expires = \"{text}\": write a number and a unit: \"90m\", \
+                 \"12h\", \"7d\" (at most 49 days)"
+            )
+        };
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let n: u64 = t[..split].parse().map_err(|_| bad())?;
+        let unit_ms: u64 = match t[split..].trim() {
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        let ms = n.checked_mul(unit_ms).ok_or_else(bad)?;
+        if ms == 0 {
+            return Err(bad());
+        }
+        u32::try_from(ms).map(Some).map_err(|_| bad())
+    }
 }
 
 fn default_exchange() -> String {
@@ -237,6 +296,10 @@ pub struct TableSubscription {
     pub rename: BTreeMap<String, String>,
     #[serde(default)]
     pub mode: TableMode,
+    /// Published column name → mask applied before anything is written locally
+    /// (`hash`, `redact`, `keep`).
+    #[serde(default)]
+    pub mask: BTreeMap<String, crate::mask::Mask>,
 }
 
 /// Building a configuration in code, the Rust API's counterpart of the TOML file:
@@ -259,6 +322,7 @@ impl SubscriberConfig {
                 exchange: default_exchange(),
                 queue: None,
                 prefetch: DEFAULT_PREFETCH,
+                queue_expires: None,
             },
             store: StoreConfig {
                 url: store_url.to_string(),
@@ -270,7 +334,59 @@ impl SubscriberConfig {
             callbacks: CallbackConfig::default(),
             tables: Vec::new(),
             sinks: Vec::new(),
+            masking: MaskingConfig::default(),
         }
+    }
+
+    /// Masks a column of the table subscribed last (published name).
+    pub fn mask(mut self, column: &str, mask: crate::mask::Mask) -> Self {
+        if let Some(t) = self.tables.last_mut() {
+            t.mask.insert(column.to_string(), mask);
+        }
+        self
+    }
+
+    /// The salt of `hash` masks: `None` when no column is hashed; an error naming the
+    /// fix when one is and no usable salt is configured.
+    pub fn mask_salt(&self) -> Result<Option<Vec<u8>>, String> {
+        let hashed = self.tables.iter().find_map(|t| {
+            t.mask
+                .iter()
+                .find(|(_, m)| **m == crate::mask::Mask::Hash)
+                .map(|(c, _)| format!("{}.{} column `{c}`", t.namespace, t.name))
+        });
+        let Some(what) = hashed else { return Ok(None) };
+        let min = crate::mask::MIN_SALT_LEN;
+        let salt = match &self.masking.salt_file {
+            Some(path) => std::fs::read(path)
+                .map_err(|e| {
+                    format!(
+                        "{what} is masked with hash, but masking.salt_file {} cannot be read \
+                         ({e})",
+                        path.display()
+                    )
+                })?
+                .trim_ascii_end()
+                .to_vec(),
+            None => std::env::var(&self.masking.salt_env)
+                .map(String::into_bytes)
+                .map_err(|_| {
+                    format!(
+                        "{what} is masked with hash, which needs a secret salt: set {} (at \
+                         least {min} characters, the same for every worker, kept secret) or \
+                         masking.salt_file",
+                        self.masking.salt_env
+                    )
+                })?,
+        };
+        if salt.len() < min {
+            return Err(format!(
+                "the salt of hash masks is {} bytes long; use at least {min} (a short salt \
+                 can be guessed together with the values)",
+                salt.len()
+            ));
+        }
+        Ok(Some(salt))
     }
 
     /// Adds a sink beside the store.
@@ -289,6 +405,7 @@ impl SubscriberConfig {
             columns: (!columns.is_empty()).then(|| columns.iter().map(|c| c.to_string()).collect()),
             rename: BTreeMap::new(),
             mode: TableMode::Mirror,
+            mask: BTreeMap::new(),
         });
         self
     }
@@ -384,6 +501,8 @@ impl SubscriberConfig {
                 }
             }
         }
+        self.broker.queue_expires_ms()?;
+        self.mask_salt()?;
         Ok(())
     }
 }

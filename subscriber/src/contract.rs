@@ -55,6 +55,22 @@ pub fn check(cfg: &SubscriberConfig, contract: &Contract) -> Vec<Finding> {
                 )));
             }
         }
+        for (column, mask) in &t.mask {
+            if published.column(column).is_none() {
+                out.push(problem(format!(
+                    "table {:?}: mask of {column:?}, which is not a published column \
+                     (published columns: {})",
+                    t.name,
+                    columns.join(", ")
+                )));
+            } else if *mask == crate::mask::Mask::Redact && published.key.contains(column) {
+                out.push(problem(format!(
+                    "table {:?}: {column:?} is a key column and cannot be redacted (every row \
+                     would have the same key): hash it or keep it",
+                    t.name
+                )));
+            }
+        }
         for from in t.rename.keys() {
             if published.column(from).is_none() {
                 out.push(problem(format!(
@@ -113,16 +129,20 @@ mod tests {
         let cfg = cfg()
             .subscribe("shop", "users", &["name", "phone"])
             .rename("nick", "nickname")
+            .mask("id", crate::mask::Mask::Redact)
+            .mask("ssn", crate::mask::Mask::Hash)
             .subscribe("shop", "orders", &[]);
         let problems: Vec<String> = check(&cfg, &contract())
             .into_iter()
             .filter(|f| f.problem)
             .map(|f| f.message)
             .collect();
-        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
         assert!(problems[0].contains("\"phone\"") && problems[0].contains("name, email"));
-        assert!(problems[1].contains("\"nick\""));
-        assert!(problems[2].contains("\"orders\"") && problems[2].contains("publishes users"));
+        assert!(problems[1].contains("\"id\"") && problems[1].contains("key column"));
+        assert!(problems[2].contains("mask of \"ssn\""));
+        assert!(problems[3].contains("\"nick\""));
+        assert!(problems[4].contains("\"orders\"") && problems[4].contains("publishes users"));
     }
 
     #[test]

@@ -135,6 +135,15 @@ pub enum MappingError {
         published: String,
     },
     #[error(
+        "subscription to {namespace}.{table} redacts `{column}`, a key column: every row would \
+         have the same key; hash it instead (`{column} = \"hash\"`) or keep it"
+    )]
+    RedactedKey {
+        namespace: String,
+        table: String,
+        column: String,
+    },
+    #[error(
         "envelope seq {seq} of {namespace} changes table `{table}` but carries no schema for it"
     )]
     MissingSchema {
@@ -174,12 +183,19 @@ pub enum SubscriberError {
     Coord(#[from] CoordError),
     #[error("the broker closed the consumer (connection lost or queue deleted)")]
     ConsumerCancelled,
+    #[error(
+        "queue {queue} is gone from the broker ({why}), but the store has applied changes \
+         from it: what was published since is lost for this store. Start over with an \
+         empty store (delete it, or point store.url elsewhere) and `kausal subscribe \
+         --bootstrap`"
+    )]
+    QueueLost { queue: String, why: String },
 }
 
 impl SubscriberError {
     pub fn class(&self) -> ErrorClass {
         match self {
-            SubscriberError::Config(_) => ErrorClass::Definite,
+            SubscriberError::Config(_) | SubscriberError::QueueLost { .. } => ErrorClass::Definite,
             SubscriberError::Bus(e) => match e.class() {
                 kausal_bus::ErrorClass::Transient => ErrorClass::Transient,
                 kausal_bus::ErrorClass::Definite => ErrorClass::Definite,

@@ -15,6 +15,7 @@ pub mod config;
 pub mod contract;
 pub mod coord;
 pub mod error;
+pub mod mask;
 pub mod runtime;
 pub mod schedule;
 pub mod sink;

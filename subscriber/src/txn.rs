@@ -3,6 +3,7 @@
 
 use crate::config::{SubscriberConfig, TableMode, TableSubscription};
 use crate::error::MappingError;
+use crate::mask::Mask;
 use kausal_bus::{Context, Dep, DepKind, Envelope, Op};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -86,6 +87,8 @@ pub struct Mapping {
     tables: HashMap<(String, String), TableSubscription>,
     /// Destination shapes already built, per (namespace, table, published columns).
     shapes: HashMap<(String, String), (Vec<kausal_bus::Column>, Arc<TableShape>)>,
+    /// The secret of `hash` masks (checked by `SubscriberConfig::validate`).
+    salt: Vec<u8>,
 }
 
 impl Mapping {
@@ -97,6 +100,7 @@ impl Mapping {
                 .map(|t| ((t.namespace.clone(), t.name.clone()), t.clone()))
                 .collect(),
             shapes: HashMap::new(),
+            salt: cfg.mask_salt().ok().flatten().unwrap_or_default(),
         }
     }
 
@@ -150,6 +154,23 @@ impl Mapping {
                     .collect()
             }
         };
+        for (column, mask) in &sub.mask {
+            if !published.contains(&column.as_str()) {
+                return Err(MappingError::MissingColumn {
+                    namespace: envelope.namespace.clone(),
+                    table: table.to_string(),
+                    column: column.clone(),
+                    published: published.join(", "),
+                });
+            }
+            if *mask == Mask::Redact && schema.key.contains(column) {
+                return Err(MappingError::RedactedKey {
+                    namespace: envelope.namespace.clone(),
+                    table: table.to_string(),
+                    column: column.clone(),
+                });
+            }
+        }
         let dest = |name: &str| sub.rename.get(name).cloned().unwrap_or(name.to_string());
         let shape = Arc::new(TableShape {
             name: sub.into.clone().unwrap_or_else(|| table.to_string()),
@@ -157,7 +178,12 @@ impl Mapping {
                 .columns
                 .iter()
                 .filter(|c| wanted.contains(&c.name.as_str()))
-                .map(|c| (dest(&c.name), c.type_name.clone()))
+                .map(|c| {
+                    // A hash is text whatever the column held.
+                    let hashed = sub.mask.get(&c.name) == Some(&Mask::Hash);
+                    let ty = if hashed { "text" } else { c.type_name.as_str() };
+                    (dest(&c.name), ty.to_string())
+                })
                 .collect(),
             key: schema.key.iter().map(|k| dest(k)).collect(),
             mode: sub.mode,
@@ -179,7 +205,11 @@ impl Mapping {
         for (name, value) in row {
             let dest = sub.rename.get(name).map(String::as_str).unwrap_or(name);
             if shape.columns.iter().any(|(c, _)| c == dest) {
-                out.insert(dest.to_string(), value.clone());
+                let mask = sub.mask.get(name).copied().unwrap_or_default();
+                out.insert(
+                    dest.to_string(),
+                    crate::mask::apply(mask, value, &self.salt),
+                );
             }
         }
         out

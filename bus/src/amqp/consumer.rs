@@ -246,6 +246,34 @@ impl AmqpConsumer {
 
 /// Declares the exchange, the queue with its bindings, and the dead-letter path.
 /// Idempotent; safe to call from every worker.
+/// Whether the broker answered with the channel-level error `code` (404 not found, 406
+/// precondition failed).
+fn is_soft_error(error: &lapin::Error, code: u16) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == code)
+}
+
+/// Whether queue `name` exists on the broker at `url` (a passive declare, which creates
+/// nothing).
+pub async fn queue_exists(url: &str, name: &str) -> Result<bool, BusError> {
+    let (conn, channel) = super::open_channel(url).await?;
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let result = channel
+        .queue_declare(name.into(), options, FieldTable::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+    match result {
+        Ok(_) => Ok(true),
+        Err(source) if is_soft_error(&source, 404) => Ok(false),
+        Err(source) => Err(BusError::Amqp {
+            operation: "queue.declare (passive)",
+            source,
+        }),
+    }
+}
+
 pub async fn declare_queue(
     channel: &Channel,
     exchange: &str,
@@ -318,7 +346,23 @@ pub async fn declare_queue(
     channel
         .queue_declare(spec.name.as_str().into(), options, args)
         .await
-        .map_err(amqp("queue.declare"))?;
+        .map_err(|source| {
+            if is_soft_error(&source, 406) {
+                let expires = spec
+                    .expires_ms
+                    .map_or("no expiry".to_string(), |ms| format!("x-expires {ms} ms"));
+                BusError::QueueMismatch {
+                    queue: spec.name.clone(),
+                    asked: expires,
+                    source,
+                }
+            } else {
+                BusError::Amqp {
+                    operation: "queue.declare",
+                    source,
+                }
+            }
+        })?;
     for ns in &spec.namespaces {
         channel
             .queue_bind(

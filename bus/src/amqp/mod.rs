@@ -10,7 +10,7 @@ mod consumer;
 mod publisher;
 
 pub use consumer::{
-    declare_queue, peek_dead_letters, AmqpConsumer, DeadLetter, Delivery, QueueSpec,
+    declare_queue, peek_dead_letters, queue_exists, AmqpConsumer, DeadLetter, Delivery, QueueSpec,
 };
 pub use publisher::{AmqpPublisher, PendingConfirm};
 

@@ -47,6 +47,8 @@ pub(super) struct Boot {
     pub stash: Vec<(Envelope, kausal_bus::amqp::Delivery)>,
     /// Streams joined (or found joined) since start.
     pub joined: HashSet<(String, u64)>,
+    /// Namespaces with tables the store bootstrapped (in an earlier run, say).
+    pub bootstrapped: HashSet<String>,
 }
 
 impl Worker {
@@ -58,6 +60,8 @@ impl Worker {
             self.boot.chunk_rows = p.chunk_rows;
         }
         let unfinished = self.store.unfinished_bootstraps().await?;
+        let done = self.store.bootstrapped_tables().await?;
+        self.boot.bootstrapped = done.iter().map(|(ns, _)| ns.clone()).collect();
         let mut resumed: BTreeMap<String, Vec<TableRequest>> = BTreeMap::new();
         for u in &unfinished {
             self.boot
@@ -84,7 +88,6 @@ impl Worker {
             .collect();
         let wanted: Vec<(String, String)> = if plan.tables.is_empty() {
             // Every table not bootstrapped before (naming a table starts it over).
-            let done = self.store.bootstrapped_tables().await?;
             subscribed
                 .iter()
                 .filter(|t| !done.contains(*t))
@@ -264,15 +267,18 @@ impl Worker {
     /// A bootstrapping app whose store has nothing of this stream joins it at the first
     /// transaction its queue delivers (the lowest: a queue delivers in publish order):
     /// everything before is behind the chunks' watermarks, so its rows come with the
-    /// chunks. Only with one worker process: with several, a lower transaction may sit
-    /// in another worker's window.
+    /// chunks. So does a store that bootstrapped in an earlier run but never applied a
+    /// transaction of the stream: it never acked one either, so its queue still holds
+    /// everything since the request. Only with one worker process: with several, a
+    /// lower transaction may sit in another worker's window.
     pub(super) async fn join_for_bootstrap(
         &mut self,
         namespace: &str,
         generation: u64,
         seq: u64,
     ) -> Result<(), SubscriberError> {
-        let bootstrapping = self.boot.pending.iter().any(|(ns, _)| ns == namespace);
+        let pending = self.boot.pending.iter().any(|(ns, _)| ns == namespace);
+        let bootstrapping = pending || self.boot.bootstrapped.contains(namespace);
         if !bootstrapping
             || seq <= 1
             || !matches!(self.cfg.coordination, crate::config::Coordination::Memory)
@@ -282,6 +288,10 @@ impl Worker {
         }
         let (through, applied) = self.store.progress(namespace, generation).await?;
         if through != 0 || !applied.is_empty() {
+            return Ok(());
+        }
+        if !pending && self.store.has_progress(namespace).await? {
+            // It followed an earlier generation: not a first join.
             return Ok(());
         }
         // The store first: a later seeding of the gate from the store agrees with it.

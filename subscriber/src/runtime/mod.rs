@@ -7,6 +7,7 @@
 
 mod apply;
 mod bootstrap;
+mod queue;
 mod upkeep;
 
 pub use bootstrap::BootstrapPlan;
@@ -18,7 +19,7 @@ use crate::schedule::Wait;
 use crate::sink::{Callbacks, SqlStore};
 use crate::txn::{Mapping, Transaction, TxId};
 use apply::{error_chain, seed, Applier, Outcome};
-use kausal_bus::amqp::{AmqpConsumer, Delivery, QueueSpec};
+use kausal_bus::amqp::{AmqpConsumer, Delivery};
 use kausal_bus::deps::table_key;
 use kausal_bus::Envelope;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -205,10 +206,8 @@ impl Worker {
         });
         let namespaces = cfg.namespaces();
         let ns: Vec<&str> = namespaces.iter().map(String::as_str).collect();
-        let mut spec = QueueSpec::durable(&cfg.queue(), &ns);
-        spec.prefetch = cfg.broker.prefetch;
-        let consumer = AmqpConsumer::connect(&cfg.broker.url, &cfg.broker.exchange, &spec).await?;
-        tracing::info!(queue = %spec.name, mode = ?cfg.ordering.mode, "subscriber consuming");
+        let consumer = queue::open(cfg, &ns, &store).await?;
+
         let applier_callbacks_empty = callbacks.is_empty();
         let applier = Arc::new(Applier {
             store: store.clone(),
