@@ -209,6 +209,8 @@ async fn a_dropped_slot_stops_the_publisher_with_the_recovery_steps() {
     tap.until(std::time::Duration::from_secs(60), |r| complete(r) >= 1)
         .await;
     publisher.stop().await;
+    // The server ends the walsender a moment after the publisher hangs up.
+    wait_for_slot_released(&db.client, &format!("kausal_{ns}")).await;
     db.client
         .batch_execute(&format!("SELECT pg_drop_replication_slot('kausal_{ns}')"))
         .await
