@@ -76,11 +76,18 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    // lapin logs every channel the broker closes as an error, also the expected ones
+    // (asking whether a queue exists closes the channel when it does not); our own
+    // errors say what went wrong.
+    let quiet = "lapin::channel=off".parse().expect("a valid directive");
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,lapin=warn,pgwire_replication=warn".into()),
+                .unwrap_or_else(|_| "info,lapin=warn,pgwire_replication=warn".into())
+                .add_directive(quiet),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -157,6 +164,10 @@ async fn subscribe(
     let mut subscriber = kausal::subscriber::Subscriber::new(cfg);
     if let Some(plan) = plan {
         subscriber.bootstrap(plan);
+        use std::io::IsTerminal;
+        if std::io::stderr().is_terminal() {
+            tokio::spawn(cli::progress::draw(subscriber.bootstrap_progress()));
+        }
     }
     if let Err(error) = subscriber.run(shutdown).await {
         report(&error);

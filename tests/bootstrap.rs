@@ -149,3 +149,82 @@ async fn a_bootstrap_survives_kill_9_of_the_subscriber_and_then_of_the_publisher
     publisher.kill();
     db.drop().await;
 }
+
+/// `kausal bootstrap` run to its end with stderr on a terminal (through `script`, which
+/// gives it a pseudo-terminal) or on a pipe; everything it printed.
+fn bootstrap_output(cfg: &std::path::Path, terminal: bool) -> String {
+    let kausal = env!("CARGO_BIN_EXE_kausal");
+    let command = format!(
+        "{kausal} bootstrap --chunk-rows 500 --config {}",
+        cfg.display()
+    );
+    let mut run = if terminal {
+        let mut c = std::process::Command::new("script");
+        c.args(["-qefc", &command, "/dev/null"]);
+        c
+    } else {
+        let mut c = std::process::Command::new("sh");
+        c.args(["-c", &command]);
+        c
+    };
+    let out = run
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run kausal bootstrap");
+    assert!(out.status.success(), "kausal bootstrap failed: {out:?}");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminal_shows_a_progress_bar_and_a_pipe_gets_log_lines() {
+    logs();
+    let ns = unique("bootbar");
+    let db = TestDb::new(&ns, workload::SCHEMA).await;
+    db.client
+        .batch_execute(
+            "INSERT INTO users SELECT g, 'user' || g, 'u' || g || '@example.com' \
+             FROM generate_series(1, 3000) g; ANALYZE users;",
+        )
+        .await
+        .unwrap();
+    let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
+    let mut outputs = Vec::new();
+    for terminal in [true, false] {
+        let app = format!("{ns}_{terminal}");
+        let text = sub_config_text(&app, &sqlite_url(&app), &workload::subscribed(&ns));
+        let cfg = write_config(&text, &format!("{app}.sub"));
+        outputs.push(tokio::task::spawn_blocking(move || {
+            bootstrap_output(&cfg, terminal)
+        }));
+    }
+    let piped = outputs.pop().unwrap().await.unwrap();
+    let terminal = outputs.pop().unwrap().await.unwrap();
+    assert!(
+        terminal.contains("3,000/3,000 rows") && terminal.contains("ETA"),
+        "no progress bar on the terminal:\n{terminal}"
+    );
+    assert!(
+        terminal.contains(&format!("{ns}.users done")),
+        "the bar does not name the finished table:\n{terminal}"
+    );
+    assert!(
+        !terminal.contains("bootstrap progress"),
+        "log lines mixed into the bar:\n{terminal}"
+    );
+    assert!(
+        piped.contains("bootstrap progress")
+            && piped.contains("rows_per_s=")
+            && piped.contains("eta_s="),
+        "no progress log lines on a pipe:\n{piped}"
+    );
+    assert!(
+        !piped.contains("ETA"),
+        "a progress bar drawn into a pipe:\n{piped}"
+    );
+    publisher.stop().await;
+    db.drop().await;
+}

@@ -1,6 +1,7 @@
 pub mod contract;
 pub mod demo;
 mod demo_reader;
+pub mod progress;
 pub mod tail;
 
 use tokio::sync::watch;

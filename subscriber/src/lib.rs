@@ -23,5 +23,5 @@ pub mod txn;
 
 pub use config::{Mode, SubscriberConfig};
 pub use error::{ErrorClass, SinkError, SubscriberError};
-pub use runtime::{run, BootstrapPlan, Subscriber};
+pub use runtime::{run, BootstrapPlan, BootstrapProgress, Subscriber, TableProgress};
 pub use sink::{CallbackError, Callbacks, Event};

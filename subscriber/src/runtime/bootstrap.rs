@@ -29,6 +29,37 @@ pub struct BootstrapPlan {
     pub chunk_rows: usize,
 }
 
+/// How far a bootstrap got, for a progress display (`Subscriber::bootstrap_progress`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BootstrapProgress {
+    /// Per `namespace.table`: rows applied so far and the publisher's estimate.
+    pub tables: BTreeMap<String, TableProgress>,
+    /// Every table of the bootstrap has all its rows.
+    pub complete: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableProgress {
+    pub rows: u64,
+    /// `reltuples` at the publisher: 0 when unknown (a table never analyzed).
+    pub estimated_rows: u64,
+    pub done: bool,
+}
+
+impl BootstrapProgress {
+    /// Rows applied and the best known total (never below what was applied).
+    pub fn totals(&self) -> (u64, u64) {
+        self.tables.values().fold((0, 0), |(rows, total), t| {
+            let expected = if t.done {
+                t.rows
+            } else {
+                t.estimated_rows.max(t.rows)
+            };
+            (rows + t.rows, total + expected)
+        })
+    }
+}
+
 /// The worker's bootstrap state.
 #[derive(Default)]
 pub(super) struct Boot {
@@ -49,6 +80,8 @@ pub(super) struct Boot {
     pub joined: HashSet<(String, u64)>,
     /// Namespaces with tables the store bootstrapped (in an earlier run, say).
     pub bootstrapped: HashSet<String>,
+    /// Where progress goes when something displays it (else: log lines).
+    pub progress: Option<tokio::sync::watch::Sender<BootstrapProgress>>,
 }
 
 impl Worker {
@@ -185,6 +218,19 @@ impl Worker {
         )
         .await?;
         for t in names {
+            if let Some(progress) = &self.boot.progress {
+                let rows = self.boot.rows.get(&(namespace.to_string(), t.clone()));
+                let rows = rows.copied().unwrap_or(0);
+                progress.send_modify(|p| {
+                    p.complete = false;
+                    p.tables
+                        .entry(format!("{namespace}.{t}"))
+                        .or_insert(TableProgress {
+                            rows,
+                            ..TableProgress::default()
+                        });
+                });
+            }
             self.boot.pending.insert((namespace.to_string(), t));
         }
         self.boot.started.get_or_insert_with(Instant::now);
@@ -239,22 +285,38 @@ impl Worker {
             .max(0.001);
         let rate = applied.rows_applied as f64 / elapsed;
         let left = snapshot.estimated_rows.saturating_sub(applied.rows_applied);
-        tracing::info!(
-            namespace = %ns,
-            table = %snapshot.table,
-            chunk = snapshot.chunk,
-            rows = applied.rows_applied,
-            estimated_rows = snapshot.estimated_rows,
-            written = applied.written,
-            rows_per_s = rate.round() as u64,
-            eta_s = if rate > 0.0 { (left as f64 / rate).round() as u64 } else { 0 },
-            "bootstrap progress"
-        );
+        if let Some(progress) = &self.boot.progress {
+            progress.send_modify(|p| {
+                p.tables.insert(
+                    format!("{ns}.{}", snapshot.table),
+                    TableProgress {
+                        rows: applied.rows_applied,
+                        estimated_rows: snapshot.estimated_rows,
+                        done: applied.done,
+                    },
+                );
+            });
+        } else {
+            tracing::info!(
+                namespace = %ns,
+                table = %snapshot.table,
+                chunk = snapshot.chunk,
+                rows = applied.rows_applied,
+                estimated_rows = snapshot.estimated_rows,
+                written = applied.written,
+                rows_per_s = rate.round() as u64,
+                eta_s = if rate > 0.0 { (left as f64 / rate).round() as u64 } else { 0 },
+                "bootstrap progress"
+            );
+        }
         if applied.done {
             self.boot.pending.remove(&key);
             tracing::info!(namespace = %ns, table = %snapshot.table,
                 rows = applied.rows_applied, "table bootstrapped");
             if self.boot.pending.is_empty() {
+                if let Some(progress) = &self.boot.progress {
+                    progress.send_modify(|p| p.complete = true);
+                }
                 tracing::info!(seconds = elapsed.round() as u64, "bootstrap complete");
                 if self.boot.exit_when_done {
                     self.boot.finished = true;

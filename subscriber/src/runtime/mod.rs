@@ -10,7 +10,7 @@ mod bootstrap;
 mod queue;
 mod upkeep;
 
-pub use bootstrap::BootstrapPlan;
+pub use bootstrap::{BootstrapPlan, BootstrapProgress, TableProgress};
 
 use crate::config::{Coordination, SubscriberConfig};
 use crate::coord::{memory::MemoryCoord, redis::RedisCoord, Check, Coordinator, Query};
@@ -45,6 +45,7 @@ pub struct Subscriber {
     cfg: SubscriberConfig,
     callbacks: Callbacks,
     bootstrap: Option<BootstrapPlan>,
+    progress: Option<watch::Sender<BootstrapProgress>>,
 }
 
 impl Subscriber {
@@ -53,7 +54,16 @@ impl Subscriber {
             cfg,
             callbacks: Callbacks::default(),
             bootstrap: None,
+            progress: None,
         }
+    }
+
+    /// Bootstrap progress as it happens, for a display (a progress bar); while someone
+    /// watches, the per-chunk log lines are left out.
+    pub fn bootstrap_progress(&mut self) -> watch::Receiver<BootstrapProgress> {
+        let (tx, rx) = watch::channel(BootstrapProgress::default());
+        self.progress = Some(tx);
+        rx
     }
 
     /// Bootstraps tables at start (see [`BootstrapPlan`]); an unfinished bootstrap in the
@@ -83,6 +93,7 @@ impl Subscriber {
                     if !plan_started.load(std::sync::atomic::Ordering::Relaxed) {
                         worker.boot.plan = self.bootstrap.clone();
                     }
+                    worker.boot.progress = self.progress.clone();
                     match worker.run(shutdown.clone(), &plan_started).await {
                         Ok(()) => return Ok(()),
                         Err(e) if e.class() == crate::ErrorClass::Definite => return Err(e),
