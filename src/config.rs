@@ -16,8 +16,14 @@ pub const PUBLISHER_SECTIONS: &[&str] = &["source", "broker", "checkpoint", "tun
 pub const PUBLISHER_KEYS: &[&str] = &["namespace"];
 /// The same for the subscriber config (`KAUSAL_STORE_URL`, `KAUSAL_COORDINATION_URL`,
 /// `KAUSAL_ORDERING_MODE`, `KAUSAL_APP`, …).
-pub const SUBSCRIBER_SECTIONS: &[&str] =
-    &["broker", "store", "coordination", "ordering", "callbacks", "masking"];
+pub const SUBSCRIBER_SECTIONS: &[&str] = &[
+    "broker",
+    "store",
+    "coordination",
+    "ordering",
+    "callbacks",
+    "masking",
+];
 pub const SUBSCRIBER_KEYS: &[&str] = &["app"];
 
 #[derive(Debug, thiserror::Error)]

@@ -49,12 +49,25 @@ pub struct Delivery {
     pub body: Vec<u8>,
     pub redelivered: bool,
     pub routing_key: String,
-    acker: lapin::Acker,
+    pub(super) acker: Acker,
+}
+
+/// Who settles a delivery: RabbitMQ, or the in-process queue it came from.
+pub(super) enum Acker {
+    Amqp(lapin::Acker),
+    Memory(super::memory::MemoryAcker),
 }
 
 impl Delivery {
     pub async fn ack(&self) -> Result<(), BusError> {
-        self.acker
+        let acker = match &self.acker {
+            Acker::Amqp(a) => a,
+            Acker::Memory(m) => {
+                m.ack();
+                return Ok(());
+            }
+        };
+        acker
             .ack(BasicAckOptions::default())
             .await
             .map(|_| ())
@@ -66,7 +79,14 @@ impl Delivery {
 
     /// Sends the message to the dead-letter queue (no requeue).
     pub async fn dead_letter(&self) -> Result<(), BusError> {
-        self.acker
+        let acker = match &self.acker {
+            Acker::Amqp(a) => a,
+            Acker::Memory(m) => {
+                m.dead_letter(&self.body, "dead-lettered by the subscriber");
+                return Ok(());
+            }
+        };
+        acker
             .nack(BasicNackOptions {
                 requeue: false,
                 multiple: false,
@@ -81,7 +101,14 @@ impl Delivery {
 
     /// Hands the message back to the queue so it is delivered again.
     pub async fn requeue(&self) -> Result<(), BusError> {
-        self.acker
+        let acker = match &self.acker {
+            Acker::Amqp(a) => a,
+            Acker::Memory(m) => {
+                m.requeue(&self.body);
+                return Ok(());
+            }
+        };
+        acker
             .nack(BasicNackOptions {
                 requeue: true,
                 multiple: false,
@@ -149,7 +176,7 @@ impl AmqpConsumer {
                 body: d.data,
                 redelivered: d.redelivered,
                 routing_key: d.routing_key.to_string(),
-                acker: d.acker,
+                acker: Acker::Amqp(d.acker),
             })
             .map_err(|source| BusError::Amqp {
                 operation: "consume",

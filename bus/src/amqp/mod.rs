@@ -7,11 +7,13 @@
 //! queue `<queue>.dlq`.
 
 mod consumer;
+mod memory;
 mod publisher;
 
 pub use consumer::{
     declare_queue, peek_dead_letters, queue_exists, AmqpConsumer, DeadLetter, Delivery, QueueSpec,
 };
+pub use memory::{Inbox, MemoryQueue};
 pub use publisher::{AmqpPublisher, PendingConfirm};
 
 use crate::error::BusError;

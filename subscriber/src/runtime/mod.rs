@@ -19,7 +19,7 @@ use crate::schedule::Wait;
 use crate::sink::{Callbacks, SqlStore};
 use crate::txn::{Mapping, Transaction, TxId};
 use apply::{error_chain, seed, Applier, Outcome};
-use kausal_bus::amqp::{AmqpConsumer, Delivery};
+use kausal_bus::amqp::{Delivery, Inbox, MemoryQueue};
 use kausal_bus::deps::table_key;
 use kausal_bus::Envelope;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -46,6 +46,7 @@ pub struct Subscriber {
     callbacks: Callbacks,
     bootstrap: Option<BootstrapPlan>,
     progress: Option<watch::Sender<BootstrapProgress>>,
+    inbox: Option<MemoryQueue>,
 }
 
 impl Subscriber {
@@ -55,7 +56,16 @@ impl Subscriber {
             callbacks: Callbacks::default(),
             bootstrap: None,
             progress: None,
+            inbox: None,
         }
+    }
+
+    /// Consumes `queue`, an in-process queue, instead of RabbitMQ (the test kit feeds it
+    /// envelopes; nothing else of the broker is used). Not with a bootstrap: that asks a
+    /// publisher over the broker.
+    pub fn consume_from(&mut self, queue: MemoryQueue) -> &mut Self {
+        self.inbox = Some(queue);
+        self
     }
 
     /// Bootstrap progress as it happens, for a display (a progress bar); while someone
@@ -82,13 +92,20 @@ impl Subscriber {
     /// transactions in flight finish, acks what they applied and hands the rest back.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), SubscriberError> {
         self.cfg.validate().map_err(SubscriberError::Config)?;
+        if self.inbox.is_some() && self.bootstrap.is_some() {
+            return Err(SubscriberError::Config(
+                "a bootstrap asks the publisher over the broker: it cannot run on an \
+                 in-process queue"
+                    .into(),
+            ));
+        }
         let mut backoff = Duration::from_millis(250);
         // The plan is handed to workers until one has recorded it in the store; after
         // that a restarted worker resumes it from there.
         let plan_started = Arc::new(std::sync::atomic::AtomicBool::new(false));
         loop {
             let started = Instant::now();
-            match Worker::start(&self.cfg, self.callbacks.clone()).await {
+            match Worker::start(&self.cfg, self.callbacks.clone(), self.inbox.clone()).await {
                 Ok(mut worker) => {
                     if !plan_started.load(std::sync::atomic::Ordering::Relaxed) {
                         worker.boot.plan = self.bootstrap.clone();
@@ -154,7 +171,7 @@ struct Waiting {
 
 struct Worker {
     cfg: SubscriberConfig,
-    consumer: AmqpConsumer,
+    consumer: Inbox,
     store: SqlStore,
     coord: Arc<Coordinator>,
     mapping: Mapping,
@@ -189,6 +206,7 @@ impl Worker {
     async fn start(
         cfg: &SubscriberConfig,
         callbacks: Callbacks,
+        inbox: Option<MemoryQueue>,
     ) -> Result<Worker, SubscriberError> {
         let mut sinks: Vec<Arc<dyn crate::sink::Sink>> = Vec::new();
         for sink in &cfg.sinks {
@@ -217,7 +235,10 @@ impl Worker {
         });
         let namespaces = cfg.namespaces();
         let ns: Vec<&str> = namespaces.iter().map(String::as_str).collect();
-        let consumer = queue::open(cfg, &ns, &store).await?;
+        let consumer = match inbox {
+            Some(queue) => Inbox::Memory(queue),
+            None => queue::open(cfg, &ns, &store).await?,
+        };
 
         let applier_callbacks_empty = callbacks.is_empty();
         let applier = Arc::new(Applier {

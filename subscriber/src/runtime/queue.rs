@@ -4,14 +4,14 @@
 use crate::config::SubscriberConfig;
 use crate::error::SubscriberError;
 use crate::sink::sql::SqlStore;
-use kausal_bus::amqp::{AmqpConsumer, QueueSpec};
+use kausal_bus::amqp::{AmqpConsumer, Inbox, QueueSpec};
 
 /// Declares (if new) and consumes the app's queue, bound to `namespaces`.
 pub(super) async fn open(
     cfg: &SubscriberConfig,
     namespaces: &[&str],
     store: &SqlStore,
-) -> Result<AmqpConsumer, SubscriberError> {
+) -> Result<Inbox, SubscriberError> {
     let mut spec = QueueSpec::durable(&cfg.queue(), namespaces);
     spec.prefetch = cfg.broker.prefetch;
     spec.expires_ms = cfg
@@ -38,5 +38,5 @@ pub(super) async fn open(
         tracing::info!(queue = %spec.name, expires = %expires,
             "the broker deletes this queue, and what it holds, once it had no consumer for this long");
     }
-    Ok(consumer)
+    Ok(Inbox::Amqp(Box::new(consumer)))
 }
