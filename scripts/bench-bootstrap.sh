@@ -85,13 +85,46 @@ TOML
   done
   wait $P
   t1=$(date +%s.%N)
+  if [ "$store" = sqlite ]; then
+    # Keeps following, so the store can be compared with the source at the end.
+    RUST_LOG=warn $BIN subscribe --config "$WORK/$app.toml" & FOLLOW=$!
+    FOLLOWED="$WORK/$app.db"
+    FOLLOWED_APP=$app
+  fi
   RATE_OF=$(echo "$ROWS / ($t1 - $t0)" | bc -l)
   printf 'BENCH bootstrap-catchup %s_rows_per_s %.0f rows/s\n' "$store" "$RATE_OF"
   printf 'BENCH bootstrap-catchup %s_ratio %.2f x\n' "$store" "$(echo "$RATE_OF / $RAW" | bc -l)"
   printf 'BENCH memory subscriber_bootstrap_%s_peak_rss %d MiB\n' "$store" "$RSS"
-  rabbitmqctl -q delete_queue "kausal.$app" >/dev/null 2>&1 || true
+  [ "$store" = sqlite ] || rabbitmqctl -q delete_queue "kausal.$app" >/dev/null 2>&1 || true
 done
 kill $WRITER 2>/dev/null || true
+if [ -n "${FOLLOW:-}" ]; then
+  # The acceptance check: once the writer stopped and the follower caught up, the SQLite
+  # store holds exactly the source's rows, row by row.
+  same() {
+    python3 - "$DB" "$FOLLOWED" <<'PY'
+import sqlite3, subprocess, sys
+db, path = sys.argv[1], sys.argv[2]
+query = "SELECT aid, bid, abalance, filler FROM pgbench_accounts ORDER BY aid"
+source = subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-qAt", "-F", "\t",
+                         "-d", db, "-c", query], capture_output=True, text=True, check=True)
+try:
+    rows = sqlite3.connect(path).execute(query).fetchall()
+except sqlite3.Error:
+    sys.exit(1)
+store = "".join("\t".join(str(v) for v in r) + "\n" for r in rows)
+sys.exit(0 if store == source.stdout else 1)
+PY
+  }
+  deadline=$((SECONDS + 600))
+  until same; do
+    [ $SECONDS -lt $deadline ] || { echo "bench-bootstrap: the SQLite store differs from the source" >&2; exit 1; }
+    sleep 2
+  done
+  printf 'BENCH bootstrap-catchup sqlite_store_equals_source_rows %d rows\n' "$ROWS"
+  kill -TERM $FOLLOW; wait $FOLLOW || true
+  rabbitmqctl -q delete_queue "kausal.$FOLLOWED_APP" >/dev/null 2>&1 || true
+fi
 kill -TERM $PUB; wait $PUB || true
 $PSQL -d postgres -c "SELECT pg_drop_replication_slot('kausal_benchboot')" >/dev/null 2>&1 || true
 rabbitmqctl -q delete_queue kausal.control.benchboot >/dev/null 2>&1 || true
