@@ -228,3 +228,29 @@ async fn a_terminal_shows_a_progress_bar_and_a_pipe_gets_log_lines() {
     publisher.stop().await;
     db.drop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bootstrap_under_redis_coordination_is_refused_with_the_way_to_run_it() {
+    let ns = unique("bootredis");
+    let body = format!(
+        "[coordination]\nkind = \"redis\"\nurl = \"{REDIS}\"\nprefix = \"{ns}\"\n{}",
+        workload::subscribed(&ns)
+    );
+    let cfg = write_config(
+        &sub_config_text(&ns, &sqlite_url(&ns), &body),
+        &format!("{ns}.sub"),
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
+        .args(["bootstrap", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run kausal bootstrap");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("without its [coordination] section"),
+        "unexpected output: {err}"
+    );
+    delete_queues(&ns).await;
+}

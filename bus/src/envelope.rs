@@ -82,6 +82,12 @@ pub struct Snapshot {
     /// The source's estimate of the table's rows, for progress reports.
     #[serde(default)]
     pub estimated_rows: u64,
+    /// The stream's last sequence number before the request's first low watermark: a
+    /// subscriber that has applied nothing of the stream joins it after this one (every
+    /// later transaction reached its queue, every earlier one is in the chunks). Absent
+    /// from publishers before it was added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_after: Option<u64>,
 }
 
 impl Envelope {

@@ -70,7 +70,9 @@ pub async fn serve(
                     tables = request.tables.len(), "bootstrap requested");
                 // A request that fails is dead-lettered with the reason, not retried at
                 // every start: the stream goes on (the subscriber asks again).
-                match answer(&cfg, &client, &windows, &request).await {
+                let answered = answer(&cfg, &client, &windows, &request).await;
+                windows.end_request(&request.request);
+                match answered {
                     Ok(()) => tracing::info!(request = %request.request, "bootstrap sent"),
                     Err(error) => {
                         tracing::error!(request = %request.request, error = %error,
@@ -143,6 +145,7 @@ async fn send_chunk(
             last_key: None,
             done: false,
             estimated_rows: reader.estimated_rows,
+            join_after: None,
         };
         let window = Window::new(
             request.queue.clone(),

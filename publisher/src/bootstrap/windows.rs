@@ -37,6 +37,9 @@ pub struct Windows(Mutex<State>);
 struct State {
     windows: HashMap<String, Window>,
     recent: Recent,
+    /// Per request being answered: the last sequence number before its first low
+    /// watermark (the join point its chunks carry).
+    joins: HashMap<String, u64>,
 }
 
 pub(super) struct Window {
@@ -155,6 +158,11 @@ impl Windows {
         self.lock().windows.remove(id);
     }
 
+    /// The request is answered: forget its join point.
+    pub(super) fn end_request(&self, request: &str) {
+        self.lock().joins.remove(request);
+    }
+
     pub(super) fn set_rows(
         &self,
         id: &str,
@@ -241,6 +249,13 @@ impl Windows {
         if !mark.high {
             if let Some(w) = state.windows.get_mut(&mark.chunk) {
                 w.low = Some(state.recent.next);
+                // Every transaction after this point is published after the request
+                // arrived, so after the subscriber's queue existed.
+                let join = *state
+                    .joins
+                    .entry(w.snapshot.request.clone())
+                    .or_insert(last_seq);
+                w.snapshot.join_after = Some(join);
             }
             return None;
         }
@@ -346,6 +361,7 @@ mod tests {
             last_key: None,
             done: false,
             estimated_rows: 0,
+            join_after: None,
         };
         let schema = TableSchema {
             table: "users".into(),

@@ -93,6 +93,21 @@ impl Worker {
             self.boot.chunk_rows = p.chunk_rows;
         }
         let unfinished = self.store.unfinished_bootstraps().await?;
+        if matches!(
+            self.cfg.coordination,
+            crate::config::Coordination::Redis { .. }
+        ) && (plan.is_some() || !unfinished.is_empty())
+        {
+            // Transactions other workers hold from before the join point would wait for
+            // ever (seen in a test); until the join reaches every worker's gate, one
+            // process bootstraps.
+            return Err(SubscriberError::Config(
+                "a bootstrap runs in one worker process without Redis coordination: run \
+                 `kausal bootstrap` with a copy of this configuration without its \
+                 [coordination] section, then start the workers"
+                    .into(),
+            ));
+        }
         let done = self.store.bootstrapped_tables().await?;
         self.boot.bootstrapped = done.iter().map(|(ns, _)| ns.clone()).collect();
         let mut resumed: BTreeMap<String, Vec<TableRequest>> = BTreeMap::new();
@@ -272,6 +287,9 @@ impl Worker {
             self.boot.last_chunk = Some(Instant::now());
         }
         let applied = self.store.apply_chunk(&tx, &snapshot).await?;
+        if let (true, Some(after)) = (applied.current, snapshot.join_after) {
+            self.join_at_chunk(&ns, env.generation, after).await?;
+        }
         if !applied.current {
             tracing::debug!(table = %snapshot.table, request = %snapshot.request,
                 "chunk of an earlier request or a finished table; ignored");
@@ -352,7 +370,12 @@ impl Worker {
         if through != 0 || !applied.is_empty() {
             return Ok(());
         }
-        if !pending && self.store.has_progress(namespace).await? {
+        if !pending
+            && self
+                .store
+                .has_other_generations(namespace, generation)
+                .await?
+        {
             // It followed an earlier generation: not a first join.
             return Ok(());
         }
@@ -366,6 +389,55 @@ impl Worker {
             generation,
             first_seq = seq,
             "bootstrap: joined the stream at the first transaction this queue received"
+        );
+        Ok(())
+    }
+
+    /// A store that has applied nothing of the namespace joins the stream where the
+    /// publisher says the bootstrap's chunks begin (`join_after`): every later
+    /// transaction reached the queue, every earlier one is in the chunks. Any worker
+    /// process can do it (the join goes to the shared coordination), so this needs no
+    /// single worker, unlike [`Self::join_for_bootstrap`].
+    async fn join_at_chunk(
+        &mut self,
+        namespace: &str,
+        generation: u64,
+        after: u64,
+    ) -> Result<(), SubscriberError> {
+        if self
+            .boot
+            .joined
+            .contains(&(namespace.to_string(), generation))
+        {
+            return Ok(());
+        }
+        self.boot.joined.insert((namespace.to_string(), generation));
+        // A store that compacted this stream joined it already (here, by another
+        // worker, or following it from its first transaction); one that follows an
+        // earlier generation is no new store. Transactions applied already (changes of
+        // new rows wait for nothing) are fine either way: their effects are newer than
+        // the chunks' or in them.
+        let (through, _) = self.store.progress(namespace, generation).await?;
+        if through != 0
+            || self
+                .store
+                .has_other_generations(namespace, generation)
+                .await?
+        {
+            return Ok(());
+        }
+        if after == 0 {
+            return Ok(());
+        }
+        self.store.compact(namespace, generation, after).await?;
+        super::apply::seed(&self.store, &self.coord, namespace, generation).await?;
+        self.seeded.insert((namespace.into(), generation));
+        self.coord.join(namespace, generation, after).await?;
+        tracing::info!(
+            namespace,
+            generation,
+            after,
+            "bootstrap: joined the stream where the publisher's chunks begin"
         );
         Ok(())
     }

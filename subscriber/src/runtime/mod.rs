@@ -118,6 +118,9 @@ impl Worker {
         let store = SqlStore::connect(&cfg.store.url)
             .await?
             .with_sinks(crate::sink::Sinks::new(sinks));
+        if matches!(cfg.coordination, Coordination::Redis { .. }) {
+            store.set_shared();
+        }
         let coord = Arc::new(match &cfg.coordination {
             Coordination::Memory => Coordinator::Memory(MemoryCoord::new()),
             Coordination::Redis { url, prefix } => {

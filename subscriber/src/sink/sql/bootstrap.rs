@@ -47,13 +47,11 @@ fn store(operation: &'static str) -> impl Fn(sqlx::Error) -> SinkError {
     move |source| SinkError::Store { operation, source }
 }
 
-pub(super) async fn load_active(
-    pool: &sqlx::AnyPool,
-    dialect: Dialect,
+pub(super) async fn load_active<'c>(
+    conn: impl sqlx::Executor<'c, Database = sqlx::Any>,
 ) -> Result<HashSet<(String, String)>, SinkError> {
-    let _ = dialect;
     let rows = sqlx::query("SELECT namespace, tbl FROM kausal_bootstrap WHERE done < 2")
-        .fetch_all(pool)
+        .fetch_all(conn)
         .await
         .map_err(store("read bootstraps"))?;
     rows.iter()
@@ -463,6 +461,9 @@ impl SqlStore {
             .await
             .map_err(store("record bootstrap progress"))?;
         conn.commit().await.map_err(store("commit"))?;
+        // A worker that did not ask for this bootstrap learns of it here at the latest.
+        self.bootstrapping()
+            .insert((ns.clone(), snapshot.table.clone()));
         Ok(ChunkApplied {
             written,
             rows_applied,

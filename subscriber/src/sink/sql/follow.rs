@@ -6,17 +6,24 @@ use crate::error::SinkError;
 use sqlx::{AssertSqlSafe, Row};
 
 impl SqlStore {
-    /// Whether the store has applied anything of `namespace`, in any generation.
-    pub async fn has_progress(&self, namespace: &str) -> Result<bool, SinkError> {
+    /// Whether the store has applied anything of `namespace` in a generation other
+    /// than `generation`.
+    pub async fn has_other_generations(
+        &self,
+        namespace: &str,
+        generation: u64,
+    ) -> Result<bool, SinkError> {
         let d = self.inner.dialect;
         let mut found = false;
         for table in ["kausal_progress", "kausal_applied"] {
             let sql = format!(
-                "SELECT COUNT(*) FROM {table} WHERE namespace = {}",
-                d.placeholder(1)
+                "SELECT COUNT(*) FROM {table} WHERE namespace = {} AND generation <> {}",
+                d.placeholder(1),
+                d.placeholder(2)
             );
             let n: i64 = sqlx::query(AssertSqlSafe(sql))
                 .bind(namespace)
+                .bind(super::int(generation))
                 .fetch_one(&self.inner.pool)
                 .await
                 .and_then(|row| row.try_get(0))

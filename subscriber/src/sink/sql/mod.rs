@@ -67,6 +67,9 @@ struct Inner {
     tables: Tables,
     /// (namespace, published table) being bootstrapped: their writes keep row versions.
     bootstrapping: std::sync::Mutex<HashSet<(String, String)>>,
+    /// Other worker processes write this store: read the bootstraps in every group's
+    /// transaction (another worker may have started one since).
+    shared: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -139,13 +142,14 @@ impl SqlStore {
                     source,
                 })?;
         }
-        let bootstrapping = bootstrap::load_active(&pool, dialect).await?;
+        let bootstrapping = bootstrap::load_active(&pool).await?;
         Ok(SqlStore {
             inner: Arc::new(Inner {
                 pool,
                 dialect,
                 tables: Tables::default(),
                 bootstrapping: std::sync::Mutex::new(bootstrapping),
+                shared: std::sync::atomic::AtomicBool::new(false),
             }),
             sinks: crate::sink::Sinks::default(),
         })
@@ -156,6 +160,13 @@ impl SqlStore {
     pub fn with_sinks(mut self, sinks: crate::sink::Sinks) -> SqlStore {
         self.sinks = sinks;
         self
+    }
+
+    /// Other worker processes share this store (Redis coordination).
+    pub fn set_shared(&self) {
+        self.inner
+            .shared
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn bootstrapping(&self) -> std::sync::MutexGuard<'_, HashSet<(String, String)>> {
@@ -275,6 +286,12 @@ impl SqlStore {
     ) -> Result<Vec<bool>, SinkError> {
         let tables = self.prepare_tables(group).await?;
         let mut tx = self.begin().await?;
+        if self.inner.shared.load(std::sync::atomic::Ordering::Relaxed) {
+            // A bootstrap begun by another worker commits before its request goes out,
+            // so before any change a chunk could be older than: this read sees it.
+            let active = bootstrap::load_active(&mut *tx).await?;
+            *self.bootstrapping() = active;
+        }
         let applied = match self.apply_in(&mut tx, group, callbacks, &tables).await {
             Ok(applied) => self.sinks.flush().await.map(|()| applied),
             Err(error) => Err(error),
