@@ -14,34 +14,36 @@ impl SqlStore {
         generation: u64,
     ) -> Result<bool, SinkError> {
         let d = self.inner.dialect;
-        let mut found = false;
-        for table in ["kausal_progress", "kausal_applied"] {
-            let sql = format!(
-                "SELECT COUNT(*) FROM {table} WHERE namespace = {} AND generation <> {}",
-                d.placeholder(1),
-                d.placeholder(2)
-            );
-            let n: i64 = sqlx::query(AssertSqlSafe(sql))
-                .bind(namespace)
-                .bind(super::int(generation))
-                .fetch_one(&self.inner.pool)
-                .await
-                .and_then(|row| row.try_get(0))
-                .map_err(|source| SinkError::Store {
-                    operation: "read progress",
-                    source,
-                })?;
-            found |= n > 0;
-        }
-        Ok(found)
+        let filter = format!(
+            "WHERE namespace = {} AND generation <> {}",
+            d.placeholder(1),
+            d.placeholder(2)
+        );
+        let binds = Some((namespace, super::int(generation)));
+        self.any_row(&["kausal_progress", "kausal_applied"], &filter, binds)
+            .await
     }
 
     /// Whether the store has applied anything from a stream (or started a bootstrap).
     pub async fn has_followed(&self) -> Result<bool, SinkError> {
-        let mut found = false;
-        for table in ["kausal_progress", "kausal_applied", "kausal_bootstrap"] {
-            let sql = format!("SELECT COUNT(*) FROM {table}");
-            let n: i64 = sqlx::query(AssertSqlSafe(sql))
+        let tables = ["kausal_progress", "kausal_applied", "kausal_bootstrap"];
+        self.any_row(&tables, "", None).await
+    }
+
+    /// Whether any of `tables` has a row matching `filter` (with its two parameters).
+    async fn any_row(
+        &self,
+        tables: &[&str],
+        filter: &str,
+        binds: Option<(&str, i64)>,
+    ) -> Result<bool, SinkError> {
+        for table in tables {
+            let sql = format!("SELECT COUNT(*) FROM {table} {filter}");
+            let mut query = sqlx::query(AssertSqlSafe(sql));
+            if let Some((namespace, generation)) = binds {
+                query = query.bind(namespace).bind(generation);
+            }
+            let n: i64 = query
                 .fetch_one(&self.inner.pool)
                 .await
                 .and_then(|row| row.try_get(0))
@@ -49,8 +51,10 @@ impl SqlStore {
                     operation: "read progress",
                     source,
                 })?;
-            found |= n > 0;
+            if n > 0 {
+                return Ok(true);
+            }
         }
-        Ok(found)
+        Ok(false)
     }
 }
