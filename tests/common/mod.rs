@@ -13,7 +13,9 @@ use tokio_postgres::{Client, NoTls};
 
 pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
 pub mod boot;
+pub mod cluster;
 pub mod e2e;
+pub mod faults;
 pub mod my_workload;
 pub mod mysql;
 pub mod source;

@@ -117,6 +117,7 @@ impl Applier {
     async fn try_group(&self, group: &[Arc<Transaction>]) -> Result<(), SinkError> {
         let started = std::time::Instant::now();
         let flags = self.store.apply_group(group, &self.callbacks).await?;
+        crate::sink::fault::after_commit(); // test-only crash point: docs/faults.md
         tracing::debug!(
             transactions = group.len(),
             store_ms = started.elapsed().as_secs_f64() * 1000.0,

@@ -14,6 +14,7 @@
 //! transaction, after the rows and before the callbacks.
 
 pub mod callback;
+pub mod fault;
 #[cfg(feature = "mongo")]
 pub mod mongo;
 pub mod redis;
