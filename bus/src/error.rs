@@ -47,6 +47,10 @@ pub enum BusError {
     Nacked,
     #[error("invalid broker URL: {reason}")]
     BadUrl { reason: String },
+    #[error("queue {queue} does not exist on the broker: check the app name (its queues are kausal.<app> and kausal.<app>.dlq) and broker.url")]
+    NoSuchQueue { queue: String },
+    #[error("the broker could not route the message to queue {queue}: the queue is gone; start a worker of the app (it declares the queue) and try again")]
+    Unroutable { queue: String },
 }
 
 impl BusError {
@@ -54,7 +58,9 @@ impl BusError {
         match self {
             BusError::AccessRefused { .. }
             | BusError::BadUrl { .. }
-            | BusError::QueueMismatch { .. } => ErrorClass::Definite,
+            | BusError::QueueMismatch { .. }
+            | BusError::NoSuchQueue { .. }
+            | BusError::Unroutable { .. } => ErrorClass::Definite,
             _ => ErrorClass::Transient,
         }
     }

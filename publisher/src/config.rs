@@ -34,6 +34,9 @@ pub struct PublisherConfig {
     /// Published tables. Anything not listed never leaves the database.
     #[serde(rename = "table", default)]
     pub tables: Vec<TableConfig>,
+    /// The `/metrics` and `/status` endpoint.
+    #[serde(default)]
+    pub metrics: kausal_ops::MetricsConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -17,6 +17,10 @@ pub const DEFAULT_APPLIERS: usize = 1;
 /// A transaction waiting longer than this for a dependency is reported with what it
 /// waits for (log line and metric), and again at this interval while it waits.
 pub const DEFAULT_REPORT_WAIT_MS: u64 = 10_000;
+/// See `OrderingConfig::max_seq_ahead`. A worker holds at most `prefetch` messages of
+/// up to 128 envelopes, so legitimate transactions arrive a few thousand numbers
+/// ahead at most; a million leaves room for long outages of other workers.
+pub const DEFAULT_MAX_SEQ_AHEAD: u64 = 1_000_000;
 /// Attempts of a failing callback before its transaction is dead-lettered.
 pub const DEFAULT_CALLBACK_ATTEMPTS: u32 = 5;
 /// First retry delay of a failing callback or store; doubles per attempt.
@@ -45,6 +49,9 @@ pub struct SubscriberConfig {
     /// Where the secret salt of `hash` masks comes from.
     #[serde(default)]
     pub masking: MaskingConfig,
+    /// The `/metrics` and `/status` endpoint.
+    #[serde(default)]
+    pub metrics: kausal_ops::MetricsConfig,
 }
 
 /// The secret salt of `hash` masks (see `crate::mask`): from a file, else from an
@@ -235,6 +242,11 @@ pub struct OrderingConfig {
     /// The publisher's `tuning.key_space`; `key` mode needs it to recognise table keys.
     pub key_space: u32,
     pub report_wait_ms: u64,
+    /// A transaction numbered more than this above the highest one this worker applied
+    /// of its stream is dead-lettered as implausible: the queue delivers in publish
+    /// order, so such a number is a forged or corrupt envelope, which would otherwise
+    /// make the real transaction of that number look like a duplicate when it comes.
+    pub max_seq_ahead: u64,
 }
 
 impl Default for OrderingConfig {
@@ -243,6 +255,7 @@ impl Default for OrderingConfig {
             mode: Mode::Causal,
             key_space: DEFAULT_KEY_SPACE,
             report_wait_ms: DEFAULT_REPORT_WAIT_MS,
+            max_seq_ahead: DEFAULT_MAX_SEQ_AHEAD,
         }
     }
 }
@@ -335,6 +348,7 @@ impl SubscriberConfig {
             tables: Vec::new(),
             sinks: Vec::new(),
             masking: MaskingConfig::default(),
+            metrics: kausal_ops::MetricsConfig::default(),
         }
     }
 

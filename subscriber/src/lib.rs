@@ -10,6 +10,7 @@
 //! - [`coord`]: where gate state lives: in memory (one worker process) or Redis (many).
 //! - [`sink`]: the SQL store and callbacks.
 //! - [`runtime`]: consume, gate, apply in groups, ack; the worker loop.
+//! - [`status`]: what a running worker reports (store row, `/status`, metrics).
 
 pub mod config;
 pub mod contract;
@@ -19,6 +20,7 @@ pub mod mask;
 pub mod runtime;
 pub mod schedule;
 pub mod sink;
+pub mod status;
 pub mod txn;
 
 pub use config::{Mode, SubscriberConfig};

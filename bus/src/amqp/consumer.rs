@@ -49,7 +49,39 @@ pub struct Delivery {
     pub body: Vec<u8>,
     pub redelivered: bool,
     pub routing_key: String,
+    /// An operator's command (header [`CONTROL_HEADER`]) instead of envelopes.
+    pub control: Option<String>,
+    /// Sent back from the dead-letter queue by an operator (header [`RETRY_HEADER`]):
+    /// its transactions are admitted again even if this worker dead-lettered them.
+    pub retried: bool,
     pub(super) acker: Acker,
+}
+
+/// Header naming an operator's command (`release`); the body is the command's JSON.
+pub const CONTROL_HEADER: &str = "x-kausal-control";
+/// Header of a message an operator sent back from the dead-letter queue.
+pub const RETRY_HEADER: &str = "x-kausal-retry";
+/// Header holding why Kausal dead-lettered a message.
+pub const REASON_HEADER: &str = "x-kausal-reason";
+
+fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+    match headers?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// The headers that travel with a delivery when it is moved or retried.
+fn kausal_headers(control: Option<&str>, retried: bool) -> FieldTable {
+    let mut headers = FieldTable::default();
+    if let Some(c) = control {
+        headers.insert(CONTROL_HEADER.into(), AMQPValue::LongString(c.into()));
+    }
+    if retried {
+        headers.insert(RETRY_HEADER.into(), AMQPValue::LongString("1".into()));
+    }
+    headers
 }
 
 /// Who settles a delivery: RabbitMQ, or the in-process queue it came from.
@@ -172,11 +204,16 @@ impl AmqpConsumer {
     pub async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
         let item = self.consumer.next().await?;
         Some(
-            item.map(|d| Delivery {
-                body: d.data,
-                redelivered: d.redelivered,
-                routing_key: d.routing_key.to_string(),
-                acker: Acker::Amqp(d.acker),
+            item.map(|d| {
+                let headers = d.properties.headers().as_ref();
+                Delivery {
+                    control: header_text(headers, CONTROL_HEADER),
+                    retried: header_text(headers, RETRY_HEADER).is_some(),
+                    body: d.data,
+                    redelivered: d.redelivered,
+                    routing_key: d.routing_key.to_string(),
+                    acker: Acker::Amqp(d.acker),
+                }
             })
             .map_err(|source| BusError::Amqp {
                 operation: "consume",
@@ -191,10 +228,7 @@ impl AmqpConsumer {
     /// same channel, so the broker has the copy before the ack).
     pub async fn send_to_dead_letters(&self, body: Vec<u8>, reason: &str) -> Result<(), BusError> {
         let mut headers = FieldTable::default();
-        headers.insert(
-            "x-kausal-reason".into(),
-            AMQPValue::LongString(reason.into()),
-        );
+        headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
         let props = lapin::BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/vnd.kausal".into())
@@ -233,7 +267,11 @@ impl AmqpConsumer {
             .map_err(amqp("confirm.select"))?;
         let props = lapin::BasicProperties::default()
             .with_delivery_mode(2)
-            .with_content_type("application/vnd.kausal".into());
+            .with_content_type("application/vnd.kausal".into())
+            .with_headers(kausal_headers(
+                delivery.control.as_deref(),
+                delivery.retried,
+            ));
         let confirm = channel
             .basic_publish(
                 "".into(),
@@ -294,6 +332,27 @@ pub async fn queue_exists(url: &str, name: &str) -> Result<bool, BusError> {
     match result {
         Ok(_) => Ok(true),
         Err(source) if is_soft_error(&source, 404) => Ok(false),
+        Err(source) => Err(BusError::Amqp {
+            operation: "queue.declare (passive)",
+            source,
+        }),
+    }
+}
+
+/// Messages ready in queue `name` and its consumers; `None` when it does not exist.
+pub async fn queue_depth(url: &str, name: &str) -> Result<Option<(u32, u32)>, BusError> {
+    let (conn, channel) = super::open_channel(url).await?;
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let result = channel
+        .queue_declare(name.into(), options, FieldTable::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+    match result {
+        Ok(q) => Ok(Some((q.message_count(), q.consumer_count()))),
+        Err(source) if is_soft_error(&source, 404) => Ok(None),
         Err(source) => Err(BusError::Amqp {
             operation: "queue.declare (passive)",
             source,

@@ -134,6 +134,8 @@ impl MemoryQueue {
         let (tag, body) = self.inner.rx.lock().await.recv().await?;
         Some(Delivery {
             body,
+            control: None,
+            retried: false,
             redelivered: false,
             routing_key: String::new(),
             acker: Acker::Memory(MemoryAcker {

@@ -7,11 +7,13 @@
 
 mod apply;
 mod bootstrap;
+mod ops;
 mod queue;
 mod subscriber;
 mod upkeep;
 
 pub use bootstrap::{BootstrapPlan, BootstrapProgress, TableProgress};
+pub use ops::{Ops, Release};
 use subscriber::stopped;
 pub use subscriber::{run, Subscriber};
 
@@ -42,6 +44,8 @@ const HAND_BACK_AFTER: Duration = Duration::from_secs(3);
 const JOIN_AFTER: Duration = Duration::from_secs(5);
 /// How often the store's bookkeeping is compacted up to the watermark.
 const COMPACT_EVERY: Duration = Duration::from_secs(5);
+/// Recheck ticks between two writes of the worker's live status.
+const STATUS_TICKS: u32 = (crate::status::STATUS_EVERY_MS as u32) / (RECHECK.as_millis() as u32);
 
 struct Held {
     delivery: Delivery,
@@ -87,8 +91,14 @@ struct Worker {
     /// Dead-lettered in this run: not admitted again (a staged split transaction would
     /// otherwise come back with every recovery scan).
     dead: HashSet<TxId>,
-    applying: HashSet<TxId>,
+    /// Transactions in a store transaction, with their commit time (for the lag).
+    applying: HashMap<TxId, i64>,
     boot: bootstrap::Boot,
+    ops: Ops,
+    /// The highest sequence number known applied per namespace/generation: the base of
+    /// the implausible-number check.
+    highest: HashMap<(Arc<str>, u64), u64>,
+    ticks: u32,
     seeded: HashSet<(Arc<str>, u64)>,
     last_progress: Instant,
 }
@@ -98,6 +108,7 @@ impl Worker {
         cfg: &SubscriberConfig,
         callbacks: Callbacks,
         inbox: Option<MemoryQueue>,
+        ops: Ops,
     ) -> Result<Worker, SubscriberError> {
         let mut sinks: Vec<Arc<dyn crate::sink::Sink>> = Vec::new();
         for sink in &cfg.sinks {
@@ -159,7 +170,10 @@ impl Worker {
             held: BTreeMap::new(),
             owners: HashMap::new(),
             waiting: HashMap::new(),
-            applying: HashSet::new(),
+            applying: HashMap::new(),
+            ops,
+            highest: HashMap::new(),
+            ticks: 0,
             seeded: HashSet::new(),
             last_progress: Instant::now(),
             boot: bootstrap::Boot::default(),
@@ -224,6 +238,10 @@ impl Worker {
                 },
                 _ = wake.notified() => {}
                 _ = recheck.tick() => {
+                    self.ticks = self.ticks.wrapping_add(1);
+                    if self.ticks % STATUS_TICKS == 0 {
+                        self.write_status().await;
+                    }
                     self.report_waits();
                     if let Err(e) = self.join_if_stuck().await { break Err(e); }
                     if let Err(e) = self.hand_back().await { break Err(e); }
@@ -251,12 +269,19 @@ impl Worker {
         }
         // Unacked deliveries go back to the queue when the channel closes.
         self.consumer.close().await;
+        let worker = self.ops.status().worker;
+        if let Err(error) = self.store.remove_status(&worker).await {
+            tracing::debug!(error = %error, "cannot remove the worker's status row");
+        }
         result
     }
 
     async fn receive(&mut self, delivery: Delivery) -> Result<(), SubscriberError> {
         let id = self.next_delivery;
         self.next_delivery += 1;
+        if let Some(kind) = delivery.control.clone() {
+            return self.receive_control(id, &kind, delivery).await;
+        }
         let envelopes = match kausal_bus::decode(&delivery.body) {
             Ok(e) => e,
             Err(error) => {
@@ -264,10 +289,12 @@ impl Worker {
                 tracing::error!(reason = %reason, "dead-lettering an undecodable message");
                 let body = delivery.body.clone();
                 self.consumer.send_to_dead_letters(body, &reason).await?;
+                self.ops.dead_lettered.inc();
                 delivery.ack().await?;
                 return Ok(());
             }
         };
+        let retried = delivery.retried;
         if let [env] = envelopes.as_slice() {
             if env.snapshot.is_some() {
                 // A bootstrap chunk: no transaction of the stream, not gated. Applied
@@ -295,6 +322,19 @@ impl Worker {
                 generation: env.generation,
                 seq: env.seq,
             };
+            if retried && self.dead.remove(&tx_id) {
+                tracing::info!(tx = %tx_id, "an operator sent a dead-lettered transaction back");
+            }
+            if let Some(reason) = self.implausible(&tx_id).await? {
+                tracing::error!(tx = %tx_id, reason = %reason, "dead-lettering an implausible envelope");
+                let body = kausal_bus::encode(std::slice::from_ref(&env));
+                self.consumer.send_to_dead_letters(body, &reason).await?;
+                self.ops.dead_lettered.inc();
+                if let Some(h) = self.held.get_mut(&id) {
+                    h.remaining = h.remaining.saturating_sub(1);
+                }
+                continue;
+            }
             if !(env.part == 0 && env.parts == Some(1)) {
                 // A part of a split transaction: staged in the store, where whichever
                 // worker stages the last part completes it. Once staged, this message's
@@ -328,7 +368,7 @@ impl Worker {
         self.stuck_since
             .entry((tx_id.namespace.clone(), tx_id.generation))
             .or_insert_with(Instant::now);
-        if self.waiting.contains_key(&tx_id) || self.applying.contains(&tx_id) {
+        if self.waiting.contains_key(&tx_id) || self.applying.contains_key(&tx_id) {
             // A duplicate of a transaction we already hold: settled with it.
             return Ok(());
         }
@@ -463,7 +503,7 @@ impl Worker {
             let mut txs = Vec::with_capacity(unit.len());
             for id in unit {
                 if let Some(w) = self.waiting.remove(&id) {
-                    self.applying.insert(id);
+                    self.applying.insert(id, w.tx.commit_ts_us);
                     txs.push(w.tx);
                 }
             }
@@ -498,6 +538,12 @@ impl Worker {
                 );
             }
             Outcome::Done(id) => {
+                self.ops.applied.inc();
+                let top = self
+                    .highest
+                    .entry((id.namespace.clone(), id.generation))
+                    .or_insert(0);
+                *top = (*top).max(id.seq);
                 self.stuck_since
                     .remove(&(id.namespace.clone(), id.generation));
                 self.applying.remove(&id);
@@ -551,6 +597,7 @@ impl Worker {
         if !envelopes.is_empty() {
             let body = kausal_bus::encode(envelopes);
             self.consumer.send_to_dead_letters(body, reason).await?;
+            self.ops.dead_lettered.inc();
         }
         self.waiting.remove(id);
         self.dead.insert(id.clone());
@@ -569,6 +616,53 @@ impl Worker {
             if let Some(h) = self.held.get_mut(&d) {
                 h.remaining = h.remaining.saturating_sub(n);
             }
+        }
+    }
+
+    /// An operator's command: acted on, and its delivery held until what it asked is
+    /// settled (a bad command is dead-lettered with the reason).
+    async fn receive_control(
+        &mut self,
+        id: u64,
+        kind: &str,
+        delivery: Delivery,
+    ) -> Result<(), SubscriberError> {
+        match self.control(kind, &delivery.body) {
+            Ok(tx_id) => {
+                self.owners.entry(tx_id).or_default().push((id, 1));
+                self.held.insert(
+                    id,
+                    Held {
+                        delivery,
+                        remaining: 1,
+                        received: Instant::now(),
+                        max_seq: 0,
+                    },
+                );
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::error!(reason = %reason, "dead-lettering an operator command");
+                let body = delivery.body.clone();
+                self.consumer.send_to_dead_letters(body, &reason).await?;
+                self.ops.dead_lettered.inc();
+                delivery.ack().await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The live status into the store (a failure only delays it: status is advisory).
+    async fn write_status(&mut self) {
+        let status = match self.refresh_status().await {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::debug!(error = %error, "cannot read the worker's status");
+                return;
+            }
+        };
+        if let Err(error) = self.store.write_status(&status).await {
+            tracing::debug!(error = %error, "cannot write the worker's status");
         }
     }
 

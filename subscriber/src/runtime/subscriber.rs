@@ -75,9 +75,33 @@ impl Subscriber {
         // The plan is handed to workers until one has recorded it in the store; after
         // that a restarted worker resumes it from there.
         let plan_started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ops = super::Ops::new(&self.cfg.app);
+        let _endpoint = match &self.cfg.metrics.listen {
+            Some(addr) => {
+                let live = ops.clone();
+                let endpoint = kausal_ops::Endpoint {
+                    metrics: ops.metrics.clone(),
+                    status: Arc::new(move || {
+                        serde_json::to_value(live.status()).unwrap_or_default()
+                    }),
+                };
+                let (_, task) = kausal_ops::serve(addr, endpoint)
+                    .await
+                    .map_err(|e| SubscriberError::Config(e.to_string()))?;
+                Some(AbortOnDrop(task))
+            }
+            None => None,
+        };
         loop {
             let started = Instant::now();
-            match Worker::start(&self.cfg, self.callbacks.clone(), self.inbox.clone()).await {
+            let started_worker = Worker::start(
+                &self.cfg,
+                self.callbacks.clone(),
+                self.inbox.clone(),
+                ops.clone(),
+            )
+            .await;
+            match started_worker {
                 Ok(mut worker) => {
                     if !plan_started.load(std::sync::atomic::Ordering::Relaxed) {
                         worker.boot.plan = self.bootstrap.clone();
@@ -107,6 +131,15 @@ impl Subscriber {
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+    }
+}
+
+/// Stops the endpoint when the subscriber stops (also on an error return).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -19,6 +19,7 @@ impl Worker {
             };
             if due {
                 w.reported = Some(now);
+                self.ops.wait_reports.inc();
                 let (key, version) = match w.wait {
                     Some(Wait::Dep { k, v, .. }) => (Some(k), Some(v)),
                     _ => (None, None),
@@ -138,6 +139,7 @@ impl Worker {
             }
             self.consumer.move_to_tail(&h.delivery).await?;
         }
+        self.ops.hand_backs.inc_by(given as u64);
         tracing::info!(
             handed_back = given,
             "window full of waiting transactions: moved them to the tail of the queue"

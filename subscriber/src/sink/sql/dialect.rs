@@ -72,7 +72,7 @@ impl Dialect {
     }
 
     /// `CREATE TABLE IF NOT EXISTS` statements for Kausal's bookkeeping tables.
-    pub fn bookkeeping_ddl(self) -> [String; 5] {
+    pub fn bookkeeping_ddl(self) -> [String; 6] {
         let ns = match self {
             Dialect::MySql => "VARCHAR(200)",
             Dialect::Postgres | Dialect::Sqlite => "TEXT",
@@ -122,6 +122,13 @@ impl Dialect {
                     Dialect::MySql => "VARCHAR(350)",
                     Dialect::Postgres | Dialect::Sqlite => "TEXT",
                 }
+            ),
+            // Each running worker's live status (JSON, see `crate::status`), for
+            // `kausal status`; `updated_ms` tells a running worker from a gone one.
+            format!(
+                "CREATE TABLE IF NOT EXISTS kausal_workers (worker {ns} NOT NULL, \
+                 updated_ms BIGINT NOT NULL, body {body} NOT NULL, \
+                 PRIMARY KEY (worker)){options}"
             ),
         ]
     }

@@ -22,9 +22,11 @@ mod rows;
 mod schema;
 mod staging;
 mod value;
+mod workers;
 
 pub use bootstrap::{ChunkApplied, Unfinished};
 pub use dialect::Dialect;
+pub use workers::{read_progress, read_statuses};
 
 use crate::config::TableMode;
 use crate::error::SinkError;

@@ -1,0 +1,116 @@
+//! Live status of the app's workers in its store (`kausal_workers`): each worker
+//! rewrites its row every few seconds and deletes it when it stops, so `kausal status`
+//! sees every worker of the app — one process or many hosts — through the store alone.
+
+use super::SqlStore;
+use crate::error::SinkError;
+use crate::status::WorkerStatus;
+use sqlx::{AnyPool, AssertSqlSafe, Row};
+
+/// Rows of workers not seen for this long are removed by the next worker that writes
+/// (a crashed worker's row stays visible as "gone" until then).
+const FORGET_AFTER_MS: i64 = 3_600_000;
+
+impl SqlStore {
+    /// Replaces this worker's row.
+    pub async fn write_status(&self, status: &WorkerStatus) -> Result<(), SinkError> {
+        let d = self.inner.dialect;
+        let body = serde_json::to_string(status).unwrap_or_default();
+        let store = |source| SinkError::Store {
+            operation: "write worker status",
+            source,
+        };
+        let mut tx = self.inner.pool.begin().await.map_err(store)?;
+        sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM kausal_workers WHERE worker = {} OR updated_ms < {}",
+            d.placeholder(1),
+            d.placeholder(2)
+        )))
+        .bind(status.worker.as_str())
+        .bind(status.updated_ms - FORGET_AFTER_MS)
+        .execute(&mut *tx)
+        .await
+        .map_err(store)?;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO kausal_workers (worker, updated_ms, body) VALUES ({}, {}, {})",
+            d.placeholder(1),
+            d.placeholder(2),
+            d.placeholder(3)
+        )))
+        .bind(status.worker.as_str())
+        .bind(status.updated_ms)
+        .bind(body)
+        .execute(&mut *tx)
+        .await
+        .map_err(store)?;
+        tx.commit().await.map_err(store)
+    }
+
+    /// Removes this worker's row (a clean stop).
+    pub async fn remove_status(&self, worker: &str) -> Result<(), SinkError> {
+        let d = self.inner.dialect;
+        sqlx::query(AssertSqlSafe(format!(
+            "DELETE FROM kausal_workers WHERE worker = {}",
+            d.placeholder(1)
+        )))
+        .bind(worker)
+        .execute(&self.inner.pool)
+        .await
+        .map(|_| ())
+        .map_err(|source| SinkError::Store {
+            operation: "remove worker status",
+            source,
+        })
+    }
+}
+
+/// Every worker row of a store, for `kausal status` (which opens the store read-only:
+/// a store no worker ever started has no rows, not an error).
+pub async fn read_statuses(pool: &AnyPool) -> Result<Vec<WorkerStatus>, sqlx::Error> {
+    let rows = match sqlx::query("SELECT body FROM kausal_workers ORDER BY worker")
+        .fetch_all(pool)
+        .await
+    {
+        Ok(rows) => rows,
+        Err(e) if is_missing_table(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for row in rows {
+        let body: String = row.try_get(0)?;
+        // A row written by another Kausal version may not parse: shown as unknown.
+        if let Ok(s) = serde_json::from_str(&body) {
+            out.push(s);
+        }
+    }
+    Ok(out)
+}
+
+/// Applied-through watermark per (namespace, generation), from the store.
+pub async fn read_progress(
+    pool: &AnyPool,
+    dialect: super::Dialect,
+) -> Result<Vec<(String, u64, u64)>, sqlx::Error> {
+    let through = dialect.quote("through");
+    let sql = format!(
+        "SELECT namespace, generation, {through} FROM kausal_progress ORDER BY namespace, generation"
+    );
+    let rows = match sqlx::query(AssertSqlSafe(sql)).fetch_all(pool).await {
+        Ok(rows) => rows,
+        Err(e) if is_missing_table(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for row in rows {
+        let ns: String = row.try_get(0)?;
+        let generation: i64 = row.try_get(1)?;
+        let through: i64 = row.try_get(2)?;
+        out.push((ns, generation.max(0) as u64, through.max(0) as u64));
+    }
+    Ok(out)
+}
+
+fn is_missing_table(e: &sqlx::Error) -> bool {
+    let text = e.to_string().to_lowercase();
+    text.contains("no such table") || text.contains("does not exist") || text.contains("doesn't exist")
+}
