@@ -56,6 +56,18 @@ enum Command {
     Contract(cli::contract::ContractCommand),
     /// Follow a publisher's live changes in the terminal (temporary queue, leaves nothing behind).
     Tail(cli::tail::TailArgs),
+    /// Where each publisher and subscriber stands: positions, lag, queue depth, applied
+    /// through, workers and what their waiting transactions wait for.
+    Status(cli::status::StatusArgs),
+    /// Check a configuration against the real servers (settings, privileges, slot,
+    /// broker, Redis, clocks); each finding with its fix.
+    Doctor(cli::doctor::DoctorArgs),
+    /// An app's dead letters: list, show, retry (through the causal gate), drop.
+    #[command(subcommand)]
+    Dlq(cli::dlq::DlqCommand),
+    /// Operator commands to a running subscriber app.
+    #[command(subcommand)]
+    Subscriber(cli::dlq::SubscriberCommand),
     /// The live demo: a workload writes to Postgres, the publisher publishes, a subscriber
     /// keeps a SQLite read model and runs a callback per message, in causal order.
     Demo(cli::demo::DemoArgs),
@@ -132,6 +144,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Contract(command) => cli::contract::run(command).await,
         Command::Tail(args) => cli::tail::run(args, cli::shutdown_signal()).await,
         Command::Demo(args) => cli::demo::run(args).await,
+        Command::Status(args) => cli::status::run(args).await,
+        Command::Doctor(args) => cli::doctor::run(args).await,
+        Command::Dlq(command) => cli::dlq::run(command).await,
+        Command::Subscriber(command) => cli::dlq::subscriber(command).await,
         #[cfg(feature = "search")]
         Command::Search {
             index,

@@ -1,7 +1,11 @@
 pub mod contract;
 pub mod demo;
 mod demo_reader;
+pub mod dlq;
+pub mod doctor;
+mod load;
 pub mod progress;
+pub mod status;
 pub mod tail;
 
 use tokio::sync::watch;

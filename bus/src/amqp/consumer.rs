@@ -339,6 +339,27 @@ pub async fn queue_exists(url: &str, name: &str) -> Result<bool, BusError> {
     }
 }
 
+/// Whether exchange `name` exists (a passive declare, which creates nothing).
+pub async fn exchange_exists(url: &str, name: &str) -> Result<bool, BusError> {
+    let (conn, channel) = super::open_channel(url).await?;
+    let options = ExchangeDeclareOptions {
+        passive: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    let result = channel
+        .exchange_declare(name.into(), ExchangeKind::Topic, options, FieldTable::default())
+        .await;
+    let _ = conn.close(200, "bye".into()).await;
+    match result {
+        Ok(_) => Ok(true),
+        Err(source) if is_soft_error(&source, 404) => Ok(false),
+        Err(source) => Err(BusError::Amqp {
+            operation: "exchange.declare (passive)",
+            source,
+        }),
+    }
+}
+
 /// Messages ready in queue `name` and its consumers; `None` when it does not exist.
 pub async fn queue_depth(url: &str, name: &str) -> Result<Option<(u32, u32)>, BusError> {
     let (conn, channel) = super::open_channel(url).await?;

@@ -12,7 +12,7 @@ mod memory;
 mod publisher;
 
 pub use consumer::{
-    declare_queue, peek_dead_letters, queue_depth, queue_exists, AmqpConsumer, DeadLetter, Delivery, QueueSpec,
+    declare_queue, exchange_exists, peek_dead_letters, queue_depth, queue_exists, AmqpConsumer, DeadLetter, Delivery, QueueSpec,
     CONTROL_HEADER, REASON_HEADER, RETRY_HEADER,
 };
 pub use dlq::{send_command, DeadLetterQueue, Letter};

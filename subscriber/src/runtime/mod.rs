@@ -239,7 +239,7 @@ impl Worker {
                 _ = wake.notified() => {}
                 _ = recheck.tick() => {
                     self.ticks = self.ticks.wrapping_add(1);
-                    if self.ticks % STATUS_TICKS == 0 {
+                    if self.ticks.is_multiple_of(STATUS_TICKS) {
                         self.write_status().await;
                     }
                     self.report_waits();

@@ -1,0 +1,443 @@
+//! `kausal doctor`: a configuration checked against the real servers, each finding
+//! printed with its fix. Changes nothing (no slot, publication, queue or table is
+//! created); exits 1 when something would stop Kausal.
+
+use super::load::{either, Loaded};
+use super::status::chain;
+use kausal::publisher::config::SourceConfig;
+use kausal::publisher::PublisherConfig;
+use kausal::subscriber::SubscriberConfig;
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Clocks further apart than this skew lag figures (they compare commit times with
+/// the local clock): a warning.
+const MAX_SKEW: Duration = Duration::from_secs(2);
+
+#[derive(clap::Args)]
+pub struct DoctorArgs {
+    /// A publisher or subscriber configuration (TOML); repeat for several.
+    #[arg(long, short, required = true)]
+    config: Vec<PathBuf>,
+    /// Print JSON lines instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Serialize)]
+pub struct Finding {
+    pub level: Level,
+    pub check: String,
+    pub detail: String,
+    pub fix: Option<String>,
+}
+
+#[derive(Default)]
+struct Findings(Vec<Finding>);
+
+impl Findings {
+    fn ok(&mut self, check: &str, detail: impl Into<String>) {
+        self.push(Level::Ok, check, detail.into(), None);
+    }
+    fn warn(&mut self, check: &str, detail: impl Into<String>, fix: impl Into<String>) {
+        self.push(Level::Warn, check, detail.into(), Some(fix.into()));
+    }
+    fn fail(&mut self, check: &str, detail: impl Into<String>, fix: impl Into<String>) {
+        self.push(Level::Fail, check, detail.into(), Some(fix.into()));
+    }
+    fn push(&mut self, level: Level, check: &str, detail: String, fix: Option<String>) {
+        self.0.push(Finding {
+            level,
+            check: check.to_string(),
+            detail,
+            fix,
+        });
+    }
+    /// A skew measurement: `server_s` read between `before` and `after` (local).
+    fn clock(&mut self, check: &str, server: &str, server_s: f64, before: f64, after: f64) {
+        let skew = server_s - (before + after) / 2.0;
+        let detail = format!("{server} clock is {skew:+.3} s from this host's");
+        if skew.abs() > MAX_SKEW.as_secs_f64() {
+            self.warn(
+                check,
+                detail,
+                "run NTP (chrony, systemd-timesyncd) on both hosts: lag figures compare \
+                 commit times with local clocks",
+            );
+        } else {
+            self.ok(check, detail);
+        }
+    }
+}
+
+pub fn now_s() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
+    let mut failed = false;
+    for path in &args.config {
+        let mut f = Findings::default();
+        match either(path)? {
+            Loaded::Publisher(cfg) => publisher(&cfg, &mut f).await,
+            Loaded::Subscriber(cfg) => subscriber(&cfg, &mut f).await,
+        }
+        if !args.json {
+            println!("{}", path.display());
+        }
+        for finding in &f.0 {
+            failed |= finding.level == Level::Fail;
+            if args.json {
+                println!("{}", serde_json::to_string(finding)?);
+                continue;
+            }
+            let tag = match finding.level {
+                Level::Ok => "ok  ",
+                Level::Warn => "WARN",
+                Level::Fail => "FAIL",
+            };
+            println!("  {tag}  {:<13} {}", finding.check, finding.detail);
+            if let Some(fix) = &finding.fix {
+                for line in fix.lines() {
+                    println!("        fix: {line}");
+                }
+            }
+        }
+    }
+    if failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+async fn publisher(cfg: &PublisherConfig, f: &mut Findings) {
+    if let Err(e) = cfg.validate() {
+        f.fail("config", chain(&e), "edit the configuration file");
+        return;
+    }
+    f.ok(
+        "config",
+        format!("namespace {}, {} tables published", cfg.namespace, cfg.tables.len()),
+    );
+    match &cfg.source {
+        SourceConfig::Postgres(pg) => postgres(cfg, pg, f).await,
+        SourceConfig::Mysql(my) => mysql(cfg, my, f).await,
+    }
+    match kausal::publisher::checkpoint::load(&cfg.checkpoint_path()) {
+        Ok(Some(cp)) => f.ok(
+            "checkpoint",
+            format!(
+                "{}: generation {}, next sequence number {}",
+                cfg.checkpoint_path().display(),
+                cp.state.generation,
+                cp.state.next_seq
+            ),
+        ),
+        Ok(None) => f.ok(
+            "checkpoint",
+            format!(
+                "{} does not exist yet: the first start begins a new generation",
+                cfg.checkpoint_path().display()
+            ),
+        ),
+        Err(e) => f.fail(
+            "checkpoint",
+            chain(&e),
+            "move the file away: the publisher starts a new generation and subscribers \
+             resynchronise",
+        ),
+    }
+    broker(&cfg.broker.url, &cfg.broker.exchange, f).await;
+}
+
+async fn postgres(
+    cfg: &PublisherConfig,
+    pg: &kausal::publisher::config::PostgresSource,
+    f: &mut Findings,
+) {
+    use kausal::publisher::source::postgres;
+    match postgres::check(cfg, pg).await {
+        Ok(()) => f.ok(
+            "source",
+            "reachable; wal_level, tables, columns, keys and privileges as needed",
+        ),
+        // The preflight's errors name the setting and the fix.
+        Err(e) => f.fail("source", chain(&e), "see above"),
+    }
+    let Ok(password) = pg.password() else { return };
+    let Ok(conn) = postgres::catalog::ConnInfo::parse(&pg.url, password) else {
+        return;
+    };
+    let Ok(client) = conn.connect().await else {
+        return;
+    };
+    let tables: Vec<String> = cfg.tables.iter().map(|t| t.name.clone()).collect();
+    if let Ok(row) = client
+        .query_one(
+            "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+    {
+        let (superuser, replication): (bool, bool) = (row.get(0), row.get(1));
+        let least = format!(
+            "CREATE ROLE kausal_{ns} LOGIN REPLICATION PASSWORD '…';\n\
+             GRANT SELECT ON {t} TO kausal_{ns};\n\
+             CREATE PUBLICATION {p} FOR TABLE {t};  -- as the tables' owner",
+            ns = cfg.namespace.replace('-', "_"),
+            t = tables.join(", "),
+            p = postgres::publication_name(cfg, pg),
+        );
+        if superuser {
+            f.warn(
+                "privileges",
+                format!("{} is a superuser: it works, but it can read and change everything", conn.user),
+                format!("least privilege: a role with REPLICATION and SELECT on the published tables only:\n{least}"),
+            );
+        } else if !replication {
+            f.fail(
+                "privileges",
+                format!("{} has no REPLICATION attribute: it cannot stream the WAL", conn.user),
+                format!("ALTER ROLE {} REPLICATION;  -- or create a role:\n{least}", conn.user),
+            );
+        } else {
+            f.ok("privileges", format!("{} may replicate and is no superuser", conn.user));
+        }
+    }
+    let slot = postgres::slot_name(cfg, pg);
+    match client
+        .query_opt(
+            "SELECT active, wal_status, \
+               pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8 \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+    {
+        Ok(Some(row)) => {
+            let (active, wal_status, lag): (bool, Option<String>, Option<i64>) =
+                (row.get(0), row.get(1), row.get(2));
+            let lag = lag.unwrap_or(0);
+            let detail = format!(
+                "{slot}: {}, holds {} of WAL",
+                if active { "in use" } else { "idle (no publisher streaming)" },
+                human_bytes(lag)
+            );
+            if wal_status.as_deref() == Some("lost") {
+                f.fail(
+                    "slot",
+                    format!("{slot} lost WAL it needed (max_slot_wal_keep_size)"),
+                    "changes are gone for this slot: drop it (SELECT pg_drop_replication_slot(…)), \
+                     move the checkpoint away, restart the publisher and bootstrap the subscribers",
+                );
+            } else if !active && lag > 1 << 30 {
+                f.warn(
+                    "slot",
+                    detail,
+                    "start the publisher: an idle slot keeps WAL on the database's disk",
+                );
+            } else {
+                f.ok("slot", detail);
+            }
+        }
+        Ok(None) => f.ok(
+            "slot",
+            format!("{slot} does not exist yet: the publisher creates it at its first start"),
+        ),
+        Err(e) => f.warn("slot", format!("cannot read pg_replication_slots: {e}"), "grant pg_read_all_stats or run as the slot's owner"),
+    }
+    let before = now_s();
+    if let Ok(row) = client
+        .query_one("SELECT EXTRACT(epoch FROM clock_timestamp())::float8", &[])
+        .await
+    {
+        f.clock("clock", "the database's", row.get(0), before, now_s());
+    }
+}
+
+async fn mysql(cfg: &PublisherConfig, my: &kausal::publisher::config::MysqlSource, f: &mut Findings) {
+    use kausal::publisher::source::mysql;
+    use mysql_async::prelude::Queryable;
+    match mysql::check(cfg, my).await {
+        Ok(()) => f.ok(
+            "source",
+            "reachable; binlog ROW/FULL with metadata, tables, keys and privileges as needed",
+        ),
+        Err(e) => f.fail("source", chain(&e), "see above"),
+    }
+    let Ok(info) = mysql::catalog::ConnInfo::parse(my) else { return };
+    let Ok(mut conn) = info.connect().await else { return };
+    let before = now_s();
+    if let Ok(Some(t)) = conn
+        .query_first::<f64, _>("SELECT CAST(UNIX_TIMESTAMP(NOW(6)) AS DOUBLE)")
+        .await
+    {
+        f.clock("clock", "the database's", t, before, now_s());
+    }
+    let _ = conn.disconnect().await;
+}
+
+async fn broker(url: &str, exchange: &str, f: &mut Findings) {
+    match kausal::bus::amqp::exchange_exists(url, exchange).await {
+        Ok(true) => f.ok("broker", format!("reachable; exchange {exchange} exists")),
+        Ok(false) => f.ok(
+            "broker",
+            format!("reachable; exchange {exchange} does not exist yet (declared at first start)"),
+        ),
+        Err(e) => f.fail("broker", chain(&e), "check broker.url and that RabbitMQ runs"),
+    }
+}
+
+async fn subscriber(cfg: &SubscriberConfig, f: &mut Findings) {
+    if let Err(e) = cfg.validate() {
+        f.fail("config", e, "edit the configuration file");
+        return;
+    }
+    f.ok(
+        "config",
+        format!("app {}, {} tables subscribed", cfg.app, cfg.tables.len()),
+    );
+    store(cfg, f).await;
+    broker(&cfg.broker.url, &cfg.broker.exchange, f).await;
+    let queue = cfg.queue();
+    match kausal::bus::amqp::queue_depth(&cfg.broker.url, &queue).await {
+        Ok(Some((ready, consumers))) => {
+            f.ok("queue", format!("{queue}: {ready} ready, {consumers} consumers"))
+        }
+        Ok(None) => f.ok(
+            "queue",
+            format!("{queue} does not exist yet: the first worker declares it (changes published before are not in it: bootstrap)"),
+        ),
+        Err(_) => {}
+    }
+    if let Ok(Some((n, _))) =
+        kausal::bus::amqp::queue_depth(&cfg.broker.url, &format!("{queue}.dlq")).await
+    {
+        if n > 0 {
+            f.warn(
+                "dead letters",
+                format!("{n} in {queue}.dlq"),
+                format!("see why: kausal dlq list --config <this file>; then retry or drop them"),
+            );
+        } else {
+            f.ok("dead letters", "none");
+        }
+    }
+    use kausal::subscriber::config::{Coordination, SinkConfig};
+    if let Coordination::Redis { url, .. } = &cfg.coordination {
+        redis_check("coordination", url, f).await;
+    }
+    for sink in &cfg.sinks {
+        #[allow(irrefutable_let_patterns)]
+        if let SinkConfig::Redis(r) = sink {
+            redis_check("redis sink", &r.url, f).await;
+        }
+    }
+    let view = super::status::subscriber(cfg).await;
+    let waits: Vec<String> = view
+        .workers
+        .iter()
+        .filter(|w| w.state == "running")
+        .flat_map(|w| w.status.waiting.iter())
+        .filter(|w| w.waited_s * 1000 >= cfg.ordering.report_wait_ms)
+        .map(|w| format!("{} waits for seq {}", w.tx, w.waits_for_seq.unwrap_or(0)))
+        .collect();
+    if !waits.is_empty() {
+        f.warn(
+            "waits",
+            format!("{} transaction(s) wait long: {}", waits.len(), waits.join("; ")),
+            "if that sequence number never comes (dead-lettered: kausal dlq list; lost): \
+             kausal subscriber release --config <this file> --seq N",
+        );
+    }
+}
+
+async fn store(cfg: &SubscriberConfig, f: &mut Findings) {
+    use kausal::subscriber::sink::sql::Dialect;
+    sqlx::any::install_default_drivers();
+    let Some(dialect) = Dialect::from_url(&cfg.store.url) else {
+        f.fail("store", "store.url is no sqlite://, postgres:// or mysql:// URL", "fix store.url");
+        return;
+    };
+    let pool = match sqlx::AnyPool::connect(&cfg.store.url).await {
+        Ok(p) => p,
+        Err(e) => {
+            f.fail(
+                "store",
+                format!("cannot open {}: {e}", kausal::bus::amqp::redact_url(&cfg.store.url)),
+                "check store.url, that the database exists and the user may create tables in it",
+            );
+            return;
+        }
+    };
+    f.ok("store", format!("{:?} store reachable", dialect).to_lowercase());
+    let sql = match dialect {
+        Dialect::Postgres => Some("SELECT EXTRACT(epoch FROM clock_timestamp())::float8"),
+        Dialect::MySql => Some("SELECT CAST(UNIX_TIMESTAMP(NOW(6)) AS DOUBLE)"),
+        Dialect::Sqlite => None,
+    };
+    if let Some(sql) = sql {
+        let before = now_s();
+        if let Ok(t) = sqlx::query_scalar::<_, f64>(sql).fetch_one(&pool).await {
+            f.clock("store clock", "the store's", t, before, now_s());
+        }
+    }
+    pool.close().await;
+}
+
+async fn redis_check(check: &str, url: &str, f: &mut Findings) {
+    let shown = kausal::bus::amqp::redact_url(url);
+    let client = match redis::Client::open(url) {
+        Ok(c) => c,
+        Err(e) => {
+            f.fail(check, format!("{shown}: {e}"), "fix the Redis URL (redis://host:6379/0)");
+            return;
+        }
+    };
+    let conn = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await;
+    let mut conn = match conn {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            f.fail(check, format!("{shown}: {e}"), "check the URL and that Redis runs");
+            return;
+        }
+        Err(_) => {
+            f.fail(check, format!("{shown}: no answer within 5 s"), "check the URL and that Redis runs");
+            return;
+        }
+    };
+    let before = now_s();
+    match redis::cmd("TIME").query_async::<(u64, u64)>(&mut conn).await {
+        Ok((s, us)) => {
+            f.ok(check, format!("{shown} reachable"));
+            f.clock(&format!("{check} clock"), "Redis's", s as f64 + us as f64 / 1e6, before, now_s());
+        }
+        Err(e) => f.fail(check, format!("{shown}: {e}"), "check the URL, the password and ACLs (TIME, EVALSHA)"),
+    }
+}
+
+fn human_bytes(n: i64) -> String {
+    let n = n.max(0) as f64;
+    match n {
+        n if n >= 1024.0 * 1024.0 * 1024.0 => format!("{:.1} GiB", n / 1024.0 / 1024.0 / 1024.0),
+        n if n >= 1024.0 * 1024.0 => format!("{:.1} MiB", n / 1024.0 / 1024.0),
+        n if n >= 1024.0 => format!("{:.1} KiB", n / 1024.0),
+        n => format!("{n} bytes"),
+    }
+}
