@@ -83,8 +83,7 @@ pub async fn serve(
 async fn answer(mut stream: TcpStream, endpoint: &Endpoint) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n")
-    {
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
         let n = stream.read(&mut buf).await?;
         if n == 0 || head.len() + n > MAX_HEAD {
             break;
@@ -111,11 +110,7 @@ async fn answer(mut stream: TcpStream, endpoint: &Endpoint) -> std::io::Result<(
             "text/plain",
             "try /metrics or /status\n".into(),
         ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".into(),
-        ),
+        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
     };
     let response = format!(
         "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",

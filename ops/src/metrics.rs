@@ -27,24 +27,29 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    // The encoder ends every help text with a period: ours are trimmed of theirs.
+
     /// Registers a counter `kausal_<name>_total`.
     pub fn counter(&self, name: &str, help: &str) -> Counter {
         let c = Counter::default();
-        self.lock().register(name, help, c.clone());
+        self.lock()
+            .register(name, help.trim_end_matches('.'), c.clone());
         c
     }
 
     /// Registers an integer gauge `kausal_<name>`.
     pub fn gauge(&self, name: &str, help: &str) -> Gauge {
         let g = Gauge::default();
-        self.lock().register(name, help, g.clone());
+        self.lock()
+            .register(name, help.trim_end_matches('.'), g.clone());
         g
     }
 
     /// Registers a float gauge `kausal_<name>` (seconds and rates).
     pub fn float_gauge(&self, name: &str, help: &str) -> FloatGauge {
         let g = FloatGauge::default();
-        self.lock().register(name, help, g.clone());
+        self.lock()
+            .register(name, help.trim_end_matches('.'), g.clone());
         g
     }
 
@@ -74,8 +79,16 @@ mod tests {
         c.inc_by(3);
         g.set(2);
         let text = m.encode();
-        assert!(text.contains("kausal_subscriber_transactions_applied_total 3"), "{text}");
-        assert!(text.contains("kausal_subscriber_transactions_waiting 2"), "{text}");
-        assert!(text.contains("# HELP kausal_subscriber_transactions_waiting Transactions waiting."));
+        assert!(
+            text.contains("kausal_subscriber_transactions_applied_total 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kausal_subscriber_transactions_waiting 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# HELP kausal_subscriber_transactions_waiting Transactions waiting.")
+        );
     }
 }
