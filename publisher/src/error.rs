@@ -234,6 +234,8 @@ pub enum PublisherError {
     Bus(#[from] kausal_bus::BusError),
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Endpoint(#[from] kausal_ops::HttpError),
 }
 
 impl PublisherError {
@@ -241,7 +243,9 @@ impl PublisherError {
         match self {
             PublisherError::Source(e) => e.class(),
             PublisherError::Bus(e) => e.class(),
-            PublisherError::Config(_) | PublisherError::Checkpoint(_) => ErrorClass::Definite,
+            PublisherError::Config(_)
+            | PublisherError::Checkpoint(_)
+            | PublisherError::Endpoint(_) => ErrorClass::Definite,
         }
     }
 }

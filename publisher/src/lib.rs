@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod contract;
 pub mod error;
+pub mod ops;
 pub mod publish;
 pub mod source;
 pub mod tracker;
@@ -48,6 +49,23 @@ pub async fn run(
 ) -> Result<(), PublisherError> {
     cfg.validate()?;
     let stats = Arc::new(Stats::default());
+    let postgres = matches!(cfg.source, SourceConfig::Postgres(_));
+    let (metrics, status, tracking) = ops::track(&cfg.namespace, postgres, stats.clone());
+    let _tracking = AbortOnDrop(tracking);
+    let _endpoint = match &cfg.metrics.listen {
+        Some(addr) => {
+            let endpoint = kausal_ops::Endpoint {
+                metrics,
+                status: Arc::new(move || {
+                    let s = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    serde_json::to_value(s).unwrap_or_default()
+                }),
+            };
+            let (_, task) = kausal_ops::serve(addr, endpoint).await?;
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     let mut backoff = Duration::from_millis(250);
     loop {
         let started = Instant::now();
@@ -71,6 +89,15 @@ pub async fn run(
             }
             Err(error) => return Err(error),
         }
+    }
+}
+
+/// Stops a background task when the publisher stops (also on an error return).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

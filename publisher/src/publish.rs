@@ -8,10 +8,11 @@ use crate::error::PublisherError;
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use kausal_bus::amqp::AmqpPublisher;
 use kausal_bus::{BatchWriter, Envelope};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 
@@ -38,6 +39,9 @@ pub struct Stats {
     pub changes: AtomicU64,
     pub confirmed_seq: AtomicU64,
     pub checkpointed_position: AtomicU64,
+    /// Commit time (µs) of the oldest published transaction RabbitMQ has not confirmed
+    /// yet; 0 when none is waiting.
+    pub oldest_unconfirmed_us: AtomicI64,
 }
 
 type Pending =
@@ -58,7 +62,14 @@ impl PublishLoop {
         let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
         let mut open = true;
         let mut held: Option<Item> = None;
+        // Commit time of the first transaction of each in-flight entry (0: not a
+        // stream message), in the same order as `inflight`.
+        let mut pending: VecDeque<i64> = VecDeque::new();
         loop {
+            let oldest = pending.iter().copied().find(|t| *t > 0).unwrap_or(0);
+            self.stats
+                .oldest_unconfirmed_us
+                .store(oldest, Ordering::Relaxed);
             if !open && held.is_none() && inflight.is_empty() {
                 break;
             }
@@ -66,6 +77,7 @@ impl PublishLoop {
             tokio::select! {
                 biased;
                 Some(done) = inflight.next(), if !inflight.is_empty() => {
+                    pending.pop_front();
                     if let Some(cp) = done? {
                         self.save(*cp).await?;
                     }
@@ -75,16 +87,21 @@ impl PublishLoop {
                 {
                     match item {
                         None => open = false,
-                        Some(Item::Marker(cp)) => inflight.push_back(Box::pin(async move { Ok(Some(cp)) })),
+                        Some(Item::Marker(cp)) => {
+                            pending.push_back(0);
+                            inflight.push_back(Box::pin(async move { Ok(Some(cp)) }));
+                        }
                         Some(Item::Direct { queue, envelope }) => {
                             let body = kausal_bus::encode(std::slice::from_ref(&*envelope));
                             let confirm = self.bus.publish_to_queue(&queue, &body).await?;
+                            pending.push_back(0);
                             inflight.push_back(Box::pin(async move {
                                 confirm.wait().await?;
                                 Ok(None)
                             }));
                         }
                         Some(Item::Envelope(first)) => {
+                            pending.push_back(first.commit_ts_us.max(1));
                             let mut batch = BatchWriter::new();
                             let last_seq = self.fill(&mut batch, first, &mut rx, &mut held);
                             let body = batch.finish();

@@ -77,8 +77,12 @@ impl Pick {
         if let Some(i) = self.index {
             return i == index;
         }
-        self.seq
-            .is_some_and(|seq| summary.transactions.iter().any(|t| t.ends_with(&format!("/{seq}"))))
+        self.seq.is_some_and(|seq| {
+            summary
+                .transactions
+                .iter()
+                .any(|t| t.ends_with(&format!("/{seq}")))
+        })
     }
 }
 
@@ -153,10 +157,16 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
                         } else {
                             s.transactions.join(", ")
                         },
-                        if s.tables.is_empty() { "-".into() } else { s.tables.join(", ") },
+                        if s.tables.is_empty() {
+                            "-".into()
+                        } else {
+                            s.tables.join(", ")
+                        },
                         s.changes,
                         s.bytes,
-                        s.reason.as_deref().unwrap_or("(none recorded: dead-lettered by the broker)"),
+                        s.reason
+                            .as_deref()
+                            .unwrap_or("(none recorded: dead-lettered by the broker)"),
                     );
                 }
             }
@@ -176,7 +186,11 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
                     continue;
                 }
                 shown += 1;
-                println!("# dead letter #{}: {}", s.index, s.reason.as_deref().unwrap_or("(no reason recorded)"));
+                println!(
+                    "# dead letter #{}: {}",
+                    s.index,
+                    s.reason.as_deref().unwrap_or("(no reason recorded)")
+                );
                 match kausal::bus::decode(&letter.body) {
                     Ok(envelopes) => {
                         for e in envelopes {
@@ -239,7 +253,11 @@ async fn settle(config: &std::path::Path, pick: &Pick, retry: bool) -> anyhow::R
     eprintln!(
         "{} {done} dead letter(s){}",
         if retry { "sent back" } else { "dropped" },
-        if retry { format!(" to {queue}: a worker applies them in causal order") } else { String::new() }
+        if retry {
+            format!(" to {queue}: a worker applies them in causal order")
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }
@@ -304,7 +322,9 @@ pub async fn subscriber(command: SubscriberCommand) -> anyhow::Result<()> {
     let by = format!(
         "{}@{}",
         std::env::var("USER").unwrap_or_else(|_| "operator".into()),
-        std::fs::read_to_string("/etc/hostname").unwrap_or_default().trim()
+        std::fs::read_to_string("/etc/hostname")
+            .unwrap_or_default()
+            .trim()
     );
     let release = kausal::subscriber::runtime::Release {
         namespace: namespace.clone(),

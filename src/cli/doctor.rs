@@ -129,7 +129,11 @@ async fn publisher(cfg: &PublisherConfig, f: &mut Findings) {
     }
     f.ok(
         "config",
-        format!("namespace {}, {} tables published", cfg.namespace, cfg.tables.len()),
+        format!(
+            "namespace {}, {} tables published",
+            cfg.namespace,
+            cfg.tables.len()
+        ),
     );
     match &cfg.source {
         SourceConfig::Postgres(pg) => postgres(cfg, pg, f).await,
@@ -209,11 +213,20 @@ async fn postgres(
         } else if !replication {
             f.fail(
                 "privileges",
-                format!("{} has no REPLICATION attribute: it cannot stream the WAL", conn.user),
-                format!("ALTER ROLE {} REPLICATION;  -- or create a role:\n{least}", conn.user),
+                format!(
+                    "{} has no REPLICATION attribute: it cannot stream the WAL",
+                    conn.user
+                ),
+                format!(
+                    "ALTER ROLE {} REPLICATION;  -- or create a role:\n{least}",
+                    conn.user
+                ),
             );
         } else {
-            f.ok("privileges", format!("{} may replicate and is no superuser", conn.user));
+            f.ok(
+                "privileges",
+                format!("{} may replicate and is no superuser", conn.user),
+            );
         }
     }
     let slot = postgres::slot_name(cfg, pg);
@@ -232,7 +245,11 @@ async fn postgres(
             let lag = lag.unwrap_or(0);
             let detail = format!(
                 "{slot}: {}, holds {} of WAL",
-                if active { "in use" } else { "idle (no publisher streaming)" },
+                if active {
+                    "in use"
+                } else {
+                    "idle (no publisher streaming)"
+                },
                 human_bytes(lag)
             );
             if wal_status.as_deref() == Some("lost") {
@@ -256,7 +273,11 @@ async fn postgres(
             "slot",
             format!("{slot} does not exist yet: the publisher creates it at its first start"),
         ),
-        Err(e) => f.warn("slot", format!("cannot read pg_replication_slots: {e}"), "grant pg_read_all_stats or run as the slot's owner"),
+        Err(e) => f.warn(
+            "slot",
+            format!("cannot read pg_replication_slots: {e}"),
+            "grant pg_read_all_stats or run as the slot's owner",
+        ),
     }
     let before = now_s();
     if let Ok(row) = client
@@ -267,7 +288,11 @@ async fn postgres(
     }
 }
 
-async fn mysql(cfg: &PublisherConfig, my: &kausal::publisher::config::MysqlSource, f: &mut Findings) {
+async fn mysql(
+    cfg: &PublisherConfig,
+    my: &kausal::publisher::config::MysqlSource,
+    f: &mut Findings,
+) {
     use kausal::publisher::source::mysql;
     use mysql_async::prelude::Queryable;
     match mysql::check(cfg, my).await {
@@ -277,8 +302,12 @@ async fn mysql(cfg: &PublisherConfig, my: &kausal::publisher::config::MysqlSourc
         ),
         Err(e) => f.fail("source", chain(&e), "see above"),
     }
-    let Ok(info) = mysql::catalog::ConnInfo::parse(my) else { return };
-    let Ok(mut conn) = info.connect().await else { return };
+    let Ok(info) = mysql::catalog::ConnInfo::parse(my) else {
+        return;
+    };
+    let Ok(mut conn) = info.connect().await else {
+        return;
+    };
     let before = now_s();
     if let Ok(Some(t)) = conn
         .query_first::<f64, _>("SELECT CAST(UNIX_TIMESTAMP(NOW(6)) AS DOUBLE)")
@@ -296,7 +325,11 @@ async fn broker(url: &str, exchange: &str, f: &mut Findings) {
             "broker",
             format!("reachable; exchange {exchange} does not exist yet (declared at first start)"),
         ),
-        Err(e) => f.fail("broker", chain(&e), "check broker.url and that RabbitMQ runs"),
+        Err(e) => f.fail(
+            "broker",
+            chain(&e),
+            "check broker.url and that RabbitMQ runs",
+        ),
     }
 }
 
@@ -357,7 +390,11 @@ async fn subscriber(cfg: &SubscriberConfig, f: &mut Findings) {
     if !waits.is_empty() {
         f.warn(
             "waits",
-            format!("{} transaction(s) wait long: {}", waits.len(), waits.join("; ")),
+            format!(
+                "{} transaction(s) wait long: {}",
+                waits.len(),
+                waits.join("; ")
+            ),
             "if that sequence number never comes (dead-lettered: kausal dlq list; lost): \
              kausal subscriber release --config <this file> --seq N",
         );
@@ -368,21 +405,29 @@ async fn store(cfg: &SubscriberConfig, f: &mut Findings) {
     use kausal::subscriber::sink::sql::Dialect;
     sqlx::any::install_default_drivers();
     let Some(dialect) = Dialect::from_url(&cfg.store.url) else {
-        f.fail("store", "store.url is no sqlite://, postgres:// or mysql:// URL", "fix store.url");
+        f.fail(
+            "store",
+            "store.url is no sqlite://, postgres:// or mysql:// URL",
+            "fix store.url",
+        );
         return;
     };
-    let pool = match sqlx::AnyPool::connect(&cfg.store.url).await {
-        Ok(p) => p,
-        Err(e) => {
-            f.fail(
+    let pool =
+        match sqlx::AnyPool::connect(&cfg.store.url).await {
+            Ok(p) => p,
+            Err(e) => {
+                f.fail(
                 "store",
                 format!("cannot open {}: {e}", kausal::bus::amqp::redact_url(&cfg.store.url)),
                 "check store.url, that the database exists and the user may create tables in it",
             );
-            return;
-        }
-    };
-    f.ok("store", format!("{:?} store reachable", dialect).to_lowercase());
+                return;
+            }
+        };
+    f.ok(
+        "store",
+        format!("{:?} store reachable", dialect).to_lowercase(),
+    );
     let sql = match dialect {
         Dialect::Postgres => Some("SELECT EXTRACT(epoch FROM clock_timestamp())::float8"),
         Dialect::MySql => Some("SELECT CAST(UNIX_TIMESTAMP(NOW(6)) AS DOUBLE)"),
@@ -402,7 +447,11 @@ async fn redis_check(check: &str, url: &str, f: &mut Findings) {
     let client = match redis::Client::open(url) {
         Ok(c) => c,
         Err(e) => {
-            f.fail(check, format!("{shown}: {e}"), "fix the Redis URL (redis://host:6379/0)");
+            f.fail(
+                check,
+                format!("{shown}: {e}"),
+                "fix the Redis URL (redis://host:6379/0)",
+            );
             return;
         }
     };
@@ -414,21 +463,42 @@ async fn redis_check(check: &str, url: &str, f: &mut Findings) {
     let mut conn = match conn {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
-            f.fail(check, format!("{shown}: {e}"), "check the URL and that Redis runs");
+            f.fail(
+                check,
+                format!("{shown}: {e}"),
+                "check the URL and that Redis runs",
+            );
             return;
         }
         Err(_) => {
-            f.fail(check, format!("{shown}: no answer within 5 s"), "check the URL and that Redis runs");
+            f.fail(
+                check,
+                format!("{shown}: no answer within 5 s"),
+                "check the URL and that Redis runs",
+            );
             return;
         }
     };
     let before = now_s();
-    match redis::cmd("TIME").query_async::<(u64, u64)>(&mut conn).await {
+    match redis::cmd("TIME")
+        .query_async::<(u64, u64)>(&mut conn)
+        .await
+    {
         Ok((s, us)) => {
             f.ok(check, format!("{shown} reachable"));
-            f.clock(&format!("{check} clock"), "Redis's", s as f64 + us as f64 / 1e6, before, now_s());
+            f.clock(
+                &format!("{check} clock"),
+                "Redis's",
+                s as f64 + us as f64 / 1e6,
+                before,
+                now_s(),
+            );
         }
-        Err(e) => f.fail(check, format!("{shown}: {e}"), "check the URL, the password and ACLs (TIME, EVALSHA)"),
+        Err(e) => f.fail(
+            check,
+            format!("{shown}: {e}"),
+            "check the URL, the password and ACLs (TIME, EVALSHA)",
+        ),
     }
 }
 

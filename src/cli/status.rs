@@ -277,7 +277,11 @@ async fn store_view(cfg: &SubscriberConfig, v: &mut SubscriberView) -> Result<()
         .map(|status| {
             let age = now - status.updated_ms;
             WorkerView {
-                state: if age > GONE_AFTER_MS { "gone" } else { "running" },
+                state: if age > GONE_AFTER_MS {
+                    "gone"
+                } else {
+                    "running"
+                },
                 last_seen_s: age.max(0) as f64 / 1000.0,
                 status,
             }
@@ -343,7 +347,10 @@ fn render(r: &Report) -> String {
         );
         out += &format!(
             "  envelopes/s         {}\n",
-            p.envelopes_per_s.map_or("- (no [metrics] endpoint answering)".into(), |r| format!("{r:.1}"))
+            p.envelopes_per_s
+                .map_or("- (no [metrics] endpoint answering)".into(), |r| format!(
+                    "{r:.1}"
+                ))
         );
         if let Some(seq) = p.confirmed_seq {
             out += &format!("  confirmed seq       {seq}\n");
@@ -401,8 +408,14 @@ mod tests {
 
     #[test]
     fn binlog_distance_is_known_within_one_file_only() {
-        assert_eq!(binlog_distance("file:b.000002:900", "file:b.000002:400"), Some(500));
-        assert_eq!(binlog_distance("file:b.000003:900", "file:b.000002:400"), None);
+        assert_eq!(
+            binlog_distance("file:b.000002:900", "file:b.000002:400"),
+            Some(500)
+        );
+        assert_eq!(
+            binlog_distance("file:b.000003:900", "file:b.000002:400"),
+            None
+        );
         assert_eq!(binlog_distance("gtid:0-1-9", "gtid:0-1-5"), None);
     }
 }

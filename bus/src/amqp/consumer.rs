@@ -347,7 +347,12 @@ pub async fn exchange_exists(url: &str, name: &str) -> Result<bool, BusError> {
         ..ExchangeDeclareOptions::default()
     };
     let result = channel
-        .exchange_declare(name.into(), ExchangeKind::Topic, options, FieldTable::default())
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Topic,
+            options,
+            FieldTable::default(),
+        )
         .await;
     let _ = conn.close(200, "bye".into()).await;
     match result {

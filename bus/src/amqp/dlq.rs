@@ -55,7 +55,10 @@ impl DeadLetterQueue {
         while out.len() < max {
             let got = self
                 .channel
-                .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .basic_get(
+                    self.queue.as_str().into(),
+                    BasicGetOptions { no_ack: false },
+                )
                 .await
                 .map_err(amqp("basic.get"))?;
             let Some(message) = got else { break };

@@ -236,7 +236,10 @@ impl Worker {
 
     /// Whether `id` is numbered implausibly far above what this app has applied of its
     /// stream (see `OrderingConfig::max_seq_ahead`); returns the reason.
-    pub(super) async fn implausible(&mut self, id: &TxId) -> Result<Option<String>, SubscriberError> {
+    pub(super) async fn implausible(
+        &mut self,
+        id: &TxId,
+    ) -> Result<Option<String>, SubscriberError> {
         let limit = self.cfg.ordering.max_seq_ahead;
         let key = (id.namespace.clone(), id.generation);
         let mut top = match self.highest.get(&key) {

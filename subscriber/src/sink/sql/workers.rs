@@ -112,5 +112,7 @@ pub async fn read_progress(
 
 fn is_missing_table(e: &sqlx::Error) -> bool {
     let text = e.to_string().to_lowercase();
-    text.contains("no such table") || text.contains("does not exist") || text.contains("doesn't exist")
+    text.contains("no such table")
+        || text.contains("does not exist")
+        || text.contains("doesn't exist")
 }
