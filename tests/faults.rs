@@ -11,6 +11,7 @@
 //!   idempotency key is there for this case);
 //! - recovery: from the end of each fault until the store applied every transaction
 //!   committed at the source before it (a marker transaction).
+//!
 //! Each test prints its row of the table in docs/faults.md (`--nocapture`). RabbitMQ's
 //! outage runs in its own binary (tests/faults_broker.rs).
 
@@ -64,10 +65,15 @@ async fn workers_killed_at_random_lose_nothing_and_keep_causal_order() {
         p.recovered(Instant::now()).await;
     }
     let inserts = writing.await.unwrap();
-    let tally = p.finish("worker kill -9 (one / all)", one + all, inserts).await;
+    let tally = p
+        .finish("worker kill -9 (one / all)", one + all, inserts)
+        .await;
     println!("({one} kills of one worker, {all} of all three)");
     tally.report();
-    assert_eq!(tally.duplicates, 0, "duplicate callbacks not explained by a kill");
+    assert_eq!(
+        tally.duplicates, 0,
+        "duplicate callbacks not explained by a kill"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -91,9 +97,15 @@ async fn redis_restarted_empty_loses_nothing_and_keeps_causal_order() {
         p.recovered(Instant::now()).await;
     }
     let inserts = writing.await.unwrap();
-    let tally = p.finish("Redis stopped, restarted empty", restarts, inserts).await;
+    let tally = p
+        .finish("Redis stopped, restarted empty", restarts, inserts)
+        .await;
     tally.report();
-    assert_eq!(tally.duplicates + tally.reruns_after_crash, 0, "duplicate callbacks");
+    assert_eq!(
+        tally.duplicates + tally.reruns_after_crash,
+        0,
+        "duplicate callbacks"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -149,16 +161,31 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_everything_else_app
     );
     let next_major = kausal::bus::envelope::FORMAT_MAJOR + 1;
     let poison: Vec<(&str, Vec<u8>)> = vec![
-        ("garbage bytes", b"\x00\xffnot a kausal message at all".to_vec()),
+        (
+            "garbage bytes",
+            b"\x00\xffnot a kausal message at all".to_vec(),
+        ),
         (
             "a newer format version",
-            [&b"KSL"[..], &[next_major], format!(r#"{{"envelopes":[{envelope}]}}"#).as_bytes()].concat(),
+            [
+                &b"KSL"[..],
+                &[next_major],
+                format!(r#"{{"envelopes":[{envelope}]}}"#).as_bytes(),
+            ]
+            .concat(),
         ),
         (
             "valid framing and JSON, fields missing",
-            [&b"KSL\x01"[..], format!(r#"{{"envelopes":[{{"namespace":"{}","seq":1}}]}}"#, p.ns).as_bytes()].concat(),
+            [
+                &b"KSL\x01"[..],
+                format!(r#"{{"envelopes":[{{"namespace":"{}","seq":1}}]}}"#, p.ns).as_bytes(),
+            ]
+            .concat(),
         ),
-        ("valid framing, no envelopes", b"KSL\x01{\"envelopes\":[]}".to_vec()),
+        (
+            "valid framing, no envelopes",
+            b"KSL\x01{\"envelopes\":[]}".to_vec(),
+        ),
     ];
     let bus = kausal::bus::amqp::AmqpPublisher::connect(common::AMQP, "kausal")
         .await
@@ -185,14 +212,25 @@ async fn poison_messages_are_dead_lettered_with_a_reason_and_everything_else_app
             .unwrap_or_else(|| panic!("{what}: not in {dlq}"));
         let reason = letter.reason.as_deref().unwrap_or_default();
         println!("{what}: dead-lettered, reason: {reason}");
-        assert!(reason.starts_with("cannot decode the message:"), "{what}: {reason}");
+        assert!(
+            reason.starts_with("cannot decode the message:"),
+            "{what}: {reason}"
+        );
     }
     assert_eq!(dead.len(), poison.len(), "only the poison is dead-lettered");
     let tally = p
-        .finish("poison messages on the exchange", poison.len() as u32, inserts)
+        .finish(
+            "poison messages on the exchange",
+            poison.len() as u32,
+            inserts,
+        )
         .await;
     tally.report();
-    assert_eq!(tally.duplicates + tally.reruns_after_crash, 0, "duplicate callbacks");
+    assert_eq!(
+        tally.duplicates + tally.reruns_after_crash,
+        0,
+        "duplicate callbacks"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -219,11 +257,20 @@ async fn a_store_locked_for_20_seconds_keeps_worker_memory_bounded() {
     let peak: Vec<u64> = p.workers.iter().map(|w| w.peak_rss_kib()).collect();
     println!("worker peak RSS before the lock {before:?} KiB, after {peak:?} KiB");
     for kib in &peak {
-        assert!(*kib < 300 * 1024, "a worker grew to {kib} KiB behind a slow store");
+        assert!(
+            *kib < 300 * 1024,
+            "a worker grew to {kib} KiB behind a slow store"
+        );
     }
-    let tally = p.finish("store locked for 20 s (slow sink)", 1, inserts).await;
+    let tally = p
+        .finish("store locked for 20 s (slow sink)", 1, inserts)
+        .await;
     tally.report();
-    assert_eq!(tally.duplicates + tally.reruns_after_crash, 0, "duplicate callbacks");
+    assert_eq!(
+        tally.duplicates + tally.reruns_after_crash,
+        0,
+        "duplicate callbacks"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -238,14 +285,14 @@ async fn workers_crashing_between_store_commit_and_ack_lose_nothing() {
         p.add_slot(id);
     }
     let writing = p.workload(TXNS, 707);
-    let mut armed = vec![true, true];
+    let mut armed = [true, true];
     let (mut crashes, mut last) = (0, Instant::now());
     // Recovery is measured once, after the last crash: two workers crashing every few
     // dozen commits leave no quiet moment to measure one crash at a time.
     while armed.iter().any(|a| *a) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let done = writing.is_finished() && crashes >= 3;
-        for i in 0..p.workers.len() {
+        for (i, armed) in armed.iter_mut().enumerate() {
             if p.worker_exited(i) {
                 // It died right after a store commit: restart it with a new crash point
                 // while the workload runs.
@@ -253,22 +300,29 @@ async fn workers_crashing_between_store_commit_and_ack_lose_nothing() {
                 crashes += 1;
                 last = Instant::now();
                 let n = (5 + dice.below(40)).to_string();
-                armed[i] = !done;
-                let env: Vec<(&str, &str)> = if armed[i] { vec![(ENV, &n)] } else { vec![] };
+                *armed = !done;
+                let env: Vec<(&str, &str)> = if *armed { vec![(ENV, &n)] } else { vec![] };
                 p.restart_worker(i, &env);
-            } else if done && armed[i] {
+            } else if done && *armed {
                 // The stream is drained before its crash point: disarm it.
                 p.kill_worker(i);
                 p.restart_worker(i, &[]);
-                armed[i] = false;
+                *armed = false;
             }
         }
     }
     p.recovered(last).await;
     let inserts = writing.await.unwrap();
     let tally = p
-        .finish("worker aborts after store commit, before ack", crashes, inserts)
+        .finish(
+            "worker aborts after store commit, before ack",
+            crashes,
+            inserts,
+        )
         .await;
     tally.report();
-    assert_eq!(tally.duplicates, 0, "duplicate callbacks not explained by a crash");
+    assert_eq!(
+        tally.duplicates, 0,
+        "duplicate callbacks not explained by a crash"
+    );
 }

@@ -70,7 +70,14 @@ impl Cluster {
         for s in settings {
             opts += &format!(" -c {s}");
         }
-        cluster.pg_ctl(&["-o", &opts, "-l", cluster.dir.join("log").to_str().unwrap(), "-w", "start"]);
+        cluster.pg_ctl(&[
+            "-o",
+            &opts,
+            "-l",
+            cluster.dir.join("log").to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
         cluster
     }
 

@@ -110,8 +110,14 @@ impl Pipeline {
     /// sections (e.g. `[callbacks]`).
     pub async fn start(label: &str, servers: Servers, workers: usize, sections: &str) -> Pipeline {
         super::logs();
+        sqlx::any::install_default_drivers();
         let ns = unique(label);
-        let source_url = create_db(&servers.source, &ns, &format!("{}{MARKS}", workload::SCHEMA)).await;
+        let source_url = create_db(
+            &servers.source,
+            &ns,
+            &format!("{}{MARKS}", workload::SCHEMA),
+        )
+        .await;
         let store_url = create_db(&servers.store, &format!("{ns}_store"), "").await;
         declare_queue(&ns, &ns).await;
         let tap = Arc::new(Mutex::new(TapState::default()));
@@ -180,7 +186,12 @@ impl Pipeline {
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .unwrap_or_else(|e| panic!("start {} ({e}): run `cargo build --examples`", exe.display()));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "start {} ({e}): run `cargo build --examples`",
+                    exe.display()
+                )
+            });
         let out = child.stdout.take().unwrap();
         let callbacks = self.callbacks.clone();
         std::thread::spawn(move || {
@@ -268,7 +279,10 @@ impl Pipeline {
                     break;
                 }
             }
-            assert!(Instant::now() < deadline, "cannot write marker {id} to the source");
+            assert!(
+                Instant::now() < deadline,
+                "cannot write marker {id} to the source"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         let deadline = Instant::now() + Duration::from_secs(180);
@@ -375,6 +389,7 @@ impl Pipeline {
         let cb = self.callbacks.lock().unwrap();
         let mut first: HashMap<String, usize> = HashMap::new();
         let (mut duplicates, mut after_crash, mut violations) = (0, 0, 0);
+        let mut shown = Vec::new();
         for (process, line) in &cb.lines {
             if line.starts_with("VIOLATION") {
                 violations += 1;
@@ -383,13 +398,24 @@ impl Pipeline {
             let Some(k) = key(line) else { continue };
             match first.get(&k) {
                 Some(p) if cb.killed.contains(p) => after_crash += 1,
-                Some(_) => duplicates += 1,
+                Some(p) => {
+                    duplicates += 1;
+                    if shown.len() < 5 {
+                        shown.push(format!("{k} in processes {p} and {process}"));
+                    }
+                }
                 None => {
                     first.insert(k, *process);
                 }
             }
         }
-        if violations > 0 || duplicates > 0 {
+        if duplicates > 0 {
+            eprintln!(
+                "{}: duplicate callbacks (key, worker processes): {shown:?}",
+                self.ns
+            );
+        }
+        if violations > 0 {
             let shown: Vec<&String> = cb
                 .lines
                 .iter()
@@ -397,7 +423,7 @@ impl Pipeline {
                 .filter(|l| l.starts_with("VIOLATION"))
                 .take(5)
                 .collect();
-            eprintln!("{}: causal violations {violations}, duplicates {duplicates}: {shown:?}", self.ns);
+            eprintln!("{}: causal violations {violations}: {shown:?}", self.ns);
         }
         (duplicates, after_crash, violations, first.len() as u64)
     }
@@ -424,7 +450,8 @@ impl Pipeline {
                     .await
                     .unwrap_or_default();
                 if !keys.is_empty() {
-                    let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+                    let _: Result<(), _> =
+                        redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
                 }
             }
         }
