@@ -4,6 +4,9 @@
 # left behind (inactive test replication slots hold WAL; their databases).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# A run killed during a broker outage (tests/faults_broker.rs, tests/broker_restart.rs)
+# leaves the RabbitMQ node up with its app stopped, which setup.sh cannot start.
+timeout 20 rabbitmqctl -q start_app >/dev/null 2>&1 || true
 ./scripts/setup.sh
 psql -h 127.0.0.1 -U postgres -d postgres -qAt <<'SQL' >/dev/null
 SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots
