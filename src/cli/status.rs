@@ -261,6 +261,10 @@ async fn store_view(cfg: &SubscriberConfig, v: &mut SubscriberView) -> Result<()
     sqlx::any::install_default_drivers();
     let dialect = sql::Dialect::from_url(&cfg.store.url)
         .ok_or_else(|| "store.url: use sqlite://, postgres:// or mysql://".to_string())?;
+    if super::doctor::sqlite_file(&cfg.store.url).is_some_and(|p| !p.exists()) {
+        // No worker has started yet: nothing applied, nobody running.
+        return Ok(());
+    }
     let pool = sqlx::AnyPool::connect(&cfg.store.url)
         .await
         .map_err(|e| format!("cannot open the store: {e}"))?;
