@@ -5,9 +5,8 @@
 
 mod common;
 
+use common::cluster::Cluster;
 use common::*;
-use std::path::PathBuf;
-use std::process::Command;
 
 async fn check_error(cfg: kausal::publisher::PublisherConfig) -> String {
     kausal::publisher::check(&cfg)
@@ -80,97 +79,9 @@ async fn an_unreachable_broker_is_named_with_the_fix() {
     db.drop().await;
 }
 
-/// A Postgres cluster of our own on a free port, stopped and deleted on drop.
-struct Cluster {
-    dir: PathBuf,
-    bin: PathBuf,
-    port: u16,
-}
-
-impl Cluster {
-    fn start(password: &str, settings: &[&str]) -> Cluster {
-        let bin = std::fs::read_dir("/usr/lib/postgresql")
-            .expect("Postgres server binaries in /usr/lib/postgresql (run scripts/setup.sh)")
-            .filter_map(|e| e.ok())
-            .map(|e| e.path().join("bin"))
-            .find(|p| p.join("initdb").exists())
-            .expect("initdb");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("kausal-pg-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let pwfile = dir.join("pw");
-        std::fs::write(&pwfile, password).unwrap();
-        let data = dir.join("data");
-        let as_postgres = |args: &[&str]| {
-            let status = Command::new("runuser")
-                .args(["-u", "postgres", "--"])
-                .args(args)
-                .status()
-                .expect("runuser");
-            assert!(status.success(), "{args:?}");
-        };
-        Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&dir)
-            .status()
-            .unwrap();
-        as_postgres(&[
-            bin.join("initdb").to_str().unwrap(),
-            "-D",
-            data.to_str().unwrap(),
-            "-U",
-            "postgres",
-            "-A",
-            "scram-sha-256",
-            "--pwfile",
-            pwfile.to_str().unwrap(),
-        ]);
-        let mut opts = format!(
-            "-p {port} -c listen_addresses=127.0.0.1 -k {}",
-            dir.display()
-        );
-        for s in settings {
-            opts += &format!(" -c {s}");
-        }
-        as_postgres(&[
-            bin.join("pg_ctl").to_str().unwrap(),
-            "-D",
-            data.to_str().unwrap(),
-            "-o",
-            &opts,
-            "-l",
-            dir.join("log").to_str().unwrap(),
-            "-w",
-            "start",
-        ]);
-        Cluster { dir, bin, port }
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("pg_ctl"))
-            .args([
-                "-D",
-                self.dir.join("data").to_str().unwrap(),
-                "-m",
-                "immediate",
-                "stop",
-            ])
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_password_and_wal_level_are_named_with_the_fix() {
-    let cluster = Cluster::start("right-pw", &["wal_level=replica"]);
+    let cluster = Cluster::start(Some("right-pw"), &["wal_level=replica"]);
     let url = |pw: &str| {
         format!(
             "postgres://postgres:{pw}@127.0.0.1:{}/postgres",
