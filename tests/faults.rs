@@ -36,7 +36,15 @@ async fn publisher_killed_at_random_moments_loses_nothing_and_keeps_causal_order
         p.recovered(Instant::now()).await;
     }
     let inserts = writing.await.unwrap();
-    p.finish("publisher kill -9", kills, inserts).await.report();
+    let tally = p.finish("publisher kill -9", kills, inserts).await;
+    tally.report();
+    // No worker crashed: a replay reaching two workers at once must not run a
+    // callback twice (the store claims a transaction before its callbacks run).
+    assert_eq!(
+        tally.duplicates + tally.reruns_after_crash,
+        0,
+        "duplicate callbacks"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

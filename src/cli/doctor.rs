@@ -92,7 +92,7 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<()> {
         let mut f = Findings::default();
         match either(path)? {
             Loaded::Publisher(cfg) => publisher(&cfg, &mut f).await,
-            Loaded::Subscriber(cfg) => subscriber(&cfg, &mut f).await,
+            Loaded::Subscriber(cfg) => subscriber(&cfg, path, &mut f).await,
         }
         if !args.json {
             println!("{}", path.display());
@@ -333,7 +333,7 @@ async fn broker(url: &str, exchange: &str, f: &mut Findings) {
     }
 }
 
-async fn subscriber(cfg: &SubscriberConfig, f: &mut Findings) {
+async fn subscriber(cfg: &SubscriberConfig, path: &std::path::Path, f: &mut Findings) {
     if let Err(e) = cfg.validate() {
         f.fail("config", e, "edit the configuration file");
         return;
@@ -362,7 +362,10 @@ async fn subscriber(cfg: &SubscriberConfig, f: &mut Findings) {
             f.warn(
                 "dead letters",
                 format!("{n} in {queue}.dlq"),
-                format!("see why: kausal dlq list --config <this file>; then retry or drop them"),
+                format!(
+                    "see why: kausal dlq list --config {}; then retry or drop them",
+                    path.display()
+                ),
             );
         } else {
             f.ok("dead letters", "none");
@@ -395,8 +398,11 @@ async fn subscriber(cfg: &SubscriberConfig, f: &mut Findings) {
                 waits.len(),
                 waits.join("; ")
             ),
-            "if that sequence number never comes (dead-lettered: kausal dlq list; lost): \
-             kausal subscriber release --config <this file> --seq N",
+            format!(
+                "if that sequence number never comes (dead-lettered: kausal dlq list; lost): \
+                 kausal subscriber release --config {} --seq N",
+                path.display()
+            ),
         );
     }
 }

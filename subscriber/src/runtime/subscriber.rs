@@ -129,7 +129,8 @@ impl Subscriber {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = stopped(&mut s) => return Ok(()),
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            // Capped low: the pause adds to the recovery after an outage.
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

@@ -372,15 +372,37 @@ impl SqlStore {
         let dialect = self.inner.dialect;
         let done = already_applied(conn, dialect, group).await?;
         let mut seen = HashSet::new();
+        let fresh: Vec<bool> = group
+            .iter()
+            .map(|tx| {
+                let id = &tx.id;
+                let stream = (id.namespace.clone(), id.generation);
+                let through = done.through.get(&stream).copied().unwrap_or(0);
+                id.seq > through && !done.seqs.contains(&(stream, id.seq)) && seen.insert(id)
+            })
+            .collect();
+        // Claim first, then write and call back. Another worker applying the same
+        // transaction at the same time (a publisher's replay delivered to two workers)
+        // holds the same bookkeeping row: this insert waits for its commit and then
+        // fails as a concurrent apply, before any callback of this group ran — so
+        // callbacks run once even then. One statement records the whole group (a round
+        // trip per transaction was a fifth of the statements of a pgbench transaction).
+        let newly: Vec<&Transaction> = group
+            .iter()
+            .zip(&fresh)
+            .filter(|(_, f)| **f)
+            .map(|(t, _)| t.as_ref())
+            .collect();
+        for chunk in newly.chunks(RECORD_CHUNK) {
+            record_applied(conn, dialect, chunk).await?;
+        }
         let mut applied = Vec::with_capacity(group.len());
-        for tx in group {
+        for (tx, fresh) in group.iter().zip(fresh) {
             let id = &tx.id;
-            let stream = (id.namespace.clone(), id.generation);
-            let through = done.through.get(&stream).copied().unwrap_or(0);
             if tx.parts > 1 {
                 staging::forget(conn, dialect, &id.namespace, id.generation, id.seq).await?;
             }
-            if id.seq <= through || done.seqs.contains(&(stream, id.seq)) || !seen.insert(id) {
+            if !fresh {
                 tracing::debug!(tx = %id, "already applied, skipped");
                 applied.push(false);
                 continue;
@@ -405,17 +427,6 @@ impl SqlStore {
             self.sinks.apply(tx).await?;
             callbacks.run(tx).await?;
             applied.push(true);
-        }
-        // One statement records the whole group (a round trip per transaction was a
-        // fifth of the statements of a pgbench transaction).
-        let newly: Vec<&Transaction> = group
-            .iter()
-            .zip(&applied)
-            .filter(|(_, a)| **a)
-            .map(|(t, _)| t.as_ref())
-            .collect();
-        for chunk in newly.chunks(RECORD_CHUNK) {
-            record_applied(conn, dialect, chunk).await?;
         }
         Ok(applied)
     }
