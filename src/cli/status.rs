@@ -156,6 +156,15 @@ async fn postgres_position(
     let conn = postgres::catalog::ConnInfo::parse(&pg.url, password).map_err(|e| chain(&e))?;
     v.source = format!("postgres {}", conn.endpoint());
     let client = conn.connect().await.map_err(|e| chain(&e))?;
+    for table in postgres::catalog::missing_tables(&client, cfg)
+        .await
+        .map_err(|e| chain(&e))?
+    {
+        v.problems.push(format!(
+            "published table {table} does not exist at the source (dropped or renamed): \
+             remove it from [[table]] or publish the new name"
+        ));
+    }
     let slot = postgres::slot_name(cfg, pg);
     v.slot = Some(slot.clone());
     let current = client

@@ -55,10 +55,30 @@ pub async fn serve(
     let spec = control_queue_spec(&cfg.namespace);
     let mut consumer = AmqpConsumer::connect(&cfg.broker.url, &cfg.broker.exchange, &spec).await?;
     let client = conn.connect().await?;
+    let mut reported: std::collections::HashMap<String, std::time::Instant> = Default::default();
     loop {
         // Between requests, tell the stream which transaction ids every later chunk's
         // snapshot will show, so it forgets them.
         set_floor(&client, &windows).await?;
+        // A published table dropped (or renamed) at the source sends nothing through the
+        // WAL: say so loudly, once a minute, while the other tables keep flowing. A
+        // restart refuses to start until the configuration no longer lists it.
+        for table in crate::source::postgres::catalog::missing_tables(&client, &cfg).await? {
+            if reported
+                .get(&table)
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+            {
+                continue;
+            }
+            tracing::error!(
+                table = %table,
+                "a published table no longer exists at the source (dropped or renamed): \
+                 its changes up to the drop are published; remove it from [[table]] (or \
+                 publish the new name) before the next restart, and drop or keep its \
+                 rows at the subscribers"
+            );
+            reported.insert(table, std::time::Instant::now());
+        }
         let Ok(next) = tokio::time::timeout(FLOOR_INTERVAL, consumer.next()).await else {
             continue;
         };

@@ -433,6 +433,33 @@ pub async fn create_slot(client: &Client, slot: &str) -> Result<u64, SourceError
     Ok(row.get::<_, i64>(0) as u64)
 }
 
+/// Published tables that no longer exist at the source (dropped or renamed behind the
+/// publisher's back), as `schema.table`.
+pub async fn missing_tables(
+    client: &Client,
+    cfg: &crate::config::PublisherConfig,
+) -> Result<Vec<String>, SourceError> {
+    let names: Vec<String> = cfg
+        .tables
+        .iter()
+        .map(|t| {
+            let (schema, table) = t.qualified();
+            qualified_ident(&schema, &table)
+        })
+        .collect();
+    let rows = client
+        .query(
+            "SELECT n FROM unnest($1::text[]) AS n WHERE to_regclass(n) IS NULL",
+            &[&names],
+        )
+        .await
+        .map_err(q("look up published tables"))?;
+    Ok(rows
+        .iter()
+        .map(|r| r.get::<_, String>(0).replace('"', ""))
+        .collect())
+}
+
 /// Bytes of WAL the slot holds back (what a stalled publisher costs the database).
 pub async fn slot_lag_bytes(client: &Client, slot: &str) -> Result<Option<i64>, SourceError> {
     let row = client

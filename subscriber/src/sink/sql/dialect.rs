@@ -40,15 +40,21 @@ impl Dialect {
         }
     }
 
-    /// The column type a mirrored table gets for a published source type.
-    pub fn mirror_type(self, source_type: &str, is_key: bool) -> &'static str {
-        let class = match source_type {
+    /// The class of a published source type in a mirrored table: `int`, `float`,
+    /// `bool` or `text`.
+    pub fn mirror_class(source_type: &str) -> &'static str {
+        match source_type {
             "int2" | "int4" | "int8" | "oid" | "xid" | "smallint" | "integer" | "int"
             | "bigint" | "tinyint" | "mediumint" => "int",
             "float4" | "float8" | "real" | "double" | "float" | "double precision" => "float",
             "bool" | "boolean" => "bool",
             _ => "text",
-        };
+        }
+    }
+
+    /// The column type a mirrored table gets for a published source type.
+    pub fn mirror_type(self, source_type: &str, is_key: bool) -> &'static str {
+        let class = Self::mirror_class(source_type);
         match (self, class) {
             (_, "int") => "BIGINT",
             (Dialect::Postgres, "float") => "DOUBLE PRECISION",

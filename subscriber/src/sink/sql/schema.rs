@@ -55,10 +55,13 @@ impl Tables {
         check_names(shape)?;
         let mut known = self.known.lock().await;
         if let Some(info) = known.get(&shape.name) {
-            let complete = shape
-                .columns
-                .iter()
-                .all(|(c, _)| info.columns.contains_key(c));
+            let complete = shape.columns.iter().all(|(c, ty)| {
+                info.columns.get(c).is_some_and(|col| {
+                    shape.mode != TableMode::Mirror
+                        || shape.key.contains(c)
+                        || widened(dialect, col.kind, ty).is_none()
+                })
+            });
             if complete {
                 return Ok(info.clone());
             }
@@ -138,6 +141,39 @@ async fn mirror(
                 .unwrap_or_default()
         }
     };
+    // A column whose type changed at the source into one the mirrored column cannot
+    // hold (an integer column that now holds text or fractions) is widened; the
+    // converse needs nothing (text holds numbers). Keys keep their type.
+    let mut widen = Vec::new();
+    for (name, ty) in &shape.columns {
+        let Some(col) = columns.get(name) else {
+            continue;
+        };
+        if shape.key.contains(name) {
+            continue;
+        }
+        if let Some(to) = widened(dialect, col.kind, ty) {
+            widen.push((name.clone(), to));
+        }
+    }
+    for (name, to) in &widen {
+        let column = dialect.quote(name);
+        let sql = match dialect {
+            Dialect::Postgres => {
+                format!("ALTER TABLE {table} ALTER COLUMN {column} TYPE {to} USING {column}::{to}")
+            }
+            Dialect::MySql => format!("ALTER TABLE {table} MODIFY COLUMN {column} {to}"),
+            Dialect::Sqlite => continue,
+        };
+        execute(pool, sql, "widen mirrored column").await?;
+        tracing::warn!(table = %shape.name, column = %name, to = %to,
+            "a column's type changed at the source: widened the mirrored column");
+    }
+    if !widen.is_empty() {
+        columns = read_columns(pool, dialect, &shape.name)
+            .await?
+            .unwrap_or_default();
+    }
     let missing: Vec<&(&str, &str)> = wanted
         .iter()
         .filter(|(name, _)| !columns.contains_key(*name))
@@ -169,6 +205,21 @@ async fn mirror(
         }
     }
     Ok(Arc::new(TableInfo { columns }))
+}
+
+/// The type a mirrored column of `kind` must become to hold values of `source_type`,
+/// if it cannot hold them as it is. SQLite stores any value in any column.
+fn widened(dialect: Dialect, kind: Kind, source_type: &str) -> Option<&'static str> {
+    if dialect == Dialect::Sqlite {
+        return None;
+    }
+    match (kind, Dialect::mirror_class(source_type)) {
+        (Kind::Int, "float") => Some(dialect.mirror_type(source_type, false)),
+        (Kind::Int | Kind::Float | Kind::Bool, "text") => {
+            Some(dialect.mirror_type(source_type, false))
+        }
+        _ => None,
+    }
 }
 
 async fn map(
