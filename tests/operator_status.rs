@@ -104,6 +104,12 @@ async fn status_and_metrics_follow_a_running_pipeline_and_show_killed_processes(
     assert_eq!(report["publishers"][0]["running"], true, "{report:#}");
     writing.await.unwrap();
     sqlx::any::install_default_drivers();
+    // The worker creates the store file when it starts, which may be after the writes.
+    let file = store_url.trim_start_matches("sqlite://").to_string();
+    eventually(Duration::from_secs(30), "the store file", || async {
+        std::path::Path::new(&file).exists()
+    })
+    .await;
     let store = sqlx::AnyPool::connect(&store_url).await.unwrap();
     workload::converge(&db.url, &store, Duration::from_secs(90)).await;
 
