@@ -428,6 +428,9 @@ async fn failing_callback_rolls_back(server: Server) -> Result<()> {
 
 /// Worker A is inside its transaction (in a callback) when worker B applies and commits
 /// the same transaction: A must fail with the concurrent-apply error, not apply twice.
+/// Two workers applying the same transaction at once (a publisher's replay delivered to
+/// both): the first claims it, the second waits for that claim's commit and then fails as
+/// a concurrent apply before running any callback; retried, it finds it applied.
 async fn concurrent_apply_is_detected(server: Server) -> Result<()> {
     let db = TestDb::create(server).await?;
     let (a, b) = (db.store().await?, db.store().await?);
@@ -445,22 +448,36 @@ async fn concurrent_apply_is_detected(server: Server) -> Result<()> {
             Ok(())
         }
     });
+    let calls_b = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut counting = Callbacks::default();
+    let c = calls_b.clone();
+    counting.on_change("audit", move |_: kausal_subscriber::Event<Value>| {
+        c.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Ok(()) }
+    });
     let worker_a = {
         let (a, same, slow) = (a.clone(), same.clone(), slow.clone());
         tokio::spawn(async move { a.apply_group(&[same], &slow).await })
     };
+    // A has claimed the transaction and is in its callback.
     entered.notified().await;
-    assert_eq!(
-        b.apply_group(std::slice::from_ref(&same), &Callbacks::default())
-            .await?,
-        [true]
-    );
+    let worker_b = {
+        let (b, same, counting) = (b.clone(), same.clone(), counting.clone());
+        tokio::spawn(async move { b.apply_group(&[same], &counting).await })
+    };
+    // B waits on A's claim; once A commits, B fails without calling back.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     release.notify_one();
-    match worker_a.await? {
+    assert_eq!(worker_a.await??, [true]);
+    match worker_b.await? {
         Err(SinkError::Store { operation, .. }) => assert_eq!(operation, CONCURRENT_APPLY),
+        // B reached the store only after A's commit: it saw the transaction applied.
+        Ok(flags) if flags == [false] => {}
         other => bail!("expected a concurrent-apply error, got {other:?}"),
     }
-    assert_eq!(a.apply_group(&[same], &slow).await?, [false]);
+    assert_eq!(calls_b.load(std::sync::atomic::Ordering::SeqCst), 0, "B called back");
+    assert_eq!(b.apply_group(&[same], &counting).await?, [false]);
+    assert_eq!(calls_b.load(std::sync::atomic::Ordering::SeqCst), 0, "B called back");
     Ok(())
 }
 
@@ -507,8 +524,8 @@ scenario_tests!(failing_callback_rolls_back:
 );
 // SQLite has one writer: the second worker would wait for the first instead of racing.
 scenario_tests!(concurrent_apply_is_detected:
-    concurrent_apply_fails_the_later_worker_on_postgres => Server::Postgres,
-    concurrent_apply_fails_the_later_worker_on_mariadb => Server::MariaDb,
+    concurrent_apply_calls_back_once_and_fails_the_later_worker_on_postgres => Server::Postgres,
+    concurrent_apply_calls_back_once_and_fails_the_later_worker_on_mariadb => Server::MariaDb,
 );
 
 #[tokio::test]
