@@ -12,7 +12,14 @@ use std::path::{Path, PathBuf};
 /// Sections and top-level keys of the publisher config that environment variables may
 /// set. Other `KAUSAL_*` variables (e.g. `KAUSAL_DEMO_POSTGRES`) belong to other commands
 /// and are ignored here.
-pub const PUBLISHER_SECTIONS: &[&str] = &["source", "broker", "checkpoint", "tuning", "metrics"];
+pub const PUBLISHER_SECTIONS: &[&str] = &[
+    "source",
+    "broker",
+    "checkpoint",
+    "tuning",
+    "metrics",
+    "signing",
+];
 pub const PUBLISHER_KEYS: &[&str] = &["namespace"];
 /// The same for the subscriber config (`KAUSAL_STORE_URL`, `KAUSAL_COORDINATION_URL`,
 /// `KAUSAL_ORDERING_MODE`, `KAUSAL_APP`, …).
@@ -24,6 +31,7 @@ pub const SUBSCRIBER_SECTIONS: &[&str] = &[
     "callbacks",
     "masking",
     "metrics",
+    "signing",
 ];
 pub const SUBSCRIBER_KEYS: &[&str] = &["app"];
 

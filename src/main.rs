@@ -68,6 +68,12 @@ enum Command {
     /// Operator commands to a running subscriber app.
     #[command(subcommand)]
     Subscriber(cli::dlq::SubscriberCommand),
+    /// A new signing key: the secret for the publisher, the public key for subscribers.
+    Keygen {
+        /// The key's id (e.g. the month it starts being used: "2026-11").
+        #[arg(long)]
+        key_id: String,
+    },
     /// The live demo: a workload writes to Postgres, the publisher publishes, a subscriber
     /// keeps a SQLite read model and runs a callback per message, in causal order.
     Demo(cli::demo::DemoArgs),
@@ -145,6 +151,17 @@ async fn main() -> anyhow::Result<()> {
         Command::Tail(args) => cli::tail::run(args, cli::shutdown_signal()).await,
         Command::Demo(args) => cli::demo::run(args).await,
         Command::Status(args) => cli::status::run(args).await,
+        Command::Keygen { key_id } => {
+            let (secret, public) = kausal::bus::signing::generate();
+            println!("# The publisher's secret: keep it out of configuration files and logs,");
+            println!("# e.g. in the environment of `kausal publish` only.");
+            println!("KAUSAL_SIGN_KEY={secret}");
+            println!("# The publisher's configuration:");
+            println!("#   [signing]\n#   key_id = \"{key_id}\"");
+            println!("# Every subscriber's configuration:");
+            println!("#   [signing]\n#   keys = {{ \"{key_id}\" = \"{public}\" }}");
+            Ok(())
+        }
         Command::Doctor(args) => cli::doctor::run(args).await,
         Command::Dlq(command) => cli::dlq::run(command).await,
         Command::Subscriber(command) => cli::dlq::subscriber(command).await,

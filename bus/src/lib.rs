@@ -14,6 +14,7 @@ pub mod contract;
 pub mod deps;
 pub mod envelope;
 mod error;
+pub mod signing;
 
 pub use envelope::{
     decode, encode, BatchWriter, Change, Column, Context, DecodeError, Dep, DepKind, Envelope, Op,

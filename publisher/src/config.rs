@@ -37,6 +37,67 @@ pub struct PublisherConfig {
     /// The `/metrics` and `/status` endpoint.
     #[serde(default)]
     pub metrics: kausal_ops::MetricsConfig,
+    /// Sign every message (see `kausal_bus::signing`).
+    #[serde(default)]
+    pub signing: SigningConfig,
+}
+
+/// `[signing]`: the key messages are signed with. The secret comes from a file or an
+/// environment variable, never from the configuration file itself.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// Names the key; subscribers list its public key under this id. Signing is on
+    /// when it is set.
+    pub key_id: Option<String>,
+    /// Environment variable holding the secret key (`kausal keygen` prints one). Not
+    /// `KAUSAL_SIGNING_…`: those would set options of this section.
+    #[serde(default = "default_signing_env")]
+    pub key_env: String,
+    /// File holding the secret key instead (wins over `key_env`).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+impl Default for SigningConfig {
+    fn default() -> Self {
+        SigningConfig {
+            key_id: None,
+            key_env: default_signing_env(),
+            key_file: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for SigningConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningConfig")
+            .field("key_id", &self.key_id)
+            .field("key_env", &self.key_env)
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
+fn default_signing_env() -> String {
+    "KAUSAL_SIGN_KEY".into()
+}
+
+impl SigningConfig {
+    /// The signer, when signing is on.
+    pub fn signer(&self) -> Result<Option<kausal_bus::signing::Signer>, ConfigError> {
+        let Some(key_id) = &self.key_id else {
+            return Ok(None);
+        };
+        let secret = match &self.key_file {
+            Some(path) => read_password(None, Some(path))?,
+            None => read_password(Some(&self.key_env), None)?,
+        }
+        .unwrap_or_default();
+        kausal_bus::signing::Signer::from_secret(key_id, &secret)
+            .map(Some)
+            .map_err(|e| ConfigError::Signing(e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,6 +314,8 @@ pub fn split_name(name: &str) -> (String, String) {
 /// A configuration mistake, found before connecting to anything.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("signing: {0}")]
+    Signing(String),
     #[error("namespace {0:?} is invalid: use letters, digits, '_' and '-' only")]
     BadNamespace(String),
     #[error("no tables to publish: add at least one [[table]] with a name and columns")]

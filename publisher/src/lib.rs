@@ -51,6 +51,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), PublisherError> {
     cfg.validate()?;
+    if let Some(signer) = cfg.signing.signer()? {
+        tracing::info!(key_id = signer.key_id(), "signing every message");
+    }
     let stats = Arc::new(Stats::default());
     let postgres = matches!(cfg.source, SourceConfig::Postgres(_));
     let (metrics, status, tracking) = ops::track(&cfg.namespace, postgres, stats.clone());
@@ -124,7 +127,10 @@ async fn run_once(
 ) -> Result<(), PublisherError> {
     let path = cfg.checkpoint_path();
     let checkpoint = checkpoint::load(&path)?;
-    let bus = AmqpPublisher::connect(&cfg.broker.url, &cfg.broker.exchange).await?;
+    let signer = cfg.signing.signer()?.map(Arc::new);
+    let bus = AmqpPublisher::connect(&cfg.broker.url, &cfg.broker.exchange)
+        .await?
+        .with_signer(signer);
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (durable_tx, durable_rx) = watch::channel(0u64);
     let publisher = PublishLoop {

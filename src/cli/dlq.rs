@@ -114,6 +114,10 @@ fn summarize(index: usize, letter: &Letter) -> Summary {
         Ok(envelopes) => {
             for e in envelopes {
                 let id = format!("{}/{}/{}", e.namespace, e.generation, e.seq);
+                // A whole signed message: only these of its transactions failed.
+                if letter.only.as_ref().is_some_and(|only| !only.contains(&id)) {
+                    continue;
+                }
                 if !s.transactions.contains(&id) {
                     s.transactions.push(id);
                 }
@@ -279,6 +283,14 @@ pub enum SubscriberCommand {
         /// The generation; default: the one a waiting transaction names.
         #[arg(long)]
         generation: Option<u64>,
+        /// With `[signing] keys` in the app's configuration, the command is signed with
+        /// this key (one of those ids); its secret comes from `KAUSAL_SIGN_KEY` or
+        /// `--key-file`. Default: the only key listed.
+        #[arg(long)]
+        key_id: Option<String>,
+        /// File holding the signing key's secret.
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
 }
 
@@ -288,8 +300,11 @@ pub async fn subscriber(command: SubscriberCommand) -> anyhow::Result<()> {
         seq,
         namespace,
         generation,
+        key_id,
+        key_file,
     } = command;
     let cfg = load::subscriber(&app.config)?;
+    let signer = command_signer(&cfg, key_id, key_file)?;
     let (namespace, generation) = match (namespace, generation) {
         (Some(ns), Some(g)) => (ns, g),
         (ns, g) => {
@@ -333,9 +348,15 @@ pub async fn subscriber(command: SubscriberCommand) -> anyhow::Result<()> {
         by,
     };
     let body = serde_json::to_vec(&release)?;
-    kausal::bus::amqp::send_command(&cfg.broker.url, &cfg.queue(), "release", &body)
-        .await
-        .with_context(|| format!("sending the release to queue {}", cfg.queue()))?;
+    kausal::bus::amqp::send_command(
+        &cfg.broker.url,
+        &cfg.queue(),
+        "release",
+        &body,
+        signer.as_ref(),
+    )
+    .await
+    .with_context(|| format!("sending the release to queue {}", cfg.queue()))?;
     tracing::warn!(app = %cfg.app, tx = %format!("{namespace}/{generation}/{seq}"), "operator release sent");
     eprintln!(
         "sent: a worker of app {} marks {namespace}/{generation}/{seq} applied (without its \
@@ -343,4 +364,39 @@ pub async fn subscriber(command: SubscriberCommand) -> anyhow::Result<()> {
         cfg.app
     );
     Ok(())
+}
+
+/// The signer of an operator's command to an app that accepts signed messages only.
+fn command_signer(
+    cfg: &SubscriberConfig,
+    key_id: Option<String>,
+    key_file: Option<PathBuf>,
+) -> anyhow::Result<Option<kausal::bus::signing::Signer>> {
+    if cfg.signing.keys.is_empty() {
+        return Ok(None);
+    }
+    let key_id = match key_id {
+        Some(k) => k,
+        None if cfg.signing.keys.len() == 1 => {
+            cfg.signing.keys.keys().next().cloned().unwrap_or_default()
+        }
+        None => anyhow::bail!(
+            "app {} accepts signed messages only: pass --key-id (one of its signing.keys)",
+            cfg.app
+        ),
+    };
+    let secret = match key_file {
+        Some(path) => std::fs::read_to_string(&path)
+            .with_context(|| format!("reading the signing key from {}", path.display()))?,
+        None => std::env::var("KAUSAL_SIGN_KEY").map_err(|_| {
+            anyhow::anyhow!(
+                "app {} accepts signed messages only: set KAUSAL_SIGN_KEY to the secret of \
+                 key {key_id:?} (or pass --key-file)",
+                cfg.app
+            )
+        })?,
+    };
+    Ok(Some(kausal::bus::signing::Signer::from_secret(
+        &key_id, &secret,
+    )?))
 }

@@ -52,6 +52,18 @@ pub struct SubscriberConfig {
     /// The `/metrics` and `/status` endpoint.
     #[serde(default)]
     pub metrics: kausal_ops::MetricsConfig,
+    /// Accept only messages signed by these keys.
+    #[serde(default)]
+    pub signing: SigningConfig,
+}
+
+/// `[signing]`: the publishers' public keys (`kausal keygen` prints them), by key id.
+/// When any is listed, only messages signed with one of them are accepted; anything
+/// else is dead-lettered with the reason.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningConfig {
+    pub keys: BTreeMap<String, String>,
 }
 
 /// The secret salt of `hash` masks (see `crate::mask`): from a file, else from an
@@ -349,6 +361,7 @@ impl SubscriberConfig {
             sinks: Vec::new(),
             masking: MaskingConfig::default(),
             metrics: kausal_ops::MetricsConfig::default(),
+            signing: SigningConfig::default(),
         }
     }
 
@@ -471,6 +484,7 @@ impl SubscriberConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        kausal_bus::signing::Verifier::new(&self.signing.keys).map_err(|e| e.to_string())?;
         if self.app.is_empty()
             || !self
                 .app

@@ -475,9 +475,17 @@ async fn concurrent_apply_is_detected(server: Server) -> Result<()> {
         Ok(flags) if flags == [false] => {}
         other => bail!("expected a concurrent-apply error, got {other:?}"),
     }
-    assert_eq!(calls_b.load(std::sync::atomic::Ordering::SeqCst), 0, "B called back");
+    assert_eq!(
+        calls_b.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "B called back"
+    );
     assert_eq!(b.apply_group(&[same], &counting).await?, [false]);
-    assert_eq!(calls_b.load(std::sync::atomic::Ordering::SeqCst), 0, "B called back");
+    assert_eq!(
+        calls_b.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "B called back"
+    );
     Ok(())
 }
 

@@ -54,7 +54,40 @@ pub struct Delivery {
     /// Sent back from the dead-letter queue by an operator (header [`RETRY_HEADER`]):
     /// its transactions are admitted again even if this worker dead-lettered them.
     pub retried: bool,
+    /// Key id and signature of a signed message (see [`crate::signing`]).
+    pub signature: Option<(String, String)>,
     pub(super) acker: Acker,
+}
+
+/// The headers of a signed message.
+pub fn signature_headers(key_id: &str, signature: &str) -> FieldTable {
+    let mut headers = FieldTable::default();
+    add_signature(
+        &mut headers,
+        Some(&(key_id.to_string(), signature.to_string())),
+    );
+    headers
+}
+
+pub(super) fn add_signature(headers: &mut FieldTable, signature: Option<&(String, String)>) {
+    if let Some((key, sig)) = signature {
+        headers.insert(
+            crate::signing::KEY_HEADER.into(),
+            AMQPValue::LongString(key.as_str().into()),
+        );
+        headers.insert(
+            crate::signing::SIG_HEADER.into(),
+            AMQPValue::LongString(sig.as_str().into()),
+        );
+    }
+}
+
+/// The signature headers of a message, if it has both.
+pub(super) fn read_signature(headers: Option<&FieldTable>) -> Option<(String, String)> {
+    Some((
+        header_text(headers, crate::signing::KEY_HEADER)?,
+        header_text(headers, crate::signing::SIG_HEADER)?,
+    ))
 }
 
 /// Header naming an operator's command (`release`); the body is the command's JSON.
@@ -63,8 +96,11 @@ pub const CONTROL_HEADER: &str = "x-kausal-control";
 pub const RETRY_HEADER: &str = "x-kausal-retry";
 /// Header holding why Kausal dead-lettered a message.
 pub const REASON_HEADER: &str = "x-kausal-reason";
+/// Header of a dead letter that is a whole signed message of which only these
+/// transactions (`ns/gen/seq`, comma-separated) were dead-lettered.
+pub const ONLY_HEADER: &str = "x-kausal-only";
 
-fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
+pub(super) fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
     match headers?.inner().get(name)? {
         AMQPValue::LongString(s) => Some(s.to_string()),
         AMQPValue::ShortString(s) => Some(s.to_string()),
@@ -73,8 +109,13 @@ fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<String> {
 }
 
 /// The headers that travel with a delivery when it is moved or retried.
-fn kausal_headers(control: Option<&str>, retried: bool) -> FieldTable {
+fn kausal_headers(
+    control: Option<&str>,
+    retried: bool,
+    signature: Option<&(String, String)>,
+) -> FieldTable {
     let mut headers = FieldTable::default();
+    add_signature(&mut headers, signature);
     if let Some(c) = control {
         headers.insert(CONTROL_HEADER.into(), AMQPValue::LongString(c.into()));
     }
@@ -209,6 +250,7 @@ impl AmqpConsumer {
                 Delivery {
                     control: header_text(headers, CONTROL_HEADER),
                     retried: header_text(headers, RETRY_HEADER).is_some(),
+                    signature: read_signature(headers),
                     body: d.data,
                     redelivered: d.redelivered,
                     routing_key: d.routing_key.to_string(),
@@ -227,8 +269,26 @@ impl AmqpConsumer {
     /// whose other envelopes were fine; the caller acks the original afterwards (on the
     /// same channel, so the broker has the copy before the ack).
     pub async fn send_to_dead_letters(&self, body: Vec<u8>, reason: &str) -> Result<(), BusError> {
+        self.send_to_dead_letters_signed(body, reason, None, None)
+            .await
+    }
+
+    /// The same for a signed message kept whole (with its signature, so that a retry
+    /// still verifies), of which only the transactions named in `only` were
+    /// dead-lettered (header [`ONLY_HEADER`]; the others in it are applied).
+    pub async fn send_to_dead_letters_signed(
+        &self,
+        body: Vec<u8>,
+        reason: &str,
+        signature: Option<&(String, String)>,
+        only: Option<&str>,
+    ) -> Result<(), BusError> {
         let mut headers = FieldTable::default();
         headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+        add_signature(&mut headers, signature);
+        if let Some(only) = only {
+            headers.insert(ONLY_HEADER.into(), AMQPValue::LongString(only.into()));
+        }
         let props = lapin::BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/vnd.kausal".into())
@@ -271,6 +331,7 @@ impl AmqpConsumer {
             .with_headers(kausal_headers(
                 delivery.control.as_deref(),
                 delivery.retried,
+                delivery.signature.as_ref(),
             ));
         let confirm = channel
             .basic_publish(

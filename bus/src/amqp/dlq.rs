@@ -19,6 +19,11 @@ pub struct Letter {
     /// dead-lettered (rejected by an older worker, expired).
     pub reason: Option<String>,
     pub body: Vec<u8>,
+    /// Key id and signature, kept from the original message (a retry still verifies).
+    pub signature: Option<(String, String)>,
+    /// For a whole signed message: the transactions (`ns/gen/seq`) that were
+    /// dead-lettered; the others in it were applied.
+    pub only: Option<Vec<String>>,
     acker: lapin::Acker,
 }
 
@@ -72,8 +77,14 @@ impl DeadLetterQueue {
                     AMQPValue::LongString(s) => Some(s.to_string()),
                     _ => None,
                 });
+            let headers = delivery.properties.headers().as_ref();
+            let signature = super::consumer::read_signature(headers);
+            let only = super::consumer::header_text(headers, super::consumer::ONLY_HEADER)
+                .map(|o| o.split(',').map(str::to_string).collect());
             out.push(Letter {
                 reason,
+                signature,
+                only,
                 body: delivery.data,
                 acker: delivery.acker,
             });
@@ -106,6 +117,7 @@ impl DeadLetterQueue {
             .map_err(amqp("confirm.select"))?;
         let mut headers = FieldTable::default();
         headers.insert(RETRY_HEADER.into(), AMQPValue::LongString("1".into()));
+        super::consumer::add_signature(&mut headers, letter.signature.as_ref());
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/vnd.kausal".into())
@@ -145,7 +157,13 @@ impl DeadLetterQueue {
 
 /// Sends an operator's command (`kind`, JSON `body`) to an app's queue, where one of
 /// its workers acts on it; confirmed by the broker before this returns.
-pub async fn send_command(url: &str, queue: &str, kind: &str, body: &[u8]) -> Result<(), BusError> {
+pub async fn send_command(
+    url: &str,
+    queue: &str,
+    kind: &str,
+    body: &[u8],
+    signer: Option<&crate::signing::Signer>,
+) -> Result<(), BusError> {
     let (conn, channel) = super::open_channel(url).await?;
     let result = async {
         channel
@@ -157,6 +175,10 @@ pub async fn send_command(url: &str, queue: &str, kind: &str, body: &[u8]) -> Re
             super::consumer::CONTROL_HEADER.into(),
             AMQPValue::LongString(kind.into()),
         );
+        if let Some(signer) = signer {
+            let signature = (signer.key_id().to_string(), signer.sign(body));
+            super::consumer::add_signature(&mut headers, Some(&signature));
+        }
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into())

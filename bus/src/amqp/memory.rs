@@ -136,6 +136,7 @@ impl MemoryQueue {
             body,
             control: None,
             retried: false,
+            signature: None,
             redelivered: false,
             routing_key: String::new(),
             acker: Acker::Memory(MemoryAcker {
@@ -165,6 +166,27 @@ impl Inbox {
     pub async fn send_to_dead_letters(&self, body: Vec<u8>, reason: &str) -> Result<(), BusError> {
         match self {
             Inbox::Amqp(c) => c.send_to_dead_letters(body, reason).await,
+            Inbox::Memory(q) => {
+                q.dead_letter(body, reason);
+                Ok(())
+            }
+        }
+    }
+
+    /// A whole signed message among the dead letters, of which only the transactions
+    /// `only` were dead-lettered (see [`AmqpConsumer::send_to_dead_letters_signed`]).
+    pub async fn send_to_dead_letters_signed(
+        &self,
+        body: Vec<u8>,
+        reason: &str,
+        signature: Option<&(String, String)>,
+        only: Option<&str>,
+    ) -> Result<(), BusError> {
+        match self {
+            Inbox::Amqp(c) => {
+                c.send_to_dead_letters_signed(body, reason, signature, only)
+                    .await
+            }
             Inbox::Memory(q) => {
                 q.dead_letter(body, reason);
                 Ok(())

@@ -12,8 +12,9 @@ mod memory;
 mod publisher;
 
 pub use consumer::{
-    declare_queue, exchange_exists, peek_dead_letters, queue_depth, queue_exists, AmqpConsumer,
-    DeadLetter, Delivery, QueueSpec, CONTROL_HEADER, REASON_HEADER, RETRY_HEADER,
+    declare_queue, exchange_exists, peek_dead_letters, queue_depth, queue_exists,
+    signature_headers, AmqpConsumer, DeadLetter, Delivery, QueueSpec, CONTROL_HEADER, ONLY_HEADER,
+    REASON_HEADER, RETRY_HEADER,
 };
 pub use dlq::{send_command, DeadLetterQueue, Letter};
 pub use memory::{Inbox, MemoryQueue};

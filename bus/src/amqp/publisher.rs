@@ -14,6 +14,7 @@ pub struct AmqpPublisher {
     conn: Connection,
     channel: Channel,
     exchange: String,
+    signer: Option<std::sync::Arc<crate::signing::Signer>>,
 }
 
 /// A published message the broker has not confirmed yet.
@@ -49,7 +50,14 @@ impl AmqpPublisher {
             conn,
             channel,
             exchange: exchange.to_string(),
+            signer: None,
         })
+    }
+
+    /// Signs every message published from now on (see [`crate::signing`]).
+    pub fn with_signer(mut self, signer: Option<std::sync::Arc<crate::signing::Signer>>) -> Self {
+        self.signer = signer;
+        self
     }
 
     /// Publishes one persistent message.
@@ -78,9 +86,15 @@ impl AmqpPublisher {
         routing_key: &str,
         body: &[u8],
     ) -> Result<PendingConfirm, BusError> {
-        let props = BasicProperties::default()
+        let mut props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/vnd.kausal".into());
+        if let Some(signer) = &self.signer {
+            props = props.with_headers(super::consumer::signature_headers(
+                signer.key_id(),
+                &signer.sign(body),
+            ));
+        }
         let confirm = self
             .channel
             .basic_publish(

@@ -95,6 +95,8 @@ struct Worker {
     applying: HashMap<TxId, i64>,
     boot: bootstrap::Boot,
     ops: Ops,
+    /// Set when the app accepts signed messages only.
+    verifier: Option<kausal_bus::signing::Verifier>,
     /// The highest sequence number known applied per namespace/generation: the base of
     /// the implausible-number check.
     highest: HashMap<(Arc<str>, u64), u64>,
@@ -172,6 +174,14 @@ impl Worker {
             waiting: HashMap::new(),
             applying: HashMap::new(),
             ops,
+            verifier: if cfg.signing.keys.is_empty() {
+                None
+            } else {
+                Some(
+                    kausal_bus::signing::Verifier::new(&cfg.signing.keys)
+                        .map_err(|e| SubscriberError::Config(e.to_string()))?,
+                )
+            },
             highest: HashMap::new(),
             ticks: 0,
             seeded: HashSet::new(),
@@ -279,6 +289,18 @@ impl Worker {
     async fn receive(&mut self, delivery: Delivery) -> Result<(), SubscriberError> {
         let id = self.next_delivery;
         self.next_delivery += 1;
+        if let Some(verifier) = &self.verifier {
+            // Before anything of it is read: an unsigned, forged or altered message.
+            if let Err(reason) = verifier.verify(&delivery.body, delivery.signature.as_ref()) {
+                tracing::error!(reason = %reason, "dead-lettering a message that fails its signature check");
+                self.consumer
+                    .send_to_dead_letters(delivery.body.clone(), &reason)
+                    .await?;
+                self.ops.dead_lettered.inc();
+                delivery.ack().await?;
+                return Ok(());
+            }
+        }
         if let Some(kind) = delivery.control.clone() {
             return self.receive_control(id, &kind, delivery).await;
         }
@@ -594,7 +616,22 @@ impl Worker {
         envelopes: &[Envelope],
         reason: &str,
     ) -> Result<(), SubscriberError> {
-        if !envelopes.is_empty() {
+        // A transaction of one signed message: the message goes whole, with its
+        // signature, so a retry still verifies (its other transactions are duplicates
+        // by then).
+        let signed = match self.owners.get(id).map(Vec::as_slice) {
+            Some([(d, _)]) => self
+                .held
+                .get(d)
+                .and_then(|h| Some((h.delivery.body.clone(), h.delivery.signature.clone()?))),
+            _ => None,
+        };
+        if let Some((body, signature)) = signed {
+            self.consumer
+                .send_to_dead_letters_signed(body, reason, Some(&signature), Some(&id.to_string()))
+                .await?;
+            self.ops.dead_lettered.inc();
+        } else if !envelopes.is_empty() {
             let body = kausal_bus::encode(envelopes);
             self.consumer.send_to_dead_letters(body, reason).await?;
             self.ops.dead_lettered.inc();
