@@ -345,6 +345,7 @@ async fn subscriber(cfg: &SubscriberConfig, path: &std::path::Path, f: &mut Find
     store(cfg, f).await;
     broker(&cfg.broker.url, &cfg.broker.exchange, f).await;
     let queue = cfg.queue();
+    broker_user(cfg, f);
     match kausal::bus::amqp::queue_depth(&cfg.broker.url, &queue).await {
         Ok(Some((ready, consumers))) => {
             f.ok("queue", format!("{queue}: {ready} ready, {consumers} consumers"))
@@ -405,6 +406,59 @@ async fn subscriber(cfg: &SubscriberConfig, path: &std::path::Path, f: &mut Find
             ),
         );
     }
+}
+
+/// The broker user's rights cannot be read over AMQP: `guest` (all rights on its
+/// vhost) is named, with the commands for a user of this app only.
+fn broker_user(cfg: &SubscriberConfig, f: &mut Findings) {
+    let (user, vhost) = amqp_user_and_vhost(&cfg.broker.url);
+    let commands = least_privilege_commands(cfg, &vhost);
+    if user == "guest" {
+        f.warn(
+            "broker user",
+            format!("guest may configure, write and read everything on vhost {vhost}"),
+            format!(
+                "a user that reads only this app's queues and cannot publish changes:\n{commands}"
+            ),
+        );
+    } else {
+        f.ok(
+            "broker user",
+            format!("{user} (its rights are not visible over AMQP; the least-privilege commands are in docs/security.md)"),
+        );
+    }
+}
+
+/// `rabbitmqctl` commands creating a user for one subscriber app: it may declare and
+/// read its own queues, dead-letter into `<exchange>.dlx`, and publish through the
+/// default exchange (moving a message to its queue's tail, bootstrap requests) — but
+/// not publish to the change exchange.
+pub fn least_privilege_commands(cfg: &SubscriberConfig, vhost: &str) -> String {
+    let esc = |s: &str| s.replace('.', "\\.");
+    let (q, x) = (esc(&cfg.queue()), esc(&cfg.broker.exchange));
+    let user = format!("kausal_{}", cfg.app);
+    format!(
+        "rabbitmqctl add_user {user} '<password>'\n\
+         rabbitmqctl set_permissions -p '{vhost}' {user} '^({x}|{x}\\.dlx|{q}|{q}\\.dlq)$' \
+         '^({x}\\.dlx|{q}|{q}\\.dlq|amq\\.default)$' '^({x}|{x}\\.dlx|{q}|{q}\\.dlq)$'"
+    )
+}
+
+/// The user and vhost of an `amqp://user:password@host:port/vhost` URL.
+fn amqp_user_and_vhost(url: &str) -> (String, String) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (creds, host) = rest.rsplit_once('@').unwrap_or(("guest", rest));
+    let user = creds.split(':').next().unwrap_or("guest").to_string();
+    let vhost = match host.split_once('/') {
+        Some((_, v)) if !v.is_empty() => v
+            .split('?')
+            .next()
+            .unwrap_or(v)
+            .replace("%2f", "/")
+            .replace("%2F", "/"),
+        _ => "/".to_string(),
+    };
+    (user, vhost)
 }
 
 async fn store(cfg: &SubscriberConfig, f: &mut Findings) {
