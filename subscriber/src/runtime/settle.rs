@@ -1,0 +1,140 @@
+//! Settling what a worker holds: dead letters (kept whole and signed where they can
+//! be), operator commands, the live status row, and acks once every envelope of a
+//! delivery is done.
+
+use super::{Held, Worker};
+use crate::error::SubscriberError;
+use crate::txn::TxId;
+use kausal_bus::amqp::Delivery;
+use kausal_bus::Envelope;
+use std::time::Instant;
+
+impl Worker {
+    pub(super) fn envelopes_of(&self, id: &TxId) -> Vec<Envelope> {
+        let mut out = Vec::new();
+        for (d, _) in self.owners.get(id).into_iter().flatten() {
+            if let Some(h) = self.held.get(d) {
+                if let Ok(envs) = kausal_bus::decode(&h.delivery.body) {
+                    out.extend(envs.into_iter().filter(|e| {
+                        *e.namespace == *id.namespace
+                            && e.generation == id.generation
+                            && e.seq == id.seq
+                    }));
+                }
+            }
+        }
+        out.sort_by_key(|e| e.part);
+        out.dedup_by_key(|e| e.part);
+        out
+    }
+
+    /// Sends a transaction's envelopes to the dead-letter queue with the reason; its
+    /// deliveries are then acked as far as it is concerned.
+    pub(super) async fn dead_letter(
+        &mut self,
+        id: &TxId,
+        envelopes: &[Envelope],
+        reason: &str,
+    ) -> Result<(), SubscriberError> {
+        // A transaction of one signed message: the message goes whole, with its
+        // signature, so a retry still verifies (its other transactions are duplicates
+        // by then).
+        let signed = match self.owners.get(id).map(Vec::as_slice) {
+            Some([(d, _)]) => self
+                .held
+                .get(d)
+                .and_then(|h| Some((h.delivery.body.clone(), h.delivery.signature.clone()?))),
+            _ => None,
+        };
+        if let Some((body, signature)) = signed {
+            self.consumer
+                .send_to_dead_letters_signed(body, reason, Some(&signature), Some(&id.to_string()))
+                .await?;
+            self.ops.dead_lettered.inc();
+        } else if !envelopes.is_empty() {
+            let body = kausal_bus::encode(envelopes);
+            self.consumer.send_to_dead_letters(body, reason).await?;
+            self.ops.dead_lettered.inc();
+        }
+        self.waiting.remove(id);
+        self.dead.insert(id.clone());
+        if envelopes.len() > 1 {
+            self.store
+                .unstage(&id.namespace, id.generation, id.seq)
+                .await?;
+        }
+        self.release(id);
+        Ok(())
+    }
+
+    /// The transaction is settled: its envelopes no longer keep deliveries unacked.
+    pub(super) fn release(&mut self, id: &TxId) {
+        for (d, n) in self.owners.remove(id).unwrap_or_default() {
+            if let Some(h) = self.held.get_mut(&d) {
+                h.remaining = h.remaining.saturating_sub(n);
+            }
+        }
+    }
+
+    /// An operator's command: acted on, and its delivery held until what it asked is
+    /// settled (a bad command is dead-lettered with the reason).
+    pub(super) async fn receive_control(
+        &mut self,
+        id: u64,
+        kind: &str,
+        delivery: Delivery,
+    ) -> Result<(), SubscriberError> {
+        match self.control(kind, &delivery.body) {
+            Ok(tx_id) => {
+                self.owners.entry(tx_id).or_default().push((id, 1));
+                self.held.insert(
+                    id,
+                    Held {
+                        delivery,
+                        remaining: 1,
+                        received: Instant::now(),
+                        max_seq: 0,
+                    },
+                );
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::error!(reason = %reason, "dead-lettering an operator command");
+                let body = delivery.body.clone();
+                self.consumer.send_to_dead_letters(body, &reason).await?;
+                self.ops.dead_lettered.inc();
+                delivery.ack().await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// The live status into the store (a failure only delays it: status is advisory).
+    pub(super) async fn write_status(&mut self) {
+        let status = match self.refresh_status().await {
+            Ok(s) => s,
+            Err(error) => {
+                tracing::debug!(error = %error, "cannot read the worker's status");
+                return;
+            }
+        };
+        if let Err(error) = self.store.write_status(&status).await {
+            tracing::debug!(error = %error, "cannot write the worker's status");
+        }
+    }
+
+    pub(super) async fn ack_finished(&mut self) -> Result<(), SubscriberError> {
+        let done: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.remaining == 0)
+            .map(|(d, _)| *d)
+            .collect();
+        for d in done {
+            if let Some(h) = self.held.remove(&d) {
+                h.delivery.ack().await?;
+            }
+        }
+        Ok(())
+    }
+}
