@@ -107,57 +107,6 @@ printf 'BENCH signing apply_verified_vs_plain_ratio %s x\n' \
   "$(python3 -c "print(round(${SUB_RATE[verify]} / ${SUB_RATE[plain]}, 3))")"
 for app in plain verify; do
   rabbitmqctl -q delete_queue "kausal.bench-sign-$app" >/dev/null 2>&1 || true
-  RUST_LOG=warn $BIN subscribe --config "$WORK/sub-$app.toml" & P=$!
-  until [ -n "$(depth "kausal.bench-sign-$app")" ]; do sleep 0.2; done
-  kill -TERM $P; wait $P || true
-done
-pgbench -h 127.0.0.1 -U postgres -n -c 4 -j 2 -t $((TXNS / 4)) $DB >/dev/null
-END_LSN=$($PSQL -d $DB -c "SELECT pg_current_wal_lsn()")
-printf 'BENCH signing backlog %d txn\n' "$TXNS"
-
-declare -A PUB_RATE
-for ns in plain signed; do
-  confirmed() { $PSQL -d $DB -c "SELECT confirmed_flush_lsn >= '$END_LSN'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'kausal_sign$ns'"; }
-  t0=$(date +%s.%N)
-  RUST_LOG=warn $BIN publish --config "$WORK/$ns.toml" & P=$!
-  until [ "$(confirmed)" = t ]; do sleep 0.05; done
-  t1=$(date +%s.%N)
-  kill -TERM $P; wait $P || true
-  PUB_RATE[$ns]=$(python3 -c "print(round($TXNS / ($t1 - $t0)))")
-  printf 'BENCH signing publish_%s_txn_per_s %s txn/s\n' "$ns" "${PUB_RATE[$ns]}"
-done
-printf 'BENCH signing publish_signed_vs_plain_ratio %s x\n' \
-  "$(python3 -c "print(round(${PUB_RATE[signed]} / ${PUB_RATE[plain]}, 3))")"
-
-declare -A SUB_RATE
-for app in plain verify; do
-  ns=$([ $app = plain ] && echo signplain || echo signsigned)
-  db="$WORK/bench-sign-$app.db"
-  t0=$(date +%s.%N)
-  RUST_LOG=warn $BIN subscribe --config "$WORK/sub-$app.toml" & P=$!
-  # Applied = compacted watermark + applied rows above it (one python poller).
-  until python3 - "$db" "$ns" "$TXNS" <<'PY'
-import sqlite3, sys
-try:
-    c = sqlite3.connect('file:' + sys.argv[1] + '?mode=ro', uri=True, timeout=1)
-    w = c.execute("SELECT COALESCE(MAX(through), 0) FROM kausal_progress WHERE namespace = ?", (sys.argv[2],)).fetchone()[0]
-    n = c.execute("SELECT COUNT(*) FROM kausal_applied WHERE namespace = ? AND seq > ?", (sys.argv[2], w)).fetchone()[0]
-    sys.exit(0 if w + n >= int(sys.argv[3]) else 1)
-except Exception:
-    sys.exit(1)
-PY
-  do sleep 0.2; done
-  t1=$(date +%s.%N)
-  kill -TERM $P; wait $P || true
-  SUB_RATE[$app]=$(python3 -c "print(round($TXNS / ($t1 - $t0)))")
-  printf 'BENCH signing apply_%s_txn_per_s %s txn/s\n' "$app" "${SUB_RATE[$app]}"
-  dead=$(depth "kausal.bench-sign-$app.dlq")
-  [ "${dead:-0}" = 0 ] || { echo "dead letters in kausal.bench-sign-$app.dlq: $dead" >&2; exit 1; }
-done
-printf 'BENCH signing apply_verified_vs_plain_ratio %s x\n' \
-  "$(python3 -c "print(round(${SUB_RATE[verify]} / ${SUB_RATE[plain]}, 3))")"
-for app in plain verify; do
-  rabbitmqctl -q delete_queue "kausal.bench-sign-$app" >/dev/null 2>&1 || true
   rabbitmqctl -q delete_queue "kausal.bench-sign-$app.dlq" >/dev/null 2>&1 || true
 done
 $PSQL -d postgres -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '$DB'" >/dev/null
