@@ -4,33 +4,12 @@
 
 mod common;
 
+use common::cli::{free_port, kausal};
 use common::sub::*;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
 use std::time::Duration;
-
-fn kausal(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("run kausal");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn status(configs: &[&Path]) -> Value {
     let mut args = vec!["status", "--json"];

@@ -13,6 +13,7 @@ use tokio_postgres::{Client, NoTls};
 
 pub const PG: &str = "postgres://postgres@127.0.0.1:5432";
 pub mod boot;
+pub mod cli;
 pub mod cluster;
 pub mod e2e;
 pub mod faults;

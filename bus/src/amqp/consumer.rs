@@ -381,23 +381,7 @@ fn is_soft_error(error: &lapin::Error, code: u16) -> bool {
 /// Whether queue `name` exists on the broker at `url` (a passive declare, which creates
 /// nothing).
 pub async fn queue_exists(url: &str, name: &str) -> Result<bool, BusError> {
-    let (conn, channel) = super::open_channel(url).await?;
-    let options = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let result = channel
-        .queue_declare(name.into(), options, FieldTable::default())
-        .await;
-    let _ = conn.close(200, "bye".into()).await;
-    match result {
-        Ok(_) => Ok(true),
-        Err(source) if is_soft_error(&source, 404) => Ok(false),
-        Err(source) => Err(BusError::Amqp {
-            operation: "queue.declare (passive)",
-            source,
-        }),
-    }
+    Ok(queue_depth(url, name).await?.is_some())
 }
 
 /// Whether exchange `name` exists (a passive declare, which creates nothing).
@@ -416,14 +400,7 @@ pub async fn exchange_exists(url: &str, name: &str) -> Result<bool, BusError> {
         )
         .await;
     let _ = conn.close(200, "bye".into()).await;
-    match result {
-        Ok(_) => Ok(true),
-        Err(source) if is_soft_error(&source, 404) => Ok(false),
-        Err(source) => Err(BusError::Amqp {
-            operation: "exchange.declare (passive)",
-            source,
-        }),
-    }
+    passive(result.map(|_| ()), "exchange.declare (passive)").map(|found| found.is_some())
 }
 
 /// Messages ready in queue `name` and its consumers; `None` when it does not exist.
@@ -437,13 +414,23 @@ pub async fn queue_depth(url: &str, name: &str) -> Result<Option<(u32, u32)>, Bu
         .queue_declare(name.into(), options, FieldTable::default())
         .await;
     let _ = conn.close(200, "bye".into()).await;
+    passive(
+        result.map(|q| (q.message_count(), q.consumer_count())),
+        "queue.declare (passive)",
+    )
+}
+
+/// A passive declare's answer: `None` for "not found" (404), the broker's error else.
+// The crate's error type, as the async callers return it; called once per command.
+#[allow(clippy::result_large_err)]
+fn passive<T>(
+    result: Result<T, lapin::Error>,
+    operation: &'static str,
+) -> Result<Option<T>, BusError> {
     match result {
-        Ok(q) => Ok(Some((q.message_count(), q.consumer_count()))),
+        Ok(found) => Ok(Some(found)),
         Err(source) if is_soft_error(&source, 404) => Ok(None),
-        Err(source) => Err(BusError::Amqp {
-            operation: "queue.declare (passive)",
-            source,
-        }),
+        Err(source) => Err(BusError::Amqp { operation, source }),
     }
 }
 
