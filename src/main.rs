@@ -95,6 +95,7 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     use std::io::IsTerminal;
+    kausal::bus::tls::install_crypto_provider();
     // lapin logs every channel the broker closes as an error, also the expected ones
     // (asking whether a queue exists closes the channel when it does not); our own
     // errors say what went wrong.

@@ -37,6 +37,8 @@ pub enum BusError {
         #[source]
         source: lapin::Error,
     },
+    #[error("TLS to RabbitMQ at {endpoint} failed: {detail}")]
+    Tls { endpoint: String, detail: String },
     #[error("RabbitMQ {operation} failed")]
     Amqp {
         operation: &'static str,
@@ -58,6 +60,7 @@ impl BusError {
         match self {
             BusError::AccessRefused { .. }
             | BusError::BadUrl { .. }
+            | BusError::Tls { .. }
             | BusError::QueueMismatch { .. }
             | BusError::NoSuchQueue { .. }
             | BusError::Unroutable { .. } => ErrorClass::Definite,

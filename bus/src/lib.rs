@@ -5,6 +5,7 @@
 //! - [`amqp`]: RabbitMQ topology, confirmed publishing, consuming with manual acks.
 //! - [`bootstrap`]: bootstrap requests (initial sync of a subscriber).
 //! - [`contract`]: the publisher contract file (what a publisher publishes).
+//! - [`tls`]: TLS settings every connection shares (CA files, no plaintext fallback).
 //!
 //! Depends on neither the publisher nor the subscriber.
 
@@ -15,6 +16,7 @@ pub mod deps;
 pub mod envelope;
 mod error;
 pub mod signing;
+pub mod tls;
 
 pub use envelope::{
     decode, encode, BatchWriter, Change, Column, Context, DecodeError, Dep, DepKind, Envelope, Op,

@@ -7,6 +7,10 @@ pub use kausal_bus::ErrorClass;
 /// Problems with the source database.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    #[error("TLS settings of source.url: {0}")]
+    TlsSettings(#[source] kausal_bus::tls::TlsSettingsError),
+    #[error("TLS to the source at {endpoint} failed: {detail}")]
+    Tls { endpoint: String, detail: String },
     #[error("cannot reach Postgres at {endpoint}: is the server running and source.url right?")]
     Unreachable {
         endpoint: String,

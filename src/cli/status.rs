@@ -274,7 +274,10 @@ async fn store_view(cfg: &SubscriberConfig, v: &mut SubscriberView) -> Result<()
         // No worker has started yet: nothing applied, nobody running.
         return Ok(());
     }
-    let pool = sqlx::AnyPool::connect(&cfg.store.url)
+    let url = kausal::subscriber::tls::store_url(&cfg.store.url)
+        .map_err(|e| format!("store.url: {e}"))?;
+    kausal::bus::tls::install_crypto_provider();
+    let pool = sqlx::AnyPool::connect(&url)
         .await
         .map_err(|e| format!("cannot open the store: {e}"))?;
     let progress = sql::read_progress(&pool, dialect)

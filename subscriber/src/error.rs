@@ -19,6 +19,8 @@ pub enum SinkError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("TLS to the store at {endpoint}: {detail}")]
+    Tls { endpoint: String, detail: String },
     #[error("store {operation} failed")]
     Store {
         operation: &'static str,
@@ -63,7 +65,9 @@ impl SinkError {
                 ErrorClass::Transient
             }
             SinkError::Store { source, .. } => sqlx_class(source),
-            SinkError::Rejected { .. } | SinkError::Mapping(_) => ErrorClass::Definite,
+            SinkError::Rejected { .. } | SinkError::Mapping(_) | SinkError::Tls { .. } => {
+                ErrorClass::Definite
+            }
             SinkError::Callback { class, .. } | SinkError::External { class, .. } => *class,
         }
     }
@@ -162,6 +166,8 @@ pub enum CoordError {
         #[source]
         source: redis::RedisError,
     },
+    #[error("TLS to Redis at {endpoint}: {detail}")]
+    Tls { endpoint: String, detail: String },
     #[error("redis {operation} failed")]
     Redis {
         operation: &'static str,
@@ -201,6 +207,7 @@ impl SubscriberError {
                 kausal_bus::ErrorClass::Definite => ErrorClass::Definite,
             },
             SubscriberError::Sink(e) => e.class(),
+            SubscriberError::Coord(CoordError::Tls { .. }) => ErrorClass::Definite,
             SubscriberError::Coord(_) | SubscriberError::ConsumerCancelled => ErrorClass::Transient,
         }
     }

@@ -21,6 +21,7 @@ pub mod runtime;
 pub mod schedule;
 pub mod sink;
 pub mod status;
+pub mod tls;
 pub mod txn;
 
 pub use config::{Mode, SubscriberConfig};

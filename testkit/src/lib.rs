@@ -198,7 +198,12 @@ impl TestKit {
     /// A subscriber with `cfg` that consumes this kit's envelopes instead of RabbitMQ;
     /// store, sinks, gate and callbacks are the real ones. Register callbacks on it,
     /// then [`TestKit::start`] it.
-    pub fn subscriber(&self, cfg: kausal_subscriber::SubscriberConfig) -> Subscriber {
+    ///
+    /// `[signing] keys` of `cfg` are set aside: signatures guard what crosses a broker,
+    /// and the kit's envelopes go from the kit to the subscriber in this process — a
+    /// production config with keys works here unchanged.
+    pub fn subscriber(&self, mut cfg: kausal_subscriber::SubscriberConfig) -> Subscriber {
+        cfg.signing = Default::default();
         let mut subscriber = Subscriber::new(cfg);
         subscriber.consume_from(self.queue.clone());
         subscriber

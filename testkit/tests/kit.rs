@@ -220,3 +220,21 @@ async fn settle_reports_what_the_subscriber_dead_lettered() {
     assert!(err.to_string().contains("nickname"), "{err}");
     worker.stop().await.unwrap();
 }
+
+/// A production config that verifies signatures works with the kit unchanged: its
+/// envelopes never cross a broker, and nothing is dead-lettered as unsigned.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_config_that_requires_signatures_applies_kit_envelopes() {
+    let mut kit = TestKit::new(&contract());
+    let mut cfg = SubscriberConfig::new("kitsigned", "amqp://not-used", &store("signed"))
+        .subscribe("shop", "users", &["name"]);
+    let (_secret, public) = kausal_bus::signing::generate();
+    cfg.signing.keys.insert("prod".into(), public);
+    let worker = kit.start(kit.subscriber(cfg));
+    let user = kit
+        .insert("users", json!({"id": 1, "name": "Ada"}))
+        .unwrap();
+    kit.send(&[user]);
+    kit.settle(Duration::from_secs(20)).await.unwrap();
+    worker.stop().await.unwrap();
+}

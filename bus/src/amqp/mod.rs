@@ -57,20 +57,59 @@ pub(crate) async fn open_channel(url: &str) -> Result<(Connection, lapin::Channe
 }
 
 async fn connect(url: &str) -> Result<Connection, BusError> {
-    let endpoint = redact_url(url);
-    let props = ConnectionProperties::default().with_connection_name("kausal".into());
-    Connection::connect(url, props).await.map_err(|source| {
-        let refused = matches!(
-            source.kind(),
-            lapin::ErrorKind::ProtocolError(e)
-                if e.get_id() == 403
-        ) || source.to_string().contains("ACCESS_REFUSED");
-        if refused {
-            BusError::AccessRefused { endpoint, source }
-        } else {
-            BusError::Unreachable { endpoint, source }
+    crate::tls::install_crypto_provider();
+    // `cacertfile` is RabbitMQ's own URI query parameter for the CA file (its URI spec);
+    // lapin does not read it, so it comes off the URL here.
+    let (url, taken) = crate::tls::take_params(url, &["cacertfile"]);
+    let endpoint = redact_url(&url);
+    let tls = url.starts_with("amqps://");
+    let ca = match taken.into_iter().next().flatten() {
+        Some(_) if !tls => {
+            return Err(BusError::BadUrl {
+                reason: crate::tls::TlsSettingsError::CaWithoutTls {
+                    param: "cacertfile",
+                    fix: "use an amqps:// URL (RabbitMQ's TLS port, usually 5671)",
+                }
+                .to_string(),
+            });
         }
-    })
+        Some(path) => Some(
+            crate::tls::read_ca_file("cacertfile", std::path::Path::new(&path)).map_err(|e| {
+                BusError::BadUrl {
+                    reason: e.to_string(),
+                }
+            })?,
+        ),
+        None => None,
+    };
+    let props = ConnectionProperties::default().with_connection_name("kausal".into());
+    let runtime = lapin::runtime::default_runtime().map_err(|source| BusError::Unreachable {
+        endpoint: endpoint.clone(),
+        source,
+    })?;
+    let config = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: ca,
+    };
+    Connection::connect_with_config(&url, props, config, runtime)
+        .await
+        .map_err(|source| {
+            let refused = matches!(
+                source.kind(),
+                lapin::ErrorKind::ProtocolError(e)
+                    if e.get_id() == 403
+            ) || source.to_string().contains("ACCESS_REFUSED");
+            if refused {
+                return BusError::AccessRefused { endpoint, source };
+            }
+            if tls {
+                let detail = crate::tls::describe(&source);
+                if crate::tls::hint(&detail).is_some() {
+                    return BusError::Tls { endpoint, detail };
+                }
+            }
+            BusError::Unreachable { endpoint, source }
+        })
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 pub mod assemble;
 pub mod mysql;
 pub mod postgres;
+pub mod tls;
 pub mod values;
 
 use crate::config::TableConfig;

@@ -122,10 +122,21 @@ impl RedisCoord {
             endpoint: endpoint.clone(),
             source,
         };
-        let client = redis::Client::open(url).map_err(unreachable)?;
-        let conn = ConnectionManager::new(client.clone())
-            .await
-            .map_err(unreachable)?;
+        let tls_failed = |detail: String| CoordError::Tls {
+            endpoint: endpoint.clone(),
+            detail,
+        };
+        let client = crate::tls::redis_client(url).map_err(|e| match e {
+            crate::tls::RedisClientError::Settings(e) => tls_failed(e.to_string()),
+            crate::tls::RedisClientError::Redis(e) => unreachable(e),
+        })?;
+        let conn = ConnectionManager::new(client.clone()).await.map_err(|e| {
+            let detail = kausal_bus::tls::describe(&e);
+            match kausal_bus::tls::hint(&detail) {
+                Some(_) if url.starts_with("rediss://") => tls_failed(detail),
+                _ => unreachable(e),
+            }
+        })?;
         let wake = Arc::new(Notify::new());
         let channel = format!("{prefix}:{app}:wake");
         tokio::spawn(listen(client, channel.clone(), wake.clone()));

@@ -110,3 +110,26 @@ impl std::fmt::Debug for Sinks {
             .finish()
     }
 }
+
+/// A sink's failure to connect: a certificate problem (`tls` connections only) is
+/// definite — it stays until the configuration changes — anything else transient.
+pub(crate) fn connect_failed(
+    sink: &str,
+    tls: bool,
+    error: &(dyn std::error::Error + 'static),
+    server: &str,
+) -> SinkError {
+    let detail = kausal_bus::tls::describe(error);
+    match kausal_bus::tls::hint(&detail) {
+        Some(_) if tls => SinkError::External {
+            sink: sink.to_string(),
+            message: format!("TLS failed: {detail}"),
+            class: crate::error::ErrorClass::Definite,
+        },
+        _ => SinkError::External {
+            sink: sink.to_string(),
+            message: format!("cannot connect: {error}; is {server} running and sink.url right?"),
+            class: crate::error::ErrorClass::Transient,
+        },
+    }
+}

@@ -103,11 +103,13 @@ impl MongoSink {
     pub async fn connect(cfg: &MongoSinkConfig) -> Result<MongoSink, SinkError> {
         let endpoint = kausal_bus::amqp::redact_url(&cfg.url);
         let name = format!("mongo {endpoint} ({})", cfg.database);
-        let failed = |e: mongodb::error::Error| SinkError::External {
+        // TLS is on by the URL's options; a certificate error can only come from TLS.
+        let failed = |e: mongodb::error::Error| super::connect_failed(&name, true, &e, "MongoDB");
+        crate::tls::check_mongo_url(&cfg.url).map_err(|e| SinkError::External {
             sink: name.clone(),
-            message: format!("cannot connect: {e}; is MongoDB running and sink.url right?"),
-            class: ErrorClass::Transient,
-        };
+            message: e.to_string(),
+            class: ErrorClass::Definite,
+        })?;
         let client = Client::with_uri_str(&cfg.url).await.map_err(failed)?;
         let db = client.database(&cfg.database);
         let hello = db.run_command(doc! {"hello": 1}).await.map_err(failed)?;

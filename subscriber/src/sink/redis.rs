@@ -91,12 +91,16 @@ impl RedisSink {
     pub async fn connect(cfg: &RedisSinkConfig) -> Result<RedisSink, SinkError> {
         let endpoint = kausal_bus::amqp::redact_url(&cfg.url);
         let name = format!("redis {endpoint} ({})", cfg.prefix);
-        let failed = |e: redis::RedisError| SinkError::External {
-            sink: name.clone(),
-            message: format!("cannot connect: {e}; is Redis running and sink.url right?"),
-            class: ErrorClass::Transient,
-        };
-        let client = redis::Client::open(cfg.url.as_str()).map_err(failed)?;
+        let tls = cfg.url.starts_with("rediss://");
+        let failed = |e: redis::RedisError| super::connect_failed(&name, tls, &e, "Redis");
+        let client = crate::tls::redis_client(&cfg.url).map_err(|e| match e {
+            crate::tls::RedisClientError::Settings(e) => SinkError::External {
+                sink: name.clone(),
+                message: e.to_string(),
+                class: ErrorClass::Definite,
+            },
+            crate::tls::RedisClientError::Redis(e) => failed(e),
+        })?;
         let conn = ConnectionManager::new(client).await.map_err(failed)?;
         Ok(RedisSink {
             name: name.clone(),

@@ -5,8 +5,9 @@
 use crate::config::{MysqlSource, PublisherConfig, TableConfig};
 use crate::error::SourceError;
 use crate::source::postgres::catalog::TableMeta;
+use crate::source::tls::{SourceTls, TlsMode};
 use mysql_async::prelude::Queryable;
-use mysql_async::{Conn, Opts, OptsBuilder};
+use mysql_async::{Conn, Opts, OptsBuilder, SslOpts};
 use std::collections::HashMap;
 
 fn q(context: &'static str) -> impl FnOnce(mysql_async::Error) -> SourceError {
@@ -22,13 +23,16 @@ pub fn ident(s: &str) -> String {
 #[derive(Clone)]
 pub struct ConnInfo {
     pub opts: Opts,
+    /// `ssl-mode` / `ssl-ca` of the URL.
+    pub tls: SourceTls,
     pub user: String,
     pub database: String,
 }
 
 impl ConnInfo {
     pub fn parse(src: &MysqlSource) -> Result<ConnInfo, SourceError> {
-        let opts = Opts::from_url(&src.url).map_err(|e| SourceError::MysqlUnreachable {
+        let (url, tls) = SourceTls::take_mysql(&src.url).map_err(SourceError::TlsSettings)?;
+        let opts = Opts::from_url(&url).map_err(|e| SourceError::MysqlUnreachable {
             endpoint: "<unparsable source.url>".into(),
             source: e.into(),
         })?;
@@ -36,7 +40,8 @@ impl ConnInfo {
             // The binlog stream stays open for days; pools and their TTLs do not apply.
             .stmt_cache_size(0usize)
             .tcp_keepalive(Some(std::time::Duration::from_secs(10)))
-            .prefer_socket(false);
+            .prefer_socket(false)
+            .ssl_opts(ssl_opts(&tls));
         if let Some(password) = src.password()? {
             builder = builder.pass(Some(password));
         }
@@ -45,6 +50,7 @@ impl ConnInfo {
             user: opts.user().unwrap_or("root").to_string(),
             database: opts.db_name().unwrap_or_default().to_string(),
             opts,
+            tls,
         })
     }
 
@@ -80,11 +86,49 @@ impl ConnInfo {
                     source: mysql_async::Error::Server(e),
                 })
             }
-            Err(source) => Err(SourceError::MysqlUnreachable {
-                endpoint: self.endpoint(),
-                source,
-            }),
+            Err(source) => {
+                let detail = kausal_bus::tls::describe(&source);
+                if self.tls.enabled() && kausal_bus::tls::hint(&detail).is_some() {
+                    return Err(SourceError::Tls {
+                        endpoint: self.endpoint(),
+                        detail,
+                    });
+                }
+                Err(SourceError::MysqlUnreachable {
+                    endpoint: self.endpoint(),
+                    source,
+                })
+            }
         }
+    }
+}
+
+/// The driver's TLS options for a mode: the CA file replaces the built-in roots, so a
+/// certificate from any other CA is refused.
+fn ssl_opts(tls: &SourceTls) -> Option<SslOpts> {
+    kausal_bus::tls::install_crypto_provider();
+    let roots = || {
+        let path = tls.ca_file.clone().unwrap_or_default();
+        vec![path.into()]
+    };
+    match tls.mode {
+        TlsMode::Disable => None,
+        TlsMode::Require => Some(
+            SslOpts::default()
+                .with_danger_accept_invalid_certs(true)
+                .with_danger_skip_domain_validation(true),
+        ),
+        TlsMode::VerifyCa => Some(
+            SslOpts::default()
+                .with_root_certs(roots())
+                .with_disable_built_in_roots(true)
+                .with_danger_skip_domain_validation(true),
+        ),
+        TlsMode::VerifyFull => Some(
+            SslOpts::default()
+                .with_root_certs(roots())
+                .with_disable_built_in_roots(true),
+        ),
     }
 }
 

@@ -4,6 +4,7 @@
 
 use crate::config::{split_name, PublisherConfig};
 use crate::error::SourceError;
+use crate::source::tls::SourceTls;
 use crate::source::values::Conv;
 use std::collections::HashMap;
 use tokio_postgres::{Client, NoTls};
@@ -33,6 +34,8 @@ pub struct ConnInfo {
     pub user: String,
     pub password: String,
     pub database: String,
+    /// `sslmode` / `sslrootcert` of the URL (both connections use them).
+    pub tls: SourceTls,
 }
 
 impl ConnInfo {
@@ -41,6 +44,7 @@ impl ConnInfo {
     }
 
     pub fn parse(url: &str, password: Option<String>) -> Result<ConnInfo, SourceError> {
+        let (url, tls) = SourceTls::take_postgres(url).map_err(SourceError::TlsSettings)?;
         let cfg: tokio_postgres::Config = url.parse().map_err(|e| SourceError::Unreachable {
             endpoint: "<unparsable source.url>".into(),
             source: Box::new(e),
@@ -60,6 +64,7 @@ impl ConnInfo {
             user: cfg.get_user().unwrap_or("postgres").to_string(),
             password: password.or(url_password).unwrap_or_default(),
             database: cfg.get_dbname().unwrap_or("postgres").to_string(),
+            tls,
         })
     }
 
@@ -77,15 +82,32 @@ impl ConnInfo {
         if !self.password.is_empty() {
             cfg.password(&self.password);
         }
-        match cfg.connect(NoTls).await {
-            Ok((client, conn)) => {
+        let connected = if self.tls.enabled() {
+            let config =
+                crate::source::tls::client_config(&self.tls).map_err(SourceError::TlsSettings)?;
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+            cfg.connect(tls).await.map(|(client, conn)| {
                 tokio::spawn(async move {
                     if let Err(error) = conn.await {
                         tracing::debug!(error = %error, "catalog connection ended");
                     }
                 });
-                Ok(client)
-            }
+                client
+            })
+        } else {
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            cfg.connect(NoTls).await.map(|(client, conn)| {
+                tokio::spawn(async move {
+                    if let Err(error) = conn.await {
+                        tracing::debug!(error = %error, "catalog connection ended");
+                    }
+                });
+                client
+            })
+        };
+        match connected {
+            Ok(client) => Ok(client),
             Err(e) => {
                 let code = e.code().map(|c| c.code().to_string());
                 let endpoint = self.endpoint();
@@ -95,6 +117,14 @@ impl ConnInfo {
                         user: self.user.clone(),
                         source: Box::new(e),
                     }),
+                    _ if self.tls.enabled()
+                        && kausal_bus::tls::hint(&kausal_bus::tls::describe(&e)).is_some() =>
+                    {
+                        Err(SourceError::Tls {
+                            endpoint,
+                            detail: kausal_bus::tls::describe(&e),
+                        })
+                    }
                     _ => Err(SourceError::Unreachable {
                         endpoint,
                         source: Box::new(e),

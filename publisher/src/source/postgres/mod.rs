@@ -127,10 +127,11 @@ pub async fn stream(
     .with_options(catalog::SESSION_OPTIONS)
     .with_application_name(format!("kausal-{}", cfg.namespace))
     .with_status_interval(Duration::from_millis(500))
-    .with_wakeup_interval(Duration::from_secs(2));
+    .with_wakeup_interval(Duration::from_secs(2))
+    .with_tls(replication_tls(&conn.tls));
     let mut client = ReplicationClient::connect(repl_cfg)
         .await
-        .map_err(SourceError::Replication)?;
+        .map_err(|e| replication_error(&conn, e))?;
     client
         .wait_started()
         .await
@@ -327,4 +328,34 @@ async fn relation(
         schema,
         fingerprint,
     }))
+}
+
+/// The replication stream's TLS: the same mode and CA as the catalog connection.
+fn replication_tls(tls: &crate::source::tls::SourceTls) -> pgwire_replication::TlsConfig {
+    use crate::source::tls::TlsMode;
+    use pgwire_replication::TlsConfig;
+    match tls.mode {
+        TlsMode::Disable => TlsConfig::disabled(),
+        TlsMode::Require => TlsConfig::require(),
+        TlsMode::VerifyCa => TlsConfig::verify_ca(tls.ca_file.clone()),
+        TlsMode::VerifyFull => TlsConfig::verify_full(tls.ca_file.clone()),
+    }
+}
+
+/// A certificate problem of the replication connection becomes the same clear error as
+/// the catalog connection's.
+fn replication_error(
+    conn: &catalog::ConnInfo,
+    error: pgwire_replication::PgWireError,
+) -> SourceError {
+    if conn.tls.enabled() {
+        let detail = kausal_bus::tls::describe(&error);
+        if kausal_bus::tls::hint(&detail).is_some() {
+            return SourceError::Tls {
+                endpoint: conn.endpoint(),
+                detail,
+            };
+        }
+    }
+    SourceError::Replication(error)
 }

@@ -94,7 +94,11 @@ impl SqlStore {
             ),
         })?;
         sqlx::any::install_default_drivers();
-        let mut url = url.to_string();
+        kausal_bus::tls::install_crypto_provider();
+        let mut url = crate::tls::store_url(url).map_err(|e| SinkError::Tls {
+            endpoint: endpoint.clone(),
+            detail: e.to_string(),
+        })?;
         if dialect == Dialect::Sqlite && !url.contains("mode=") && !url.contains(":memory:") {
             url.push_str(if url.contains('?') {
                 "&mode=rwc"
@@ -108,7 +112,18 @@ impl SqlStore {
         })?;
         // The server answered and refused (credentials, unknown database): a retry will
         // not help. Anything else (refused, timed out) is worth retrying.
+        let tls = !(url.contains("sslmode=disable") || url.contains("ssl-mode=DISABLED"))
+            && dialect != Dialect::Sqlite;
         let failed = |source: sqlx::Error| match source {
+            // A certificate problem (sqlx reports some as I/O errors): definite.
+            source
+                if tls && kausal_bus::tls::hint(&kausal_bus::tls::describe(&source)).is_some() =>
+            {
+                SinkError::Tls {
+                    endpoint: endpoint.clone(),
+                    detail: kausal_bus::tls::describe(&source),
+                }
+            }
             sqlx::Error::Database(_) | sqlx::Error::Configuration(_) => SinkError::Store {
                 operation: "connect",
                 source,

@@ -2,6 +2,7 @@
 //! printed with its fix. Changes nothing (no slot, publication, queue or table is
 //! created); exits 1 when something would stop Kausal.
 
+mod tls;
 use super::load::{either, Loaded};
 use super::status::chain;
 use kausal::publisher::config::SourceConfig;
@@ -10,6 +11,7 @@ use kausal::subscriber::SubscriberConfig;
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tls::encryption;
 
 /// Clocks further apart than this skew lag figures (they compare commit times with
 /// the local clock): a warning.
@@ -164,6 +166,12 @@ async fn publisher(cfg: &PublisherConfig, f: &mut Findings) {
         ),
     }
     broker(&cfg.broker.url, &cfg.broker.exchange, f).await;
+    let source_url = match &cfg.source {
+        SourceConfig::Postgres(pg) => &pg.url,
+        SourceConfig::Mysql(my) => &my.url,
+    };
+    encryption("source", source_url, f);
+    encryption("broker", &cfg.broker.url, f);
 }
 
 async fn postgres(
@@ -372,14 +380,22 @@ async fn subscriber(cfg: &SubscriberConfig, path: &std::path::Path, f: &mut Find
             f.ok("dead letters", "none");
         }
     }
+    encryption("broker", &cfg.broker.url, f);
+    encryption("store", &cfg.store.url, f);
     use kausal::subscriber::config::{Coordination, SinkConfig};
     if let Coordination::Redis { url, .. } = &cfg.coordination {
         redis_check("coordination", url, f).await;
+        encryption("coordination", url, f);
     }
     for sink in &cfg.sinks {
         #[allow(irrefutable_let_patterns)]
         if let SinkConfig::Redis(r) = sink {
             redis_check("redis sink", &r.url, f).await;
+            encryption("redis sink", &r.url, f);
+        }
+        #[cfg(feature = "mongo")]
+        if let SinkConfig::Mongo(m) = sink {
+            encryption("mongo sink", &m.url, f);
         }
     }
     let view = super::status::subscriber(cfg).await;
@@ -493,18 +509,30 @@ async fn store(cfg: &SubscriberConfig, f: &mut Findings) {
             return;
         }
     }
-    let pool =
-        match sqlx::AnyPool::connect(&cfg.store.url).await {
-            Ok(p) => p,
-            Err(e) => {
-                f.fail(
+    let shown = kausal::bus::amqp::redact_url(&cfg.store.url);
+    let url = match kausal::subscriber::tls::store_url(&cfg.store.url) {
+        Ok(url) => url,
+        Err(e) => {
+            f.fail(
                 "store",
-                format!("cannot open {}: {e}", kausal::bus::amqp::redact_url(&cfg.store.url)),
+                format!("{shown}: {e}"),
+                "fix the TLS parameters of store.url",
+            );
+            return;
+        }
+    };
+    kausal::bus::tls::install_crypto_provider();
+    let pool = match sqlx::AnyPool::connect(&url).await {
+        Ok(p) => p,
+        Err(e) => {
+            f.fail(
+                "store",
+                format!("cannot open {shown}: {}", kausal::bus::tls::describe(&e)),
                 "check store.url, that the database exists and the user may create tables in it",
             );
-                return;
-            }
-        };
+            return;
+        }
+    };
     f.ok(
         "store",
         format!("{:?} store reachable", dialect).to_lowercase(),
@@ -525,13 +553,13 @@ async fn store(cfg: &SubscriberConfig, f: &mut Findings) {
 
 async fn redis_check(check: &str, url: &str, f: &mut Findings) {
     let shown = kausal::bus::amqp::redact_url(url);
-    let client = match redis::Client::open(url) {
+    let client = match kausal::subscriber::tls::redis_client(url) {
         Ok(c) => c,
         Err(e) => {
             f.fail(
                 check,
                 format!("{shown}: {e}"),
-                "fix the Redis URL (redis://host:6379/0)",
+                "fix the Redis URL (redis://host:6379/0, or rediss://host:6380?cacert=<CA file>)",
             );
             return;
         }
@@ -546,7 +574,7 @@ async fn redis_check(check: &str, url: &str, f: &mut Findings) {
         Ok(Err(e)) => {
             f.fail(
                 check,
-                format!("{shown}: {e}"),
+                format!("{shown}: {}", kausal::bus::tls::describe(&e)),
                 "check the URL and that Redis runs",
             );
             return;
