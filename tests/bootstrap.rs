@@ -150,6 +150,69 @@ async fn a_bootstrap_survives_kill_9_of_the_subscriber_and_then_of_the_publisher
     db.drop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_waiting_for_a_new_publisher_is_answered_once_its_slot_is_ready() {
+    logs();
+    let ns = unique("bootfirst");
+    let db = TestDb::new(&ns, workload::SCHEMA).await;
+    db.client
+        .batch_execute(
+            "INSERT INTO users SELECT g, 'user' || g, 'u' || g || '@example.com' \
+             FROM generate_series(1, 2000) g;",
+        )
+        .await
+        .unwrap();
+    // The subscriber first: its request waits in the control queue for a publisher.
+    let sqlite = sqlite_url(&ns);
+    let text = sub_config_text(&ns, &sqlite, &workload::subscribed(&ns));
+    let cfg = write_config(&text, &format!("{ns}.sub"));
+    let mut bootstrap = Process::kausal(&["bootstrap", "--chunk-rows", "500"], &cfg);
+    let store = sqlite_store(&sqlite).await;
+
+    // A transaction left open makes the creation of the publisher's new slot wait (a
+    // logical slot waits for every running transaction of the server, as it does on a
+    // busy primary): a watermark written meanwhile would lie before the slot's start.
+    let held = connect(&db.url).await;
+    held.batch_execute("BEGIN; SELECT txid_current();")
+        .await
+        .unwrap();
+    let warnings = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let pub_cfg = write_config(
+        &config_text(&ns, &db.url, workload::PUBLISHED),
+        &format!("{ns}.pub"),
+    );
+    let mut publisher = Process::publisher_logged(&pub_cfg, warnings.clone());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    held.batch_execute("COMMIT").await.unwrap();
+
+    // The first chunk must not wait for the publisher's chunk timeout (a minute) and be
+    // read again: the publisher answers once its stream runs.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = bootstrap.exited() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the bootstrap did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "kausal bootstrap failed: {status}");
+    let rereads: Vec<String> = warnings
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("high watermark"))
+        .cloned()
+        .collect();
+    assert!(rereads.is_empty(), "chunks were read again: {rereads:?}");
+    let done = bootstraps(&store).await;
+    assert!(
+        done.iter().any(|b| b.0 == "users" && b.2 == 2000),
+        "{done:?}"
+    );
+    publisher.kill();
+    db.drop().await;
+}
+
 /// `kausal bootstrap` run to its end with stderr on a terminal (through `script`, which
 /// gives it a pseudo-terminal) or on a pipe; everything it printed.
 fn bootstrap_output(cfg: &std::path::Path, terminal: bool) -> String {

@@ -275,13 +275,19 @@ pub fn config_text(namespace: &str, db_url: &str, tables: &str) -> String {
     )
 }
 
+/// What the `kausal` processes a test starts log: warnings, unless
+/// `KAUSAL_TEST_CHILD_LOG` says otherwise (`info` to follow a failing test).
+pub fn child_log() -> String {
+    std::env::var("KAUSAL_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 impl Process {
     /// `kausal subscribe --config <config>`.
     pub fn subscriber(config: &std::path::Path) -> Process {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
             .args(["subscribe", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", child_log())
             .spawn()
             .expect("start kausal subscribe");
         Process {
@@ -298,7 +304,7 @@ impl Process {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
             .args(["subscribe", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", child_log())
             .env("NO_COLOR", "1")
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -332,7 +338,7 @@ impl Process {
             .join(name);
         let mut child = std::process::Command::new(&exe)
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", child_log())
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| {
@@ -354,10 +360,7 @@ impl Process {
             .args(args)
             .arg("--config")
             .arg(config)
-            .env(
-                "RUST_LOG",
-                std::env::var("KAUSAL_TEST_CHILD_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", child_log())
             .spawn()
             .expect("start kausal");
         Process {
@@ -375,9 +378,29 @@ impl Process {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
             .args(["publish", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", child_log())
             .spawn()
             .expect("start kausal publish");
+        Process {
+            child,
+            config: config.to_path_buf(),
+        }
+    }
+
+    /// `kausal publish` with its stderr (warnings and errors) collected into `lines`.
+    pub fn publisher_logged(
+        config: &std::path::Path,
+        lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> Process {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
+            .args(["publish", "--config"])
+            .arg(config)
+            .env("RUST_LOG", child_log())
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start kausal publish");
+        collect_lines(child.stderr.take().unwrap(), lines);
         Process {
             child,
             config: config.to_path_buf(),

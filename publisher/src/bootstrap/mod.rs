@@ -55,6 +55,7 @@ pub async fn serve(
     let spec = control_queue_spec(&cfg.namespace);
     let mut consumer = AmqpConsumer::connect(&cfg.broker.url, &cfg.broker.exchange, &spec).await?;
     let client = conn.connect().await?;
+    windows.until_stream_started().await;
     let mut reported: std::collections::HashMap<String, std::time::Instant> = Default::default();
     loop {
         // Between requests, tell the stream which transaction ids every later chunk's

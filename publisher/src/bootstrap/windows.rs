@@ -30,8 +30,23 @@ pub(super) enum Outcome {
 }
 
 /// Chunks between their watermarks, shared by the bootstrap task and the stream.
-#[derive(Default)]
-pub struct Windows(Mutex<State>);
+pub struct Windows {
+    state: Mutex<State>,
+    /// Whether the stream is decoding: a watermark written before that may lie before
+    /// the slot's consistent point (a slot being created waits for every running
+    /// transaction of the server) and would then never be decoded — the chunk would
+    /// wait for its timeout. So the bootstrap task answers nothing until the stream runs.
+    started: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Windows {
+    fn default() -> Self {
+        Windows {
+            state: Mutex::default(),
+            started: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
 
 #[derive(Default)]
 struct State {
@@ -147,7 +162,19 @@ pub(super) struct Mark {
 
 impl Windows {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stream decodes from its slot: watermarks written from now on reach it.
+    pub fn stream_started(&self) {
+        self.started.send_replace(true);
+    }
+
+    /// Waits until [`Self::stream_started`].
+    pub(super) async fn until_stream_started(&self) {
+        let mut started = self.started.subscribe();
+        // The sender lives as long as `self`: the wait ends only when it was set.
+        let _ = started.wait_for(|s| *s).await;
     }
 
     pub(super) fn open(&self, id: &str, window: Window) {

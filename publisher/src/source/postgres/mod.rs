@@ -136,6 +136,7 @@ pub async fn stream(
         .wait_started()
         .await
         .map_err(SourceError::Replication)?;
+    windows.stream_started();
 
     let interval = Duration::from_millis(cfg.checkpoint.interval_ms);
     let mut last_marker = Instant::now();
