@@ -213,6 +213,41 @@ async fn a_request_waiting_for_a_new_publisher_is_answered_once_its_slot_is_read
     db.drop().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bootstrap_of_a_quiet_source_finishes_and_the_next_change_applies() {
+    logs();
+    let ns = unique("bootquiet");
+    let db = TestDb::new(&ns, workload::SCHEMA).await;
+    prefill(&db).await;
+    let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
+    let sqlite = sqlite_url(&ns);
+    let text = sub_config_text(&ns, &sqlite, &workload::subscribed(&ns));
+    let cfg = write_config(&text, &format!("{ns}.sub"));
+    // Nothing changes at the source: the chunks are the only messages.
+    let mut bootstrap = Process::kausal(&["bootstrap", "--chunk-rows", "5000"], &cfg);
+    let store = sqlite_store(&sqlite).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while bootstrap.exited().is_none() {
+        assert!(Instant::now() < deadline, "the bootstrap did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A subscriber started after it ends the bootstrap (drops the row versions) without
+    // waiting for a transaction, and then applies the first change of the stream.
+    let mut worker = Process::kausal(&["subscribe"], &cfg);
+    finished(&store).await;
+    db.client
+        .batch_execute(
+            "UPDATE users SET name = 'renamed' WHERE id = 10000000; \
+             INSERT INTO users VALUES (1, 'new', 'new@example.com');",
+        )
+        .await
+        .unwrap();
+    workload::converge(&db.url, &store, Duration::from_secs(60)).await;
+    worker.kill();
+    publisher.stop().await;
+    db.drop().await;
+}
+
 /// `kausal bootstrap` run to its end with stderr on a terminal (through `script`, which
 /// gives it a pseudo-terminal) or on a pipe; everything it printed.
 fn bootstrap_output(cfg: &std::path::Path, terminal: bool) -> String {

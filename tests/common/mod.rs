@@ -131,9 +131,13 @@ pub async fn wait_for_slot_released(client: &Client, slot: &str) {
 
 async fn wait_for_slot_activity(client: &Client, slot: &str, active: bool) {
     for _ in 0..600 {
+        // Held by a walsender: the stream runs. (A slot being created is active too,
+        // held by the creating backend, and may wait long for the server's running
+        // transactions: what is written meanwhile is never decoded.)
         let held = client
             .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r \
+                   ON r.pid = s.active_pid WHERE s.slot_name = $1",
                 &[&slot],
             )
             .await

@@ -110,6 +110,15 @@ impl Worker {
         }
         let done = self.store.bootstrapped_tables().await?;
         self.boot.bootstrapped = done.iter().map(|(ns, _)| ns.clone()).collect();
+        // Bootstraps that only wait for the watermark to pass their last chunk: on a
+        // quiet stream no transaction would seed the gate (and so start the upkeep that
+        // finishes them).
+        for (ns, generation) in self.store.finishing_bootstraps().await? {
+            if self.store.has_joined(&ns, generation).await? {
+                super::apply::seed(&self.store, &self.coord, &ns, generation).await?;
+                self.seeded.insert((ns.into(), generation));
+            }
+        }
         let mut resumed: BTreeMap<String, Vec<TableRequest>> = BTreeMap::new();
         for u in &unfinished {
             self.boot
@@ -366,8 +375,8 @@ impl Worker {
         {
             return Ok(());
         }
-        let (through, applied) = self.store.progress(namespace, generation).await?;
-        if through != 0 || !applied.is_empty() {
+        let (_, applied) = self.store.progress(namespace, generation).await?;
+        if !applied.is_empty() || self.store.has_joined(namespace, generation).await? {
             return Ok(());
         }
         if !pending
@@ -417,18 +426,24 @@ impl Worker {
         // earlier generation is no new store. Transactions applied already (changes of
         // new rows wait for nothing) are fine either way: their effects are newer than
         // the chunks' or in them.
-        let (through, _) = self.store.progress(namespace, generation).await?;
-        if through != 0
-            || self
-                .store
-                .has_other_generations(namespace, generation)
-                .await?
+        if self
+            .store
+            .has_other_generations(namespace, generation)
+            .await?
         {
             return Ok(());
         }
-        if after == 0 {
+        if self.store.has_joined(namespace, generation).await? {
+            // Joined before (an earlier run): the gate state comes from the store, and
+            // the upkeep that finishes the bootstrap needs it even if no transaction
+            // ever comes.
+            super::apply::seed(&self.store, &self.coord, namespace, generation).await?;
+            self.seeded.insert((namespace.into(), generation));
             return Ok(());
         }
+        // `after` 0: the publisher had published nothing of this generation before the
+        // request; the join is still recorded (a watermark of 0), so that the bootstrap
+        // can finish on a quiet stream and a later chunk cannot move the join point.
         self.store.compact(namespace, generation, after).await?;
         super::apply::seed(&self.store, &self.coord, namespace, generation).await?;
         self.seeded.insert((namespace.into(), generation));

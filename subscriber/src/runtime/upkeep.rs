@@ -74,8 +74,8 @@ impl Worker {
             if self.coord.watermark(&ns, generation).await? != Some(0) {
                 continue;
             }
-            let (through, applied) = self.store.progress(&ns, generation).await?;
-            if through != 0 || !applied.is_empty() {
+            let (_, applied) = self.store.progress(&ns, generation).await?;
+            if !applied.is_empty() || self.store.has_joined(&ns, generation).await? {
                 continue;
             }
             self.store.compact(&ns, generation, seq - 1).await?;
@@ -152,10 +152,13 @@ impl Worker {
         let keys: Vec<(Arc<str>, u64)> = self.seeded.iter().cloned().collect();
         for (ns, generation) in keys {
             match self.coord.watermark(&ns, generation).await {
-                Ok(Some(w)) if w > 0 => {
-                    if let Err(error) = self.store.compact(&ns, generation, w).await {
-                        tracing::warn!(error = %error, "cannot compact bookkeeping");
+                Ok(Some(w)) => {
+                    if w > 0 {
+                        if let Err(error) = self.store.compact(&ns, generation, w).await {
+                            tracing::warn!(error = %error, "cannot compact bookkeeping");
+                        }
                     }
+                    // At 0 too: chunks answered before the stream published anything.
                     if let Err(error) = self.store.finish_bootstraps(&ns, generation, w).await {
                         tracing::warn!(error = %error, "cannot finish bootstraps");
                     }

@@ -84,10 +84,24 @@ pub async fn stream(
                 Some((_, confirmed)) => confirmed,
                 None => catalog::create_slot(&sql, &slot).await?,
             };
-            (
-                TrackerState::new_generation(cfg.tuning.key_space, checkpoint_path),
-                start,
-            )
+            let state = TrackerState::new_generation(cfg.tuning.key_space, checkpoint_path);
+            // Written down before streaming: a publisher stopped before it published
+            // anything (a quiet source, a bootstrap answered from an idle stream) resumes
+            // the same generation instead of starting yet another one, which would make
+            // every subscriber reset its dependency state and leave bootstraps
+            // answered so far in a generation nobody continues.
+            let first = Checkpoint {
+                position: start,
+                resume: String::new(),
+                state: state.clone(),
+            };
+            let path = checkpoint_path.to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                crate::checkpoint::save(&path, &crate::checkpoint::encode(&first))
+            })
+            .await
+            .expect("checkpoint writer does not panic")?;
+            (state, start)
         }
     };
     tracing::info!(slot, publication, start = %Lsn(start), generation = state.generation,

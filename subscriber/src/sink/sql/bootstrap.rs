@@ -342,6 +342,19 @@ impl SqlStore {
             .map_err(store("read bootstraps"))
     }
 
+    /// `(namespace, generation)` of bootstraps whose chunks are all applied but whose
+    /// row versions are not dropped yet (`done = 1`).
+    pub async fn finishing_bootstraps(&self) -> Result<HashSet<(String, u64)>, SinkError> {
+        let rows = sqlx::query("SELECT namespace, generation FROM kausal_bootstrap WHERE done = 1")
+            .fetch_all(&self.inner.pool)
+            .await
+            .map_err(store("read bootstraps"))?;
+        rows.iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get::<i64, _>(1)?.max(0) as u64)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(store("read bootstraps"))
+    }
+
     /// Bootstraps not finished (a worker stopped in the middle): resumed at start.
     pub async fn unfinished_bootstraps(&self) -> Result<Vec<Unfinished>, SinkError> {
         let rows = sqlx::query(

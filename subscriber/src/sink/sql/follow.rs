@@ -24,6 +24,21 @@ impl SqlStore {
             .await
     }
 
+    /// Whether the store joined the stream of `namespace`/`generation`: it recorded a
+    /// compacted watermark for it (possibly 0: joined before its first transaction).
+    /// A joined store never joins again — a later join point would pass over
+    /// transactions its queue holds for it.
+    pub async fn has_joined(&self, namespace: &str, generation: u64) -> Result<bool, SinkError> {
+        let d = self.inner.dialect;
+        let filter = format!(
+            "WHERE namespace = {} AND generation = {}",
+            d.placeholder(1),
+            d.placeholder(2)
+        );
+        let binds = Some((namespace, super::int(generation)));
+        self.any_row(&["kausal_progress"], &filter, binds).await
+    }
+
     /// Whether the store has applied anything from a stream (or started a bootstrap).
     pub async fn has_followed(&self) -> Result<bool, SinkError> {
         let tables = ["kausal_progress", "kausal_applied", "kausal_bootstrap"];
