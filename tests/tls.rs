@@ -103,13 +103,16 @@ async fn a_pipeline_over_tls_everywhere_replicates_and_every_connection_is_encry
     );
     let pub_path = write_config(&pub_text, &format!("{ns}.pub"));
     let publisher = start(toml::from_str(&pub_text).unwrap(), &db).await;
+    // A Redis cache fed over rediss beside the store.
     let sub_text = format!(
         "app = \"{ns}\"\n[broker]\nurl = \"{broker}\"\nprefetch = 64\n\
          [store]\nurl = \"{}\"\nappliers = 2\n\
-         [coordination]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{ns}\"\n{}",
+         [coordination]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{ns}\"\n{}\
+         [[sink]]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{ns}_cache\"\n",
         pg_tls("localhost", &store_name, &ca()),
         rediss("localhost", &ca()),
-        workload::subscribed(&ns)
+        workload::subscribed(&ns),
+        rediss("localhost", &ca()),
     );
     let sub_path = write_config(&sub_text, &format!("{ns}.sub"));
     let mut worker = Process::subscriber(&sub_path);
@@ -119,6 +122,11 @@ async fn a_pipeline_over_tls_everywhere_replicates_and_every_connection_is_encry
         .await
         .unwrap();
     workload::converge(&db.url, &store, Duration::from_secs(120)).await;
+    // The cache (read here over the plaintext port of the same server) holds every user:
+    // the sink wrote them through the TLS-only port.
+    let users = workload::source_rows(&db.url).await.0.len();
+    let cached = cached_keys(&format!("{ns}_cache:users:*"), users).await;
+    assert_eq!(cached, users, "users in the Redis cache fed over rediss");
 
     // The publisher's catalog and replication connections, the worker's store pool: all
     // encrypted (the test's own plaintext connections are not kausal's).
@@ -153,7 +161,13 @@ async fn a_pipeline_over_tls_everywhere_replicates_and_every_connection_is_encry
         sub_path.to_str().unwrap(),
     ]);
     assert_eq!(rc, 0, "doctor failed over TLS:\n{out}\n{err}");
-    for check in ["source TLS", "broker TLS", "store TLS", "coordination TLS"] {
+    for check in [
+        "source TLS",
+        "broker TLS",
+        "store TLS",
+        "coordination TLS",
+        "redis sink TLS",
+    ] {
         let line = out.lines().find(|l| l.contains(check)).unwrap_or_default();
         assert!(
             line.contains("name checked"),
@@ -238,6 +252,26 @@ async fn a_mariadb_source_and_store_reached_as_a_tls_only_user_replicate() {
         .await;
     drop_user(&user).await;
     delete_queues(&ns).await;
+}
+
+/// How many keys match `pattern` once there are `expected` (or after 60 s).
+async fn cached_keys(pattern: &str, expected: usize) -> usize {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut found = 0;
+    for _ in 0..120 {
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        found = keys.len();
+        if found == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    found
 }
 
 async fn pg_source(url: &str) -> Result<tokio_postgres::Client, SourceError> {
