@@ -206,6 +206,14 @@ pub fn save(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     Ok(())
 }
 
+/// [`save`] of `cp` on a blocking thread, for async callers.
+pub async fn persist(path: &Path, cp: Checkpoint) -> Result<(), CheckpointError> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || save(&path, &encode(&cp)))
+        .await
+        .expect("checkpoint writer does not panic")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

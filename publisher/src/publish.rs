@@ -156,11 +156,8 @@ impl PublishLoop {
     }
 
     async fn save(&self, cp: Checkpoint) -> Result<(), PublisherError> {
-        let path = self.checkpoint_path.clone();
         let position = cp.position;
-        tokio::task::spawn_blocking(move || checkpoint::save(&path, &checkpoint::encode(&cp)))
-            .await
-            .expect("checkpoint writer does not panic")?;
+        checkpoint::persist(&self.checkpoint_path, cp).await?;
         self.stats
             .checkpointed_position
             .store(position, Ordering::Relaxed);

@@ -375,8 +375,11 @@ impl Worker {
         {
             return Ok(());
         }
-        let (_, applied) = self.store.progress(namespace, generation).await?;
-        if !applied.is_empty() || self.store.has_joined(namespace, generation).await? {
+        if self
+            .store
+            .has_followed_generation(namespace, generation)
+            .await?
+        {
             return Ok(());
         }
         if !pending

@@ -74,8 +74,7 @@ impl Worker {
             if self.coord.watermark(&ns, generation).await? != Some(0) {
                 continue;
             }
-            let (_, applied) = self.store.progress(&ns, generation).await?;
-            if !applied.is_empty() || self.store.has_joined(&ns, generation).await? {
+            if self.store.has_followed_generation(&ns, generation).await? {
                 continue;
             }
             self.store.compact(&ns, generation, seq - 1).await?;

@@ -146,12 +146,7 @@ pub async fn stream(
                 resume: resume.to_string(),
                 state: state.clone(),
             };
-            let path = checkpoint_path.to_path_buf();
-            tokio::task::spawn_blocking(move || {
-                crate::checkpoint::save(&path, &crate::checkpoint::encode(&first))
-            })
-            .await
-            .expect("checkpoint writer does not panic")?;
+            crate::checkpoint::persist(checkpoint_path, first).await?;
             (state, resume)
         }
     };

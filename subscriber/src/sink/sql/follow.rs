@@ -29,6 +29,27 @@ impl SqlStore {
     /// A joined store never joins again — a later join point would pass over
     /// transactions its queue holds for it.
     pub async fn has_joined(&self, namespace: &str, generation: u64) -> Result<bool, SinkError> {
+        self.any_of_generation(&["kausal_progress"], namespace, generation)
+            .await
+    }
+
+    /// Whether the store joined `namespace`/`generation` or applied a transaction of
+    /// it: one that did neither may still join it (at its first transaction, say).
+    pub async fn has_followed_generation(
+        &self,
+        namespace: &str,
+        generation: u64,
+    ) -> Result<bool, SinkError> {
+        let tables = ["kausal_progress", "kausal_applied"];
+        self.any_of_generation(&tables, namespace, generation).await
+    }
+
+    async fn any_of_generation(
+        &self,
+        tables: &[&str],
+        namespace: &str,
+        generation: u64,
+    ) -> Result<bool, SinkError> {
         let d = self.inner.dialect;
         let filter = format!(
             "WHERE namespace = {} AND generation = {}",
@@ -36,7 +57,7 @@ impl SqlStore {
             d.placeholder(2)
         );
         let binds = Some((namespace, super::int(generation)));
-        self.any_row(&["kausal_progress"], &filter, binds).await
+        self.any_row(tables, &filter, binds).await
     }
 
     /// Whether the store has applied anything from a stream (or started a bootstrap).
