@@ -187,14 +187,9 @@ async fn a_request_waiting_for_a_new_publisher_is_answered_once_its_slot_is_read
 
     // The first chunk must not wait for the publisher's chunk timeout (a minute) and be
     // read again: the publisher answers once its stream runs.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(status) = bootstrap.exited() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the bootstrap did not finish");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = bootstrap
+        .exit_within(Duration::from_secs(120), "kausal bootstrap")
+        .await;
     assert!(status.success(), "kausal bootstrap failed: {status}");
     let rereads: Vec<String> = warnings
         .lock()
@@ -226,11 +221,10 @@ async fn a_bootstrap_of_a_quiet_source_finishes_and_the_next_change_applies() {
     // Nothing changes at the source: the chunks are the only messages.
     let mut bootstrap = Process::kausal(&["bootstrap", "--chunk-rows", "5000"], &cfg);
     let store = sqlite_store(&sqlite).await;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while bootstrap.exited().is_none() {
-        assert!(Instant::now() < deadline, "the bootstrap did not finish");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let status = bootstrap
+        .exit_within(Duration::from_secs(120), "kausal bootstrap")
+        .await;
+    assert!(status.success(), "kausal bootstrap failed: {status}");
     // A subscriber started after it ends the bootstrap (drops the row versions) without
     // waiting for a transaction, and then applies the first change of the stream.
     let mut worker = Process::kausal(&["subscribe"], &cfg);

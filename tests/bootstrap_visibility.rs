@@ -142,14 +142,9 @@ async fn a_chunk_read_while_a_published_update_is_not_yet_visible_is_read_again(
     held.await.unwrap();
 
     workload::converge(&db.url, &store, Duration::from_secs(60)).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while worker.exited().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "`kausal bootstrap` did not exit when done"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    worker
+        .exit_within(Duration::from_secs(60), "`kausal bootstrap` (when done)")
+        .await;
     publisher.stop().await;
     db.drop().await;
 }

@@ -305,14 +305,23 @@ impl Process {
         config: &std::path::Path,
         lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     ) -> Process {
+        Process::logged("subscribe", config, lines)
+    }
+
+    /// `kausal <command> --config <config>`, its stderr collected into `lines`.
+    fn logged(
+        command: &str,
+        config: &std::path::Path,
+        lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> Process {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
-            .args(["subscribe", "--config"])
+            .args([command, "--config"])
             .arg(config)
             .env("RUST_LOG", child_log())
             .env("NO_COLOR", "1")
             .stderr(std::process::Stdio::piped())
             .spawn()
-            .expect("start kausal subscribe");
+            .unwrap_or_else(|e| panic!("start kausal {command}: {e}"));
         collect_lines(child.stderr.take().unwrap(), lines);
         Process {
             child,
@@ -373,6 +382,21 @@ impl Process {
         }
     }
 
+    /// Waits for the process to exit by itself; panics after `timeout`, naming `what`.
+    pub async fn exit_within(&mut self, timeout: Duration, what: &str) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exited() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} did not exit within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Whether the process has exited, with its status.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.try_wait().ok().flatten()
@@ -396,19 +420,7 @@ impl Process {
         config: &std::path::Path,
         lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     ) -> Process {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
-            .args(["publish", "--config"])
-            .arg(config)
-            .env("RUST_LOG", child_log())
-            .env("NO_COLOR", "1")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start kausal publish");
-        collect_lines(child.stderr.take().unwrap(), lines);
-        Process {
-            child,
-            config: config.to_path_buf(),
-        }
+        Process::logged("publish", config, lines)
     }
 
     /// `kill -9`.

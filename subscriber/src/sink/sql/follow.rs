@@ -13,14 +13,8 @@ impl SqlStore {
         namespace: &str,
         generation: u64,
     ) -> Result<bool, SinkError> {
-        let d = self.inner.dialect;
-        let filter = format!(
-            "WHERE namespace = {} AND generation <> {}",
-            d.placeholder(1),
-            d.placeholder(2)
-        );
-        let binds = Some((namespace, super::int(generation)));
-        self.any_row(&["kausal_progress", "kausal_applied"], &filter, binds)
+        let tables = ["kausal_progress", "kausal_applied"];
+        self.any_of_generation(&tables, namespace, generation, "<>")
             .await
     }
 
@@ -29,7 +23,7 @@ impl SqlStore {
     /// A joined store never joins again — a later join point would pass over
     /// transactions its queue holds for it.
     pub async fn has_joined(&self, namespace: &str, generation: u64) -> Result<bool, SinkError> {
-        self.any_of_generation(&["kausal_progress"], namespace, generation)
+        self.any_of_generation(&["kausal_progress"], namespace, generation, "=")
             .await
     }
 
@@ -41,18 +35,22 @@ impl SqlStore {
         generation: u64,
     ) -> Result<bool, SinkError> {
         let tables = ["kausal_progress", "kausal_applied"];
-        self.any_of_generation(&tables, namespace, generation).await
+        self.any_of_generation(&tables, namespace, generation, "=")
+            .await
     }
 
+    /// Whether any of `tables` has a row of `namespace` whose generation compares to
+    /// `generation` by `op` (`=` or `<>`).
     async fn any_of_generation(
         &self,
         tables: &[&str],
         namespace: &str,
         generation: u64,
+        op: &str,
     ) -> Result<bool, SinkError> {
         let d = self.inner.dialect;
         let filter = format!(
-            "WHERE namespace = {} AND generation = {}",
+            "WHERE namespace = {} AND generation {op} {}",
             d.placeholder(1),
             d.placeholder(2)
         );
