@@ -166,6 +166,18 @@ for run in $RUNS; do
   printf 'BENCH subscriber-apply-catchup %s_txn_per_s %.0f txn/s\n' "$name" "$(echo "$TXNS / $SECS" | bc -l)"
   printf 'BENCH memory subscriber_%s_peak_rss %d MiB\n' "$name" "$RSS"
 done
+# The stores' own limits for rows of this shape, measured now (same run, same servers).
+LIMITS=$(./scripts/bench-store-limit.sh "$ROWS")
+echo "$LIMITS"
+for store in sqlite pg; do
+  limit=$(echo "$LIMITS" | awk -v m="${store}_upsert_rows_per_s" '$3 == m {print $4}')
+  for mode in causal key serial; do
+    r=${RATE_OF[${store}_${mode}_1w]:-}
+    if [ -n "$r" ] && [ -n "$limit" ]; then
+      printf 'BENCH subscriber-apply-catchup %s_%s_1w_vs_store_upsert_ratio %.2f x\n' "$store" "$mode" "$(echo "$r / $limit" | bc -l)"
+    fi
+  done
+done
 for store in sqlite pg; do
   for w in 1 2; do
     c=${RATE_OF[${store}_causal_${w}w]:-}

@@ -29,6 +29,9 @@ pub enum SinkError {
     },
     #[error("store rejected {table}: {reason}")]
     Rejected { table: String, reason: String },
+    /// A set-based write of rows failed: the table, the transactions and the column.
+    #[error(transparent)]
+    Write(Box<WriteError>),
     #[error("callback for {table} failed: {message}")]
     Callback {
         table: String,
@@ -65,12 +68,27 @@ impl SinkError {
                 ErrorClass::Transient
             }
             SinkError::Store { source, .. } => sqlx_class(source),
+            SinkError::Write(write) => sqlx_class(&write.source),
             SinkError::Rejected { .. } | SinkError::Mapping(_) | SinkError::Tls { .. } => {
                 ErrorClass::Definite
             }
             SinkError::Callback { class, .. } | SinkError::External { class, .. } => *class,
         }
     }
+}
+
+/// A set-based write of rows of `table` failed. `seqs` names the transactions whose rows
+/// the statement held (one seq once the group is retried transaction by transaction);
+/// `column` is set when the database names it.
+#[derive(Debug, thiserror::Error)]
+#[error("store {operation} of {table} ({seqs}{}) failed", column.as_ref().map(|c| format!(", column `{c}`")).unwrap_or_default())]
+pub struct WriteError {
+    pub operation: &'static str,
+    pub table: String,
+    pub seqs: String,
+    pub column: Option<String>,
+    #[source]
+    pub source: sqlx::Error,
 }
 
 /// Store operations that create or widen tables.

@@ -3,15 +3,14 @@
 //! Every test gets a fresh database, dropped when the test ends (even when it fails), so
 //! the tests run in parallel.
 
-use anyhow::{bail, ensure, Context as _, Result};
+use anyhow::{bail, ensure, Result};
 use kausal_subscriber::config::TableMode;
 use kausal_subscriber::sink::sql::{Dialect, SqlStore, CONCURRENT_APPLY};
 use kausal_subscriber::sink::{CallbackError, Callbacks};
 use kausal_subscriber::txn::TableShape;
 use kausal_subscriber::SinkError;
 use serde_json::{json, Value};
-use sqlx::any::AnyRow;
-use sqlx::{AssertSqlSafe, Executor, Row};
+use sqlx::Executor;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -19,33 +18,6 @@ mod common;
 
 use common::build::*;
 use common::*;
-
-/// Rows of a query, each cell as JSON (integers, floats, booleans, strings, null).
-async fn rows(store: &SqlStore, sql: &str) -> Result<Vec<Vec<Value>>> {
-    let rows = sqlx::query(AssertSqlSafe(sql.to_string()))
-        .fetch_all(store.pool())
-        .await
-        .with_context(|| sql.to_string())?;
-    rows.iter()
-        .map(|row| (0..row.len()).map(|i| cell(row, i)).collect())
-        .collect()
-}
-
-fn cell(row: &AnyRow, i: usize) -> Result<Value> {
-    if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
-        return Ok(v.map_or(Value::Null, Value::from));
-    }
-    if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
-        return Ok(v.map_or(Value::Null, Value::from));
-    }
-    if let Ok(v) = row.try_get::<Option<bool>, _>(i) {
-        return Ok(v.map_or(Value::Null, Value::from));
-    }
-    if let Ok(v) = row.try_get::<Option<String>, _>(i) {
-        return Ok(v.map_or(Value::Null, Value::from));
-    }
-    bail!("column {i} cannot be decoded")
-}
 
 fn items_v1() -> Arc<TableShape> {
     shape(

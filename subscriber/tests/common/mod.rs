@@ -5,9 +5,11 @@
 
 pub mod build;
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use kausal_subscriber::sink::sql::SqlStore;
-use sqlx::{AnyConnection, AssertSqlSafe, Connection, Executor};
+use serde_json::Value;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, AssertSqlSafe, Connection, Executor, Row};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub const PG_ADMIN: &str = "postgres://postgres@127.0.0.1:5432/postgres";
@@ -108,4 +110,31 @@ pub async fn admin(url: &str, sql: &str) -> Result<()> {
     conn.execute(AssertSqlSafe(sql.to_string())).await?;
     conn.close().await?;
     Ok(())
+}
+
+/// Rows of a query, each cell as JSON (integers, floats, booleans, strings, null).
+pub async fn rows(store: &SqlStore, sql: &str) -> Result<Vec<Vec<Value>>> {
+    let rows = sqlx::query(AssertSqlSafe(sql.to_string()))
+        .fetch_all(store.pool())
+        .await
+        .with_context(|| sql.to_string())?;
+    rows.iter()
+        .map(|row| (0..row.len()).map(|i| cell(row, i)).collect())
+        .collect()
+}
+
+pub fn cell(row: &AnyRow, i: usize) -> Result<Value> {
+    if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+        return Ok(v.map_or(Value::Null, Value::from));
+    }
+    if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
+        return Ok(v.map_or(Value::Null, Value::from));
+    }
+    if let Ok(v) = row.try_get::<Option<bool>, _>(i) {
+        return Ok(v.map_or(Value::Null, Value::from));
+    }
+    if let Ok(v) = row.try_get::<Option<String>, _>(i) {
+        return Ok(v.map_or(Value::Null, Value::from));
+    }
+    bail!("column {i} cannot be decoded")
 }

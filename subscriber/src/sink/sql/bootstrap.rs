@@ -428,11 +428,17 @@ impl SqlStore {
             }
             written += 1;
             kept.push(change.clone());
-            if change.shape.mode == crate::config::TableMode::None {
-                continue;
-            }
-            let info = &tables[&change.shape.name];
-            super::rows::write(&mut conn, d, info, change, tx.id.seq).await?;
+        }
+        // The chunk's rows as set-based statements (see `super::rows`).
+        let mut batch = super::batch::Batch::default();
+        for change in kept
+            .iter()
+            .filter(|c| c.shape.mode != crate::config::TableMode::None)
+        {
+            batch.add(change, tx.id.seq)?;
+        }
+        for table in &batch.tables {
+            super::rows::write(&mut conn, d, &tables[&table.shape.name], table).await?;
         }
         let keys: Vec<String> = kept.iter().map(|c| key_text(&c.key)).collect();
         set_versions(&mut conn, d, &ns, &snapshot.table, &keys, tx.id.seq).await?;

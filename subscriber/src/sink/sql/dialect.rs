@@ -210,21 +210,23 @@ impl Dialect {
         )
     }
 
-    /// `INSERT … ON CONFLICT/DUPLICATE KEY UPDATE` of `columns` (already quoted and in
-    /// bind order, `values` their placeholder expressions), updating `set` (quoted,
-    /// a subset of `columns`) when `key` (quoted) exists.
+    /// A multi-row `INSERT … ON CONFLICT/DUPLICATE KEY UPDATE` of `columns` (already
+    /// quoted and in bind order; `rows` holds each row's placeholder expressions),
+    /// updating `set` (quoted, a subset of `columns`) where `key` (quoted) exists. The
+    /// rows must have distinct keys (Postgres refuses to update a row twice).
     pub fn upsert(
         self,
         table: &str,
         columns: &[String],
-        values: &[String],
+        rows: &[Vec<String>],
         key: &[String],
         set: &[String],
     ) -> String {
+        let rows: Vec<String> = rows.iter().map(|r| format!("({})", r.join(", "))).collect();
         let insert = format!(
-            "INSERT INTO {table} ({}) VALUES ({})",
+            "INSERT INTO {table} ({}) VALUES {}",
             columns.join(", "),
-            values.join(", ")
+            rows.join(", ")
         );
         match self {
             Dialect::MySql => {
@@ -274,15 +276,18 @@ mod tests {
     #[test]
     fn upserts_per_dialect() {
         let cols = ["\"id\"".to_string(), "\"v\"".to_string()];
-        let vals = ["$1".to_string(), "$2".to_string()];
+        let rows = [
+            vec!["$1".to_string(), "$2".to_string()],
+            vec!["$3".to_string(), "$4".to_string()],
+        ];
         assert_eq!(
-            Dialect::Postgres.upsert("\"t\"", &cols, &vals, &cols[..1], &cols[1..]),
-            "INSERT INTO \"t\" (\"id\", \"v\") VALUES ($1, $2) ON CONFLICT (\"id\") \
+            Dialect::Postgres.upsert("\"t\"", &cols, &rows, &cols[..1], &cols[1..]),
+            "INSERT INTO \"t\" (\"id\", \"v\") VALUES ($1, $2), ($3, $4) ON CONFLICT (\"id\") \
              DO UPDATE SET \"v\" = excluded.\"v\""
         );
         let cols = ["`id`".to_string()];
         assert_eq!(
-            Dialect::MySql.upsert("`t`", &cols, &["?".to_string()], &cols, &[]),
+            Dialect::MySql.upsert("`t`", &cols, &[vec!["?".to_string()]], &cols, &[]),
             "INSERT INTO `t` (`id`) VALUES (?) ON DUPLICATE KEY UPDATE `id` = `id`"
         );
     }

@@ -4,7 +4,8 @@
 //!
 //! - [`dialect`]: the SQL text that differs between databases.
 //! - [`schema`]: mirrored tables created and widened, mapped tables checked.
-//! - [`rows`]: one row change as an upsert or delete.
+//! - [`batch`]: a group's row changes coalesced per key, in order.
+//! - [`rows`]: those as set-based deletes and multi-row upserts.
 //! - [`value`]: JSON values to bound parameters, per destination column type.
 //! - [`staging`]: parts of split transactions, kept in `kausal_parts` until all are
 //!   there, whichever worker received them.
@@ -15,6 +16,7 @@
 //! transaction found in either is skipped, which makes redelivery harmless. Applying a
 //! split transaction deletes its staged parts; compaction deletes those it covers.
 
+mod batch;
 mod bootstrap;
 mod dialect;
 mod follow;
@@ -330,7 +332,7 @@ impl SqlStore {
                 }
                 // A table changed behind our back shows up as a write error: read the
                 // catalog again on the retry.
-                if matches!(error, SinkError::Store { .. }) {
+                if matches!(error, SinkError::Store { .. } | SinkError::Write(_)) {
                     self.inner.tables.forget().await;
                 }
                 Err(error)
@@ -411,6 +413,10 @@ impl SqlStore {
         for chunk in newly.chunks(RECORD_CHUNK) {
             record_applied(conn, dialect, chunk).await?;
         }
+        // Rows first, coalesced over the whole group into a few set-based statements
+        // (`batch`, `rows`); then sinks and callbacks, transaction by transaction in
+        // order. A row the store rejects fails the group before any callback ran.
+        let mut batch = batch::Batch::default();
         let mut applied = Vec::with_capacity(group.len());
         for (tx, fresh) in group.iter().zip(fresh) {
             let id = &tx.id;
@@ -436,12 +442,18 @@ impl SqlStore {
                 if change.shape.mode == TableMode::None {
                     continue;
                 }
-                let info = &tables[&change.shape.name];
-                rows::write(conn, dialect, info, change, id.seq).await?;
+                batch.add(change, id.seq)?;
             }
-            self.sinks.apply(tx).await?;
-            callbacks.run(tx).await?;
             applied.push(true);
+        }
+        for table in &batch.tables {
+            rows::write(conn, dialect, &tables[&table.shape.name], table).await?;
+        }
+        for (tx, applied) in group.iter().zip(&applied) {
+            if *applied {
+                self.sinks.apply(tx).await?;
+                callbacks.run(tx).await?;
+            }
         }
         Ok(applied)
     }
