@@ -5,9 +5,12 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 
 /// Messages RabbitMQ hands a worker before it acks any: the window in which it looks for
-/// transactions it can apply while others wait. Publishers pack up to 128 envelopes per
-/// message under load, so 64 messages is thousands of transactions.
-pub const DEFAULT_PREFETCH: u16 = 64;
+/// transactions it can apply while others wait, and so the bound of a group's size. A
+/// publisher that follows a live load sends one or two transactions per message; with
+/// 64 the groups of a backlog averaged 34 transactions and the store commit dominated
+/// (BENCHMARKS.md, "Set-based apply"). Bounded by the publisher's batch size: at most
+/// 256 × 512 KiB of message bodies held.
+pub const DEFAULT_PREFETCH: u16 = 256;
 /// Independent transactions applied in one sink transaction: one commit (one fsync) for
 /// many small source transactions. Never splits one.
 pub const DEFAULT_MAX_GROUP: usize = 256;

@@ -223,11 +223,21 @@ impl Dialect {
         set: &[String],
     ) -> String {
         let rows: Vec<String> = rows.iter().map(|r| format!("({})", r.join(", "))).collect();
-        let insert = format!(
-            "INSERT INTO {table} ({}) VALUES {}",
-            columns.join(", "),
-            rows.join(", ")
-        );
+        let values = format!("VALUES {}", rows.join(", "));
+        self.upsert_from(table, columns, &values, key, set)
+    }
+
+    /// `INSERT INTO table (columns) <source> ON CONFLICT/DUPLICATE KEY UPDATE …`, where
+    /// `source` is `VALUES …` or a `SELECT` giving the columns in order.
+    pub fn upsert_from(
+        self,
+        table: &str,
+        columns: &[String],
+        source: &str,
+        key: &[String],
+        set: &[String],
+    ) -> String {
+        let insert = format!("INSERT INTO {table} ({}) {source}", columns.join(", "));
         match self {
             Dialect::MySql => {
                 let set: Vec<String> = if set.is_empty() {

@@ -56,12 +56,111 @@ pub async fn write(
         }
     }
     for (names, rows) in sets {
+        if let Some(casts) = unnest_casts(dialect, info, shape, &names) {
+            for chunk in rows.chunks(MAX_UNNEST_ROWS) {
+                upsert_unnest(conn, info, table, &names, &casts, chunk).await?;
+            }
+            continue;
+        }
         let width = names.len() + usize::from(shape.mode == TableMode::Mirror);
         for chunk in rows.chunks((MAX_PARAMS / width.max(1)).max(1)) {
             upsert(conn, dialect, info, table, &names, chunk).await?;
         }
     }
     Ok(())
+}
+
+/// Rows per statement of the Postgres array form: bounds the size of one statement.
+const MAX_UNNEST_ROWS: usize = 10_000;
+
+/// Postgres: the type each written column (and `_kausal_seq`) is cast to, when the rows
+/// can go as one array per column (`unnest`): every column known to the catalog and none
+/// an array itself (`unnest` would flatten it). `None`: use multi-row `VALUES`.
+fn unnest_casts<'i>(
+    dialect: Dialect,
+    info: &'i TableInfo,
+    shape: &crate::txn::TableShape,
+    names: &[&str],
+) -> Option<Vec<&'i str>> {
+    if dialect != Dialect::Postgres {
+        return None;
+    }
+    let mirror = shape.mode == TableMode::Mirror;
+    names
+        .iter()
+        .copied()
+        .chain(mirror.then_some(SEQ_COLUMN))
+        .map(|name| {
+            let column = info.columns.get(name)?;
+            (column.kind != Kind::PgArray && !column.cast.is_empty())
+                .then_some(column.cast.as_str())
+        })
+        .collect()
+}
+
+/// Postgres: `INSERT … SELECT * FROM unnest($1::t1[], $2::t2[], …) ON CONFLICT …`, each
+/// parameter one array literal holding a column of every row. The text depends on the
+/// table and its columns only: prepared once per connection, one round trip per
+/// statement, and no plan for thousands of parameters.
+async fn upsert_unnest(
+    conn: &mut AnyConnection,
+    info: &TableInfo,
+    table: &TableWrites<'_>,
+    names: &[&str],
+    casts: &[&str],
+    rows: &[&RowWrite<'_>],
+) -> Result<(), SinkError> {
+    let dialect = Dialect::Postgres;
+    let shape = table.shape;
+    let mirror = shape.mode == TableMode::Mirror;
+    let mut arrays: Vec<String> = casts.iter().map(|_| String::from("{")).collect();
+    for (i, row) in rows.iter().enumerate() {
+        let Some(Image { columns }) = &row.upsert else {
+            continue;
+        };
+        for (array, (name, value, ty)) in arrays.iter_mut().zip(columns) {
+            if i > 0 {
+                array.push(',');
+            }
+            let kind = info.columns.get(*name).map_or(Kind::Other, |c| c.kind);
+            Bound::for_column(value, kind, matches!(*ty, "json" | "jsonb")).push_pg_element(array);
+        }
+        if mirror {
+            let array = arrays.last_mut().expect("one array per column");
+            if i > 0 {
+                array.push(',');
+            }
+            array.push_str(&row.seq.to_string());
+        }
+    }
+    let params: Vec<String> = casts
+        .iter()
+        .enumerate()
+        .map(|(i, cast)| format!("CAST(${} AS {cast}[])", i + 1))
+        .collect();
+    let mut columns: Vec<String> = names.iter().map(|n| dialect.quote(n)).collect();
+    let mut set: Vec<String> = names
+        .iter()
+        .filter(|n| !shape.key.iter().any(|k| k == *n))
+        .map(|n| dialect.quote(n))
+        .collect();
+    if mirror {
+        columns.push(dialect.quote(SEQ_COLUMN));
+        set.push(dialect.quote(SEQ_COLUMN));
+    }
+    let key: Vec<String> = shape.key.iter().map(|k| dialect.quote(k)).collect();
+    let source = format!("SELECT * FROM unnest({})", params.join(", "));
+    let sql = dialect.upsert_from(&dialect.quote(&shape.name), &columns, &source, &key, &set);
+    let mut query = sqlx::query(AssertSqlSafe(sql));
+    for mut array in arrays {
+        array.push('}');
+        query = query.bind(array);
+    }
+    query
+        .execute(conn)
+        .await
+        .map(|_| ())
+        .map_err(|source| write_error("upsert", table, rows, source))
 }
 
 struct Statement<'i> {

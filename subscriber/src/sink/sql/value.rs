@@ -138,6 +138,28 @@ impl Bound {
     }
 }
 
+impl Bound {
+    /// Appends the value as an element of a Postgres array literal (the element's text
+    /// is read by its type's input function, as a text parameter cast to it would be).
+    pub fn push_pg_element(&self, out: &mut String) {
+        match self {
+            Bound::Null => out.push_str("NULL"),
+            Bound::Bool(b) => out.push(if *b { 't' } else { 'f' }),
+            Bound::Int(i) => out.push_str(&i.to_string()),
+            Bound::Float(f) => out.push_str(&f.to_string()),
+            Bound::Text(s) => quote_element(out, s),
+            Bound::Bytes(b) => {
+                let mut hex = String::with_capacity(2 + 2 * b.len());
+                hex.push_str("\\x");
+                for byte in b {
+                    hex.push_str(&format!("{byte:02x}"));
+                }
+                quote_element(out, &hex);
+            }
+        }
+    }
+}
+
 /// `2024-01-02T03:04:05.123456+00:00` → `2024-01-02 03:04:05.123456`: MariaDB rejects an
 /// offset in a datetime literal. The session time zone is UTC; a value with another
 /// offset is passed unchanged (the publisher sends UTC).
@@ -240,6 +262,28 @@ mod tests {
             Bound::for_column(&json!(["a\"b", "c d"]), Kind::PgArray, false),
             Bound::Text("{\"a\\\"b\",\"c d\"}".into())
         );
+    }
+
+    #[test]
+    fn values_become_postgres_array_elements() {
+        let mut out = String::new();
+        for (i, b) in [
+            Bound::Null,
+            Bound::Bool(true),
+            Bound::Int(-3),
+            Bound::Float(1.5),
+            Bound::Text("a \"q\" \\ NULL".into()),
+            Bound::Bytes(vec![0, 255]),
+        ]
+        .iter()
+        .enumerate()
+        {
+            if i > 0 {
+                out.push(',');
+            }
+            b.push_pg_element(&mut out);
+        }
+        assert_eq!(out, r#"NULL,t,-3,1.5,"a \"q\" \\ NULL","\\x00ff""#);
     }
 
     #[test]
