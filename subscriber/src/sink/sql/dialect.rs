@@ -210,6 +210,18 @@ impl Dialect {
         )
     }
 
+    /// Postgres: [`Dialect::record_applied`] with the rows as three array parameters
+    /// (namespaces, generations, seqs).
+    pub fn record_applied_arrays(self) -> String {
+        let t = self.quote("through");
+        format!(
+            "INSERT INTO kausal_applied (namespace, generation, seq) SELECT v.n, v.g, v.s \
+             FROM unnest(CAST($1 AS text[]), CAST($2 AS int8[]), CAST($3 AS int8[])) AS v(n, g, s) \
+             WHERE NOT EXISTS (SELECT 1 FROM kausal_progress p \
+             WHERE p.namespace = v.n AND p.generation = v.g AND p.{t} >= v.s)"
+        )
+    }
+
     /// A multi-row `INSERT … ON CONFLICT/DUPLICATE KEY UPDATE` of `columns` (already
     /// quoted and in bind order; `rows` holds each row's placeholder expressions),
     /// updating `set` (quoted, a subset of `columns`) where `key` (quoted) exists. The

@@ -551,14 +551,37 @@ async fn record_applied(
     dialect: Dialect,
     txs: &[&Transaction],
 ) -> Result<(), SinkError> {
-    let mut query = sqlx::query(AssertSqlSafe(dialect.record_applied(txs.len())));
-    for tx in txs {
-        let id = &tx.id;
-        query = query
-            .bind(id.namespace.to_string())
-            .bind(int(id.generation))
-            .bind(int(id.seq));
-    }
+    let query = if dialect == Dialect::Postgres {
+        // Three array parameters: one statement text whatever the group's size, so it
+        // stays prepared (a text per size churned the statement cache).
+        let (mut namespaces, mut generations, mut seqs) =
+            (String::from("{"), String::from("{"), String::from("{"));
+        for (i, tx) in txs.iter().enumerate() {
+            if i > 0 {
+                namespaces.push(',');
+                generations.push(',');
+                seqs.push(',');
+            }
+            value::Bound::Text(tx.id.namespace.to_string()).push_pg_element(&mut namespaces);
+            generations.push_str(&int(tx.id.generation).to_string());
+            seqs.push_str(&int(tx.id.seq).to_string());
+        }
+        sqlx::query(AssertSqlSafe(dialect.record_applied_arrays()))
+            .bind(namespaces + "}")
+            .bind(generations + "}")
+            .bind(seqs + "}")
+    } else {
+        let mut query =
+            sqlx::query(AssertSqlSafe(dialect.record_applied(txs.len()))).persistent(false);
+        for tx in txs {
+            let id = &tx.id;
+            query = query
+                .bind(id.namespace.to_string())
+                .bind(int(id.generation))
+                .bind(int(id.seq));
+        }
+        query
+    };
     let done = query.execute(conn).await.map_err(|source| {
         let concurrent = matches!(&source, sqlx::Error::Database(db) if db.is_unique_violation());
         SinkError::Store {
