@@ -138,17 +138,7 @@ async fn upsert_unnest(
         .enumerate()
         .map(|(i, cast)| format!("CAST(${} AS {cast}[])", i + 1))
         .collect();
-    let mut columns: Vec<String> = names.iter().map(|n| dialect.quote(n)).collect();
-    let mut set: Vec<String> = names
-        .iter()
-        .filter(|n| !shape.key.iter().any(|k| k == *n))
-        .map(|n| dialect.quote(n))
-        .collect();
-    if mirror {
-        columns.push(dialect.quote(SEQ_COLUMN));
-        set.push(dialect.quote(SEQ_COLUMN));
-    }
-    let key: Vec<String> = shape.key.iter().map(|k| dialect.quote(k)).collect();
+    let (columns, key, set) = upsert_target(dialect, shape, names);
     let source = format!("SELECT * FROM unnest({})", params.join(", "));
     let sql = dialect.upsert_from(&dialect.quote(&shape.name), &columns, &source, &key, &set);
     let mut query = sqlx::query(AssertSqlSafe(sql));
@@ -275,21 +265,32 @@ async fn upsert(
         }
         values.push(exprs);
     }
+    let (columns, key, set) = upsert_target(dialect, shape, names);
+    let sql = dialect.upsert(&dialect.quote(&shape.name), &columns, &values, &key, &set);
+    run(conn, sql, statement.binds)
+        .await
+        .map_err(|source| write_error("upsert", table, rows, source))
+}
+
+/// The quoted columns written (`_kausal_seq` last for a mirror), the key, and the
+/// columns an existing row gets updated.
+fn upsert_target(
+    dialect: Dialect,
+    shape: &crate::txn::TableShape,
+    names: &[&str],
+) -> (Vec<String>, Vec<String>, Vec<String>) {
     let mut columns: Vec<String> = names.iter().map(|n| dialect.quote(n)).collect();
     let mut set: Vec<String> = names
         .iter()
         .filter(|n| !shape.key.iter().any(|k| k == *n))
         .map(|n| dialect.quote(n))
         .collect();
-    if mirror {
+    if shape.mode == TableMode::Mirror {
         columns.push(dialect.quote(SEQ_COLUMN));
         set.push(dialect.quote(SEQ_COLUMN));
     }
-    let key: Vec<String> = shape.key.iter().map(|k| dialect.quote(k)).collect();
-    let sql = dialect.upsert(&dialect.quote(&shape.name), &columns, &values, &key, &set);
-    run(conn, sql, statement.binds)
-        .await
-        .map_err(|source| write_error("upsert", table, rows, source))
+    let key = shape.key.iter().map(|k| dialect.quote(k)).collect();
+    (columns, key, set)
 }
 
 /// The error of a statement over `rows`: names the table, the transactions and, where
