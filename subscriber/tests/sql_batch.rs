@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use sqlx::Executor;
 use std::sync::Arc;
 
+#[macro_use]
 mod common;
 
 use common::build::*;
@@ -325,48 +326,37 @@ async fn a_poison_row_names_table_column_and_seq_and_the_rest_commits(
     Ok(())
 }
 
-macro_rules! on_every_store {
-    ($scenario:ident: $($name:ident => $server:expr),+ $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() -> Result<()> {
-                $scenario($server).await
-            }
-        )+
-    };
-}
-
-on_every_store!(a_key_written_several_times_in_a_group_ends_with_its_last_version:
+scenario_tests!(a_key_written_several_times_in_a_group_ends_with_its_last_version:
     a_key_written_several_times_in_a_group_ends_with_its_last_version_on_postgres => Server::Postgres,
     a_key_written_several_times_in_a_group_ends_with_its_last_version_on_mariadb => Server::MariaDb,
     a_key_written_several_times_in_a_group_ends_with_its_last_version_on_sqlite => Server::Sqlite,
 );
-on_every_store!(an_older_replay_in_a_group_does_not_overwrite_a_newer_row:
+scenario_tests!(an_older_replay_in_a_group_does_not_overwrite_a_newer_row:
     an_older_replay_in_a_group_does_not_overwrite_a_newer_row_on_postgres => Server::Postgres,
     an_older_replay_in_a_group_does_not_overwrite_a_newer_row_on_mariadb => Server::MariaDb,
     an_older_replay_in_a_group_does_not_overwrite_a_newer_row_on_sqlite => Server::Sqlite,
 );
-on_every_store!(delete_and_reinsert_of_a_key_in_one_group_leaves_the_new_row:
+scenario_tests!(delete_and_reinsert_of_a_key_in_one_group_leaves_the_new_row:
     delete_and_reinsert_of_a_key_in_one_group_leaves_the_new_row_on_postgres => Server::Postgres,
     delete_and_reinsert_of_a_key_in_one_group_leaves_the_new_row_on_mariadb => Server::MariaDb,
     delete_and_reinsert_of_a_key_in_one_group_leaves_the_new_row_on_sqlite => Server::Sqlite,
 );
-on_every_store!(unchanged_toast_columns_keep_their_value_across_a_group:
+scenario_tests!(unchanged_toast_columns_keep_their_value_across_a_group:
     unchanged_toast_columns_keep_their_value_across_a_group_on_postgres => Server::Postgres,
     unchanged_toast_columns_keep_their_value_across_a_group_on_mariadb => Server::MariaDb,
     unchanged_toast_columns_keep_their_value_across_a_group_on_sqlite => Server::Sqlite,
 );
-on_every_store!(key_changes_and_truncates_in_one_group_apply_in_order:
+scenario_tests!(key_changes_and_truncates_in_one_group_apply_in_order:
     key_changes_and_truncates_in_one_group_apply_in_order_on_postgres => Server::Postgres,
     key_changes_and_truncates_in_one_group_apply_in_order_on_mariadb => Server::MariaDb,
     key_changes_and_truncates_in_one_group_apply_in_order_on_sqlite => Server::Sqlite,
 );
-on_every_store!(a_group_larger_than_one_statement_is_written_whole:
+scenario_tests!(a_group_larger_than_one_statement_is_written_whole:
     a_group_larger_than_one_statement_is_written_whole_on_postgres => Server::Postgres,
     a_group_larger_than_one_statement_is_written_whole_on_mariadb => Server::MariaDb,
     a_group_larger_than_one_statement_is_written_whole_on_sqlite => Server::Sqlite,
 );
-on_every_store!(a_poison_row_names_table_column_and_seq_and_the_rest_commits:
+scenario_tests!(a_poison_row_names_table_column_and_seq_and_the_rest_commits:
     a_poison_row_names_table_column_and_seq_and_the_rest_commits_on_postgres => Server::Postgres,
     a_poison_row_names_table_column_and_seq_and_the_rest_commits_on_mariadb => Server::MariaDb,
     a_poison_row_names_table_column_and_seq_and_the_rest_commits_on_sqlite => Server::Sqlite,

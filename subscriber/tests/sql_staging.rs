@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use sqlx::{AssertSqlSafe, Row};
 use std::sync::Arc;
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -228,17 +229,6 @@ async fn unreadable_staged_part_is_rejected(server: Server) -> Result<()> {
         other => bail!("expected a rejection, got {other:?}"),
     }
     Ok(())
-}
-
-macro_rules! scenario_tests {
-    ($scenario:ident: $($name:ident => $server:expr),+ $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() -> Result<()> {
-                $scenario($server).await
-            }
-        )+
-    };
 }
 
 scenario_tests!(out_of_order_parts_complete_with_the_last_missing_one:

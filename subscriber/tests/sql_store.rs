@@ -14,6 +14,7 @@ use sqlx::Executor;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+#[macro_use]
 mod common;
 
 use common::build::*;
@@ -459,17 +460,6 @@ async fn concurrent_apply_is_detected(server: Server) -> Result<()> {
         "B called back"
     );
     Ok(())
-}
-
-macro_rules! scenario_tests {
-    ($scenario:ident: $($name:ident => $server:expr),+ $(,)?) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() -> Result<()> {
-                $scenario($server).await
-            }
-        )+
-    };
 }
 
 scenario_tests!(mirror_follows_the_source:

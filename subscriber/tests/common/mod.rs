@@ -5,6 +5,20 @@
 
 pub mod build;
 
+/// One test per server for a scenario `async fn(Server) -> Result<()>`:
+/// `scenario_tests!(scenario: name_on_postgres => Server::Postgres, …);`
+#[allow(unused_macros)]
+macro_rules! scenario_tests {
+    ($scenario:ident: $($name:ident => $server:expr),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() -> Result<()> {
+                $scenario($server).await
+            }
+        )+
+    };
+}
+
 use anyhow::{bail, Context as _, Result};
 use kausal_subscriber::sink::sql::SqlStore;
 use serde_json::Value;
