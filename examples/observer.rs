@@ -26,22 +26,23 @@ async fn main() -> anyhow::Result<()> {
         kausal::config::SUBSCRIBER_SECTIONS,
         kausal::config::SUBSCRIBER_KEYS,
     )?;
-    sqlx::any::install_default_drivers();
-    let store = sqlx::AnyPool::connect(&cfg.store.url).await?; // the read model, to look users up
     let mut subscriber = Subscriber::new(cfg);
     subscriber
         .callbacks()
         .on_insert("messages", move |e: Event<Message>| {
-            let store = store.clone();
             async move {
                 let m = e
                     .new
                     .ok_or(CallbackError::permanent("insert without a row"))?;
+                // The read model, through the store transaction the callback runs in:
+                // it holds the user however the transactions were grouped.
+                let mut conn = e.store.conn().await?;
                 let user: Option<(String,)> =
                     sqlx::query_as("SELECT email FROM users WHERE id = $1")
                         .bind(m.user_id)
-                        .fetch_optional(&store)
+                        .fetch_optional(&mut *conn)
                         .await?;
+                drop(conn);
                 match user {
                     Some((email,)) => println!(
                         "email to {email} about message {}: {:?} [{}]",

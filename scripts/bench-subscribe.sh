@@ -14,7 +14,8 @@
 #    starts alone and is timed until its store has recorded every transaction as
 #    applied (committed), polled every 0.2 s (a psql or python process per poll: polling faster measurably slows the run).
 # 2. end-to-end-latency: publisher + subscriber (SQLite) running, pgbench at a fixed
-#    rate; the latency probe's callback records now - source commit time.
+#    rate; the latency probe's callback records now - source commit time. Then again
+#    with `callbacks.chain = true` (end-to-end-latency-chained).
 # Prints `BENCH <scenario> <metric> <value> <unit>` lines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -189,30 +190,38 @@ for store in sqlite pg; do
 done
 
 # Steady load: a fresh namespace (slot, checkpoint) started after the probe's queue
-# exists, so the probe follows the stream from its first transaction.
-sed -e 's/namespace = "benchsub"/namespace = "benchlat"/' -e "s#$WORK/pub.checkpoint#$WORK/lat.checkpoint#" \
-  "$WORK/pub.toml" > "$WORK/lat-pub.toml"
-sub_config bench-latency "sqlite://$WORK/latency.db" causal 1 benchlat > "$WORK/latency.toml"
-rabbitmqctl -q delete_queue kausal.bench-latency >/dev/null 2>&1 || true
+# exists, so the probe follows the stream from its first transaction. Twice: callbacks
+# as configured by default (each link of a dependency chain its own commit), and with
+# `callbacks.chain = true` (the probe reads nothing from the store, so it may).
+latency_run() { # scenario extra-config
+  local ns=benchlat$2
+  sed -e "s/namespace = \"benchsub\"/namespace = \"$ns\"/" -e "s#$WORK/pub.checkpoint#$WORK/$ns.checkpoint#" \
+    "$WORK/pub.toml" > "$WORK/lat-pub.toml"
+  { sub_config bench-latency "sqlite://$WORK/$ns.db" causal 1 "$ns"; [ -n "$2" ] && printf '[callbacks]\nchain = true\n'; } > "$WORK/latency.toml"
+  rabbitmqctl -q delete_queue kausal.bench-latency >/dev/null 2>&1 || true
+  RUST_LOG=warn target/release/examples/latency_probe "$WORK/latency.toml" pgbench_history > "$WORK/latency.out" & PROBE=$!
+  until [ -n "$(depth kausal.bench-latency)" ]; do sleep 0.2; done
+  RUST_LOG=warn $BIN publish --config "$WORK/lat-pub.toml" & PUB=$!
+  until [ "$(slot_active "kausal_$ns")" = 1 ]; do sleep 0.2; done
+  sleep 2
+  pgbench -h 127.0.0.1 -U postgres -n -c 4 -j 2 -R "$RATE" -T "$SECONDS_LOAD" $DB >/dev/null
+  sleep 2
+  PROBE_RSS=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$PROBE/status)
+  PUB_RSS=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$PUB/status)
+  kill -TERM $PROBE; wait $PROBE || true
+  kill -TERM $PUB; wait $PUB || true
+  read -r _ COUNT _ P50 _ P95 _ P99 _ MAX < "$WORK/latency.out"
+  printf 'BENCH %s rate %d txn/s\n' "$1" "$RATE"
+  printf 'BENCH %s callbacks %d\n' "$1" "$COUNT"
+  printf 'BENCH %s p50 %s ms\nBENCH %s p95 %s ms\n' "$1" "$P50" "$1" "$P95"
+  printf 'BENCH %s p99 %s ms\nBENCH %s max %s ms\n' "$1" "$P99" "$1" "$MAX"
+  $PSQL -d postgres -c "SELECT pg_drop_replication_slot('kausal_$ns')" >/dev/null 2>&1 || true
+}
 redis-cli --scan --pattern "benchcache$$:*" | xargs -r redis-cli unlink >/dev/null
-RUST_LOG=warn target/release/examples/latency_probe "$WORK/latency.toml" pgbench_history > "$WORK/latency.out" & PROBE=$!
-until [ -n "$(depth kausal.bench-latency)" ]; do sleep 0.2; done
-RUST_LOG=warn $BIN publish --config "$WORK/lat-pub.toml" & PUB=$!
-until [ "$(slot_active kausal_benchlat)" = 1 ]; do sleep 0.2; done
-sleep 2
-pgbench -h 127.0.0.1 -U postgres -n -c 4 -j 2 -R "$RATE" -T "$SECONDS_LOAD" $DB >/dev/null
-sleep 2
-PROBE_RSS=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$PROBE/status)
-PUB_RSS=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$PUB/status)
-kill -TERM $PROBE; wait $PROBE || true
-kill -TERM $PUB; wait $PUB || true
-read -r _ COUNT _ P50 _ P95 _ P99 _ MAX < "$WORK/latency.out"
-printf 'BENCH end-to-end-latency rate %d txn/s\n' "$RATE"
-printf 'BENCH end-to-end-latency callbacks %d\n' "$COUNT"
-printf 'BENCH end-to-end-latency p50 %s ms\nBENCH end-to-end-latency p95 %s ms\n' "$P50" "$P95"
-printf 'BENCH end-to-end-latency p99 %s ms\nBENCH end-to-end-latency max %s ms\n' "$P99" "$MAX"
+latency_run end-to-end-latency ""
 printf 'BENCH memory latency_subscriber_peak_rss %d MiB\nBENCH memory latency_publisher_peak_rss %d MiB\n' "$PROBE_RSS" "$PUB_RSS"
-for slot in kausal_benchsub kausal_benchlat; do
+latency_run end-to-end-latency-chained chained
+for slot in kausal_benchsub; do
   $PSQL -d postgres -c "SELECT pg_drop_replication_slot('$slot')" >/dev/null 2>&1 || true
 done
 i=0

@@ -30,6 +30,28 @@ async fn four_worker_processes_never_call_back_a_message_before_its_user() {
     e.finish().await;
 }
 
+/// One worker chaining dependent transactions into one store transaction although it has
+/// callbacks (`callbacks.chain`): the observer reads users through its event's store
+/// transaction, so a message chained after its user's insert still finds the user.
+#[tokio::test(flavor = "multi_thread")]
+async fn chained_callbacks_reading_through_the_event_never_miss_the_user() {
+    let e = e2e("chaincb").await;
+    let text = sub_config_text(
+        &e.ns,
+        &e.store_url,
+        &format!("[callbacks]\nchain = true\n{}", workload::subscribed(&e.ns)),
+    );
+    let config = write_config(&text, &format!("{}.sub", e.ns));
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let mut worker = Process::example("observer", &config, lines.clone());
+    let inserts = workload::run(&e.db.url, 4_000, 4, 17).await;
+    let store = e.store().await;
+    workload::converge(&e.db.url, &store, Duration::from_secs(240)).await;
+    observer_saw_every_message_after_its_user(&lines, inserts).await;
+    worker.kill();
+    e.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn random_workload_of_20000_transactions_ends_equal_to_the_source() {
     let e = e2e("random").await;

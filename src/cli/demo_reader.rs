@@ -22,6 +22,8 @@ app = "demo-reader"
 url = "{broker}"
 [store]
 url = "{store}"
+[callbacks]
+chain = true
 [[table]]
 namespace = "demo"
 name = "users"
@@ -34,8 +36,6 @@ name = "messages"
     let cfg: SubscriberConfig = toml::from_str(&config)?;
     sqlx::any::install_default_drivers();
     let mut sub = Subscriber::new(cfg);
-    let store_url = store.clone();
-    let pool = tokio::sync::OnceCell::new();
     sub.callbacks()
         .on_insert("users", |e: Event<serde_json::Value>| async move {
             let u = e.new.unwrap_or_default();
@@ -46,33 +46,28 @@ name = "messages"
             );
             Ok(())
         })
-        .on_insert("messages", move |e: Event<Message>| {
-            let store_url = store_url.clone();
-            let pool = pool.clone();
-            async move {
-                let pool = pool
-                    .get_or_try_init(|| sqlx::AnyPool::connect(&store_url))
-                    .await
-                    .map_err(CallbackError::from)?;
-                let m = e
-                    .new
-                    .ok_or(CallbackError::permanent("insert without a row"))?;
-                // Causal order: the user's row was applied before this message.
-                let email: Option<(String,)> =
-                    sqlx::query_as("SELECT email FROM users WHERE id = $1")
-                        .bind(m.user_id)
-                        .fetch_optional(pool)
-                        .await?;
-                let lag_ms = (now_us() - e.commit_ts_us) as f64 / 1000.0;
-                match email {
-                    Some((email,)) => println!(
-                        "email to {email} about message {}: {:?} ({lag_ms:.0} ms after commit)",
-                        m.id, m.text
-                    ),
-                    None => println!("BUG: message {} before its user {}", m.id, m.user_id),
-                }
-                Ok(())
+        .on_insert("messages", move |e: Event<Message>| async move {
+            let m = e
+                .new
+                .ok_or(CallbackError::permanent("insert without a row"))?;
+            // Causal order: the user's row was applied before this message, in an
+            // earlier commit or earlier in this store transaction (chained): reading
+            // through the event's store transaction sees it either way.
+            let mut conn = e.store.conn().await?;
+            let email: Option<(String,)> = sqlx::query_as("SELECT email FROM users WHERE id = $1")
+                .bind(m.user_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+            drop(conn);
+            let lag_ms = (now_us() - e.commit_ts_us) as f64 / 1000.0;
+            match email {
+                Some((email,)) => println!(
+                    "email to {email} about message {}: {:?} ({lag_ms:.0} ms after commit)",
+                    m.id, m.text
+                ),
+                None => println!("BUG: message {} before its user {}", m.id, m.user_id),
             }
+            Ok(())
         });
     Ok(sub)
 }

@@ -280,6 +280,11 @@ impl Default for OrderingConfig {
 pub struct CallbackConfig {
     pub attempts: u32,
     pub backoff_ms: u64,
+    /// Chain dependent transactions into one store transaction also when callbacks are
+    /// registered (in-process coordination). Only for callbacks that read the store
+    /// through `Event::store`, or not at all: through a connection of their own they
+    /// would not see the rows of the transactions chained before theirs.
+    pub chain: bool,
 }
 
 impl Default for CallbackConfig {
@@ -287,6 +292,7 @@ impl Default for CallbackConfig {
         CallbackConfig {
             attempts: DEFAULT_CALLBACK_ATTEMPTS,
             backoff_ms: DEFAULT_RETRY_BACKOFF_MS,
+            chain: false,
         }
     }
 }

@@ -27,4 +27,4 @@ pub mod txn;
 pub use config::{Mode, SubscriberConfig};
 pub use error::{ErrorClass, SinkError, SubscriberError};
 pub use runtime::{run, BootstrapPlan, BootstrapProgress, Subscriber, TableProgress};
-pub use sink::{CallbackError, Callbacks, Event};
+pub use sink::{CallbackError, Callbacks, Event, StoreConn, StoreTx};

@@ -71,6 +71,12 @@ pub struct Transaction {
     pub tables: Vec<String>,
     /// Number of envelope parts it came in.
     pub parts: u32,
+    /// Set on a split transaction admitted without its changes (`changes` is empty):
+    /// they are read from the store's staging table part by part when it is applied.
+    pub staged: Option<Arc<Staged>>,
+    /// Set on the view of one part of a staged transaction, as sinks and callbacks get
+    /// it: the part's index. Sinks that version rows order by (seq, part) then.
+    pub part: Option<u32>,
 }
 
 impl Transaction {
@@ -217,63 +223,175 @@ impl Mapping {
 
     /// Builds the transaction from all of its parts (in part order).
     pub fn assemble(&mut self, parts: &[Envelope]) -> Result<Transaction, MappingError> {
-        let first = &parts[0];
-        let id = TxId {
-            namespace: first.namespace.as_str().into(),
-            generation: first.generation,
-            seq: first.seq,
-        };
-        let mut deps: BTreeMap<u32, Dep> = BTreeMap::new();
-        let mut tables: Vec<String> = Vec::new();
-        let mut changes = Vec::new();
+        let mut fold = Fold::default();
         for env in parts {
-            for d in &env.deps {
-                match deps.get(&d.k) {
-                    Some(prev) if prev.kind == DepKind::Write => {}
-                    _ => {
-                        deps.insert(d.k, *d);
-                    }
-                }
-            }
-            for c in &env.changes {
-                if !tables.contains(&c.table) {
-                    tables.push(c.table.clone());
-                }
-                let Some(shape) = self.shape(env, &c.table)? else {
-                    continue;
-                };
-                let ns = env.namespace.as_str();
-                let unchanged = c
-                    .unchanged
-                    .iter()
-                    .filter_map(|u| {
-                        let sub = &self.tables[&(ns.to_string(), c.table.clone())];
-                        let d = sub.rename.get(u).cloned().unwrap_or(u.clone());
-                        shape.columns.iter().any(|(n, _)| *n == d).then_some(d)
-                    })
-                    .collect();
-                changes.push(RowChange {
-                    op: c.op,
-                    source_table: c.table.clone(),
-                    key: self.project(ns, &c.table, &c.key),
-                    old_key: c.old_key.as_ref().map(|k| self.project(ns, &c.table, k)),
-                    new: c.new.as_ref().map(|r| self.project(ns, &c.table, r)),
-                    old: c.old.as_ref().map(|r| self.project(ns, &c.table, r)),
-                    unchanged,
-                    shape,
-                });
+            self.fold(&mut fold, env)?;
+        }
+        Ok(fold.finish(parts.len() as u32, None))
+    }
+
+    /// Adds one part of a split transaction read part by part (in part order) to
+    /// `staged`, keeping what the gate needs (dependencies, tables, shapes) and dropping
+    /// its changes: they stay in the store's staging table until the transaction is
+    /// applied. A part that does not fit the subscription fails here, before anything
+    /// is applied.
+    pub fn stage(&mut self, staged: &mut StagedFold, env: &Envelope) -> Result<(), MappingError> {
+        self.fold(&mut staged.fold, env)?;
+        for change in staged.fold.changes.drain(..) {
+            staged.changes += 1;
+            if !staged.shapes.iter().any(|s| Arc::ptr_eq(s, &change.shape)) {
+                staged.shapes.push(change.shape);
             }
         }
-        Ok(Transaction {
-            position: first.position.clone(),
+        staged.parts += 1;
+        Ok(())
+    }
+
+    /// The split transaction `staged` folded, without its changes: [`Transaction::staged`]
+    /// maps them again part by part when it is applied.
+    pub fn finish_staged(&self, staged: StagedFold) -> Transaction {
+        let parts = staged.parts;
+        let detail = Staged {
+            parts,
+            shapes: staged.shapes,
+            changes: staged.changes,
+            mapping: std::sync::Mutex::new(self.clone()),
+        };
+        staged.fold.finish(parts, Some(Arc::new(detail)))
+    }
+
+    fn fold(&mut self, fold: &mut Fold, env: &Envelope) -> Result<(), MappingError> {
+        if fold.head.is_none() {
+            fold.head = Some(Head {
+                id: TxId {
+                    namespace: env.namespace.as_str().into(),
+                    generation: env.generation,
+                    seq: env.seq,
+                },
+                position: env.position.clone(),
+                commit_ts_us: env.commit_ts_us,
+                txid: env.txid.clone(),
+                context: env.context.clone(),
+            });
+        }
+        for d in &env.deps {
+            match fold.deps.get(&d.k) {
+                Some(prev) if prev.kind == DepKind::Write => {}
+                _ => {
+                    fold.deps.insert(d.k, *d);
+                }
+            }
+        }
+        for c in &env.changes {
+            if !fold.tables.contains(&c.table) {
+                fold.tables.push(c.table.clone());
+            }
+            let Some(shape) = self.shape(env, &c.table)? else {
+                continue;
+            };
+            let ns = env.namespace.as_str();
+            let unchanged = c
+                .unchanged
+                .iter()
+                .filter_map(|u| {
+                    let sub = &self.tables[&(ns.to_string(), c.table.clone())];
+                    let d = sub.rename.get(u).cloned().unwrap_or(u.clone());
+                    shape.columns.iter().any(|(n, _)| *n == d).then_some(d)
+                })
+                .collect();
+            fold.changes.push(RowChange {
+                op: c.op,
+                source_table: c.table.clone(),
+                key: self.project(ns, &c.table, &c.key),
+                old_key: c.old_key.as_ref().map(|k| self.project(ns, &c.table, k)),
+                new: c.new.as_ref().map(|r| self.project(ns, &c.table, r)),
+                old: c.old.as_ref().map(|r| self.project(ns, &c.table, r)),
+                unchanged,
+                shape,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Parts folded into one transaction so far.
+#[derive(Default)]
+struct Fold {
+    /// The fields every part shares, from the first.
+    head: Option<Head>,
+    deps: BTreeMap<u32, Dep>,
+    tables: Vec<String>,
+    changes: Vec<RowChange>,
+}
+
+impl Fold {
+    fn finish(self, parts: u32, staged: Option<Arc<Staged>>) -> Transaction {
+        let first = self.head.unwrap_or_else(|| Head {
+            id: TxId {
+                namespace: "".into(),
+                generation: 0,
+                seq: 0,
+            },
+            position: String::new(),
+            commit_ts_us: 0,
+            txid: String::new(),
+            context: Context::default(),
+        });
+        Transaction {
+            id: first.id,
+            position: first.position,
             commit_ts_us: first.commit_ts_us,
-            txid: first.txid.clone(),
-            context: first.context.clone(),
-            parts: parts.len() as u32,
-            id,
-            changes,
-            deps: deps.into_values().collect(),
-            tables,
-        })
+            txid: first.txid,
+            context: first.context,
+            parts,
+            changes: self.changes,
+            deps: self.deps.into_values().collect(),
+            tables: self.tables,
+            staged,
+            part: None,
+        }
+    }
+}
+
+struct Head {
+    id: TxId,
+    position: String,
+    commit_ts_us: i64,
+    txid: String,
+    context: Context,
+}
+
+/// A split transaction being read part by part ([`Mapping::stage`]).
+#[derive(Default)]
+pub struct StagedFold {
+    fold: Fold,
+    parts: u32,
+    shapes: Vec<Arc<TableShape>>,
+    changes: usize,
+}
+
+/// A split transaction admitted without its changes, which stay in the store's staging
+/// table: it is applied part by part inside one store transaction, so memory holds one
+/// part at a time however large the transaction is.
+#[derive(Debug)]
+pub struct Staged {
+    pub parts: u32,
+    /// Every destination shape its changes write (tables are prepared before the store
+    /// transaction begins).
+    pub shapes: Vec<Arc<TableShape>>,
+    /// Subscribed changes over all parts.
+    pub changes: usize,
+    /// The mapping as it was when the parts were admitted (its shapes built).
+    mapping: std::sync::Mutex<Mapping>,
+}
+
+impl Staged {
+    /// One staged part mapped again: a view of the transaction that holds this part's
+    /// changes only, with [`Transaction::part`] set.
+    pub fn part(&self, envelope: &Envelope) -> Result<Transaction, MappingError> {
+        let mut mapping = self.mapping.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tx = mapping.assemble(std::slice::from_ref(envelope))?;
+        tx.part = Some(envelope.part);
+        Ok(tx)
     }
 }

@@ -4,13 +4,14 @@
 //! dropped when the test ends (even when it fails), so the tests run in parallel.
 
 use anyhow::{bail, ensure, Result};
-use kausal_bus::{Change, Context, Dep, DepKind, Envelope, Op};
+use kausal_bus::{Change, Column, Context, Dep, DepKind, Envelope, Op, TableSchema};
 use kausal_subscriber::sink::sql::SqlStore;
-use kausal_subscriber::sink::Callbacks;
-use kausal_subscriber::txn::{Transaction, TxId};
+use kausal_subscriber::sink::{CallbackError, Callbacks, Event};
+use kausal_subscriber::txn::{Mapping, StagedFold, Transaction, TxId};
+use kausal_subscriber::SubscriberConfig;
 use serde_json::{json, Map, Value};
 use sqlx::{AssertSqlSafe, Row};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 #[macro_use]
 mod common;
@@ -52,7 +53,18 @@ fn part(seq: u64, part: u32, parts: u32) -> Envelope {
             user: Some("ann".into()),
             ..Context::default()
         },
-        schemas: Vec::new(),
+        schemas: vec![TableSchema {
+            table: "items".into(),
+            columns: [("id", "int8"), ("name", "text"), ("doc", "jsonb")]
+                .iter()
+                .map(|(name, ty)| Column {
+                    name: name.to_string(),
+                    type_name: ty.to_string(),
+                })
+                .collect(),
+            key: vec!["id".into()],
+            changed: false,
+        }],
         changes: vec![insert(id(2 * part)), insert(id(2 * part + 1))],
         deps: vec![Dep {
             k: part,
@@ -66,6 +78,40 @@ fn part(seq: u64, part: u32, parts: u32) -> Envelope {
 
 fn all_parts(seq: u64, parts: u32) -> Vec<Envelope> {
     (0..parts).map(|p| part(seq, p, parts)).collect()
+}
+
+fn id(seq: u64) -> TxId {
+    TxId {
+        namespace: "app".into(),
+        generation: 1,
+        seq,
+    }
+}
+
+/// What the worker does with a complete set: reads the parts back one at a time and
+/// admits the transaction without its changes.
+async fn admit_staged(store: &SqlStore, seq: u64, total: u32) -> Result<Arc<Transaction>> {
+    let cfg = SubscriberConfig::new("t", "amqp://unused", "sqlite://unused").subscribe(
+        "app",
+        "items",
+        &[],
+    );
+    let mut mapping = Mapping::new(&cfg);
+    let mut fold = StagedFold::default();
+    for p in 0..total {
+        let Some(envelope) = store.staged_part(&id(seq), p).await? else {
+            bail!("part {p} of seq {seq} is not staged");
+        };
+        mapping.stage(&mut fold, &envelope)?;
+    }
+    Ok(Arc::new(mapping.finish_staged(fold)))
+}
+
+async fn count(store: &SqlStore, table: &str) -> Result<i64> {
+    let row = sqlx::query(AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(store.pool())
+        .await?;
+    Ok(row.try_get(0)?)
 }
 
 /// The transaction `apply_group` gets once its parts are assembled; the store only
@@ -85,6 +131,8 @@ fn assembled(seq: u64, parts: u32) -> Arc<Transaction> {
         deps: Vec::new(),
         tables: Vec::new(),
         parts,
+        staged: None,
+        part: None,
     })
 }
 
@@ -113,10 +161,16 @@ async fn out_of_order_parts_complete_with_the_last_missing_one(server: Server) -
         );
     }
     assert_eq!(staged_rows(&store, Some(4)).await?, 4 - 1);
-    assert_eq!(store.stage_part(&staged[1]).await?, Some(staged.clone()));
-    // A redelivery of any part once all are there returns the set again.
-    assert_eq!(store.stage_part(&staged[0]).await?, Some(staged.clone()));
+    assert_eq!(store.stage_part(&staged[1]).await?, Some(4));
+    // A redelivery of any part once all are there says the set is complete again.
+    assert_eq!(store.stage_part(&staged[0]).await?, Some(4));
     assert_eq!(staged_rows(&store, Some(4)).await?, 4);
+    for (p, envelope) in staged.iter().enumerate() {
+        assert_eq!(
+            store.staged_part(&id(4), p as u32).await?.as_ref(),
+            Some(envelope)
+        );
+    }
 
     // Without the part that carries the count, the set is never complete.
     let unknown = all_parts(5, 3);
@@ -147,10 +201,10 @@ async fn concurrent_workers_complete_the_set(server: Server) -> Result<()> {
     let (evens, odds): (Vec<Envelope>, Vec<Envelope>) =
         staged.iter().cloned().partition(|e| e.part % 2 == 0);
     let (from_a, from_b) = (worker(a.clone(), evens), worker(b.clone(), odds));
-    let completed: Vec<Vec<Envelope>> = [from_a.await??, from_b.await??].concat();
-    ensure!(!completed.is_empty(), "no worker got the complete set");
-    for set in completed {
-        assert_eq!(set, staged);
+    let completed: Vec<u32> = [from_a.await??, from_b.await??].concat();
+    ensure!(!completed.is_empty(), "no worker saw the complete set");
+    for total in completed {
+        assert_eq!(total, parts);
     }
     assert_eq!(staged_rows(&a, Some(9)).await?, i64::from(parts));
     Ok(())
@@ -159,7 +213,7 @@ async fn concurrent_workers_complete_the_set(server: Server) -> Result<()> {
 async fn recovery_finds_complete_sets_until_applied(server: Server) -> Result<()> {
     let db = TestDb::create(server).await?;
     let store = db.store().await?;
-    assert_eq!(store.staged_complete().await?, Vec::<Vec<Envelope>>::new());
+    assert_eq!(store.staged_complete().await?, Vec::new());
 
     // Seq 6 complete (the worker crashed before applying it), seq 8 still missing part 1.
     let six = all_parts(6, 3);
@@ -168,11 +222,11 @@ async fn recovery_finds_complete_sets_until_applied(server: Server) -> Result<()
     }
     let eight = all_parts(8, 2);
     store.stage_part(&eight[0]).await?;
-    assert_eq!(store.staged_complete().await?, std::slice::from_ref(&six));
+    assert_eq!(store.staged_complete().await?, [(id(6), 3)]);
 
     let none = Callbacks::default();
     assert_eq!(store.apply_group(&[assembled(6, 3)], &none).await?, [true]);
-    assert_eq!(store.staged_complete().await?, Vec::<Vec<Envelope>>::new());
+    assert_eq!(store.staged_complete().await?, Vec::new());
     assert_eq!(staged_rows(&store, Some(6)).await?, 0);
 
     // A redelivered part restaged after the apply is dropped again, not recovered.
@@ -221,7 +275,8 @@ async fn unreadable_staged_part_is_rejected(server: Server) -> Result<()> {
     sqlx::query("UPDATE kausal_parts SET body = 'not json' WHERE part = 0")
         .execute(store.pool())
         .await?;
-    match store.stage_part(&staged[1]).await {
+    assert_eq!(store.stage_part(&staged[1]).await?, Some(2));
+    match store.staged_part(&id(7), 0).await {
         Err(kausal_subscriber::SinkError::Rejected { table, reason }) => {
             assert_eq!(table, "kausal_parts");
             ensure!(reason.contains("seq 7"), "`{reason}` does not name the seq");
@@ -231,6 +286,72 @@ async fn unreadable_staged_part_is_rejected(server: Server) -> Result<()> {
     Ok(())
 }
 
+/// A staged transaction is applied from the staging table part by part inside one
+/// store transaction: all of its rows or none, callbacks with their index in the whole
+/// transaction, its staged parts gone once applied.
+async fn staged_transaction_applies_part_by_part_and_atomically(server: Server) -> Result<()> {
+    let db = TestDb::create(server).await?;
+    let store = db.store().await?;
+    for envelope in all_parts(4, 4).iter().rev() {
+        store.stage_part(envelope).await?;
+    }
+    let tx = admit_staged(&store, 4, 4).await?;
+    ensure!(
+        tx.changes.is_empty(),
+        "the admitted transaction holds its changes"
+    );
+    assert_eq!(tx.staged.as_ref().map(|s| s.changes), Some(8));
+    assert_eq!(tx.deps.len(), 4);
+
+    // A callback refusing the last change of the last part rolls everything back.
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut refusing = Callbacks::default();
+    refusing.on_insert("items", |event: Event<Value>| async move {
+        if event.idempotency_key.ends_with("/7") {
+            return Err(CallbackError::permanent("refused"));
+        }
+        Ok(())
+    });
+    ensure!(
+        store
+            .apply_group(std::slice::from_ref(&tx), &refusing)
+            .await
+            .is_err(),
+        "a refused change did not fail the transaction"
+    );
+    assert_eq!(count(&store, "items").await.unwrap_or(0), 0);
+    assert_eq!(staged_rows(&store, Some(4)).await?, 4);
+
+    let mut recording = Callbacks::default();
+    let keys = seen.clone();
+    recording.on_insert("items", move |event: Event<Value>| {
+        let keys = keys.clone();
+        async move {
+            keys.lock().unwrap().push(event.idempotency_key);
+            Ok(())
+        }
+    });
+    assert_eq!(
+        store
+            .apply_group(std::slice::from_ref(&tx), &recording)
+            .await?,
+        [true]
+    );
+    assert_eq!(count(&store, "items").await?, 8);
+    assert_eq!(staged_rows(&store, Some(4)).await?, 0);
+    let expected: Vec<String> = (0..8).map(|i| format!("app/1/4/{i}")).collect();
+    assert_eq!(*seen.lock().unwrap(), expected);
+    // Applied once: a second apply skips it.
+    assert_eq!(store.apply_group(&[tx], &recording).await?, [false]);
+    assert_eq!(seen.lock().unwrap().len(), 8);
+    Ok(())
+}
+
+scenario_tests!(staged_transaction_applies_part_by_part_and_atomically:
+    a_staged_transaction_applies_part_by_part_all_or_nothing_on_postgres => Server::Postgres,
+    a_staged_transaction_applies_part_by_part_all_or_nothing_on_mariadb => Server::MariaDb,
+    a_staged_transaction_applies_part_by_part_all_or_nothing_on_sqlite => Server::Sqlite,
+);
 scenario_tests!(out_of_order_parts_complete_with_the_last_missing_one:
     parts_out_of_order_with_duplicates_complete_on_the_last_missing_one_on_postgres => Server::Postgres,
     parts_out_of_order_with_duplicates_complete_on_the_last_missing_one_on_mariadb => Server::MariaDb,

@@ -164,6 +164,58 @@ async fn duplicates_change_nothing(server: Server) -> Result<()> {
     Ok(())
 }
 
+/// Two transactions applied in one store transaction (as a chain is): each callback
+/// reads, through its event's store transaction, the rows written so far in it — its
+/// own and the other's — which a connection of its own would not see before the
+/// commit. A handle kept past the callback refuses to be used.
+async fn callbacks_read_through_the_store_transaction(server: Server) -> Result<()> {
+    let db = TestDb::create(server).await?;
+    let store = db.store().await?;
+    let items = items_v1();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = Arc::new(std::sync::Mutex::new(None));
+    let mut callbacks = Callbacks::default();
+    let (s, k) = (seen.clone(), kept.clone());
+    callbacks.on_insert("items", move |e: kausal_subscriber::Event<Value>| {
+        let (s, k) = (s.clone(), k.clone());
+        async move {
+            let mut conn = e.store.conn().await?;
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM items")
+                .fetch_one(&mut *conn)
+                .await?;
+            drop(conn);
+            s.lock().unwrap().push(count);
+            *k.lock().unwrap() = Some(e.store.clone());
+            Ok(())
+        }
+    });
+    // Each callback sees the store as of its transaction: its own row and those before
+    // it, not the delete that comes after it in the same group.
+    let group = [
+        tx(1, vec![insert(&items, json!({"id": 1, "name": "a"}))]),
+        tx(2, vec![insert(&items, json!({"id": 2, "name": "b"}))]),
+        tx(3, vec![delete(&items, json!({"id": 1}))]),
+    ];
+    assert_eq!(
+        store.apply_group(&group, &callbacks).await?,
+        [true, true, true]
+    );
+    assert_eq!(*seen.lock().unwrap(), [1, 2]);
+    assert_eq!(
+        rows(&store, "SELECT id FROM items ORDER BY id").await?,
+        [vec![json!(2)]]
+    );
+    let handle = kept.lock().unwrap().take();
+    let Some(handle) = handle else {
+        bail!("no callback ran")
+    };
+    match handle.conn().await {
+        Err(error) => ensure!(error.message.contains("ended"), "{}", error.message),
+        Ok(_) => bail!("the store transaction is usable after its commit"),
+    }
+    Ok(())
+}
+
 async fn progress_follows_applied_and_compaction(server: Server) -> Result<()> {
     let db = TestDb::create(server).await?;
     let store = db.store().await?;
@@ -471,6 +523,11 @@ scenario_tests!(duplicates_change_nothing:
     duplicate_transaction_changes_nothing_on_postgres => Server::Postgres,
     duplicate_transaction_changes_nothing_on_mariadb => Server::MariaDb,
     duplicate_transaction_changes_nothing_on_sqlite => Server::Sqlite,
+);
+scenario_tests!(callbacks_read_through_the_store_transaction:
+    callbacks_read_the_rows_of_their_store_transaction_through_the_event_on_postgres => Server::Postgres,
+    callbacks_read_the_rows_of_their_store_transaction_through_the_event_on_mariadb => Server::MariaDb,
+    callbacks_read_the_rows_of_their_store_transaction_through_the_event_on_sqlite => Server::Sqlite,
 );
 scenario_tests!(progress_follows_applied_and_compaction:
     progress_reflects_applied_seqs_and_compaction_on_postgres => Server::Postgres,

@@ -23,7 +23,7 @@ use crate::coord::{memory::MemoryCoord, redis::RedisCoord, Check, Coordinator, Q
 use crate::error::SubscriberError;
 use crate::schedule::Wait;
 use crate::sink::{Callbacks, SqlStore};
-use crate::txn::{Mapping, Transaction, TxId};
+use crate::txn::{Mapping, StagedFold, Transaction, TxId};
 use apply::{error_chain, seed, Applier, Outcome};
 use kausal_bus::amqp::{Delivery, Inbox, MemoryQueue};
 use kausal_bus::deps::table_key;
@@ -77,9 +77,9 @@ struct Worker {
     /// Which deliveries hold envelopes of a transaction (with the count per delivery).
     owners: HashMap<TxId, Vec<(u64, usize)>>,
     waiting: HashMap<TxId, Waiting>,
-    /// Split transactions in the gate: acked once staged, so a dead letter is rebuilt
-    /// from the staging table, not from the messages.
-    split: HashSet<TxId>,
+    /// Split transactions in the gate, with their number of parts: acked once staged,
+    /// so a dead letter is rebuilt from the staging table, not from the messages.
+    split: HashMap<TxId, u32>,
     /// The lowest sequence number received per namespace/generation since start: where
     /// a subscriber joining a running stream joins.
     min_seen: HashMap<(Arc<str>, u64), u64>,
@@ -166,8 +166,9 @@ impl Worker {
             dead: HashSet::new(),
             min_seen: HashMap::new(),
             stuck_since: HashMap::new(),
-            chain: matches!(cfg.coordination, Coordination::Memory) && applier_callbacks_empty,
-            split: HashSet::new(),
+            chain: matches!(cfg.coordination, Coordination::Memory)
+                && (applier_callbacks_empty || cfg.callbacks.chain),
+            split: HashMap::new(),
             applier,
             next_delivery: 0,
             held: BTreeMap::new(),
@@ -366,8 +367,8 @@ impl Worker {
                 if let Some(h) = self.held.get_mut(&id) {
                     h.remaining = h.remaining.saturating_sub(1);
                 }
-                if let Some(parts) = complete {
-                    self.admit(tx_id, parts).await?;
+                if let Some(total) = complete {
+                    self.admit_staged(tx_id, total).await?;
                 }
                 continue;
             }
@@ -376,72 +377,93 @@ impl Worker {
                 Some((_, n)) => *n += 1,
                 None => owners.push((id, 1)),
             }
-            self.admit(tx_id, vec![env]).await?;
+            self.admit(tx_id, env).await?;
         }
         self.ack_finished().await
     }
 
-    /// A complete transaction enters the gate (unless it is already in it).
-    async fn admit(&mut self, tx_id: TxId, parts: Vec<Envelope>) -> Result<(), SubscriberError> {
-        let seen = self
-            .min_seen
-            .entry((tx_id.namespace.clone(), tx_id.generation))
-            .or_insert(tx_id.seq);
+    /// Whether a complete transaction is new to the gate: not waiting, applying or
+    /// dead-lettered in this run (a duplicate is settled with the one held).
+    fn arrives(&mut self, tx_id: &TxId) -> bool {
+        let stream = (tx_id.namespace.clone(), tx_id.generation);
+        let seen = self.min_seen.entry(stream.clone()).or_insert(tx_id.seq);
         *seen = (*seen).min(tx_id.seq);
-        self.stuck_since
-            .entry((tx_id.namespace.clone(), tx_id.generation))
-            .or_insert_with(Instant::now);
-        if self.waiting.contains_key(&tx_id) || self.applying.contains_key(&tx_id) {
-            // A duplicate of a transaction we already hold: settled with it.
+        self.stuck_since.entry(stream).or_insert_with(Instant::now);
+        if self.waiting.contains_key(tx_id) || self.applying.contains_key(tx_id) {
+            return false;
+        }
+        if self.dead.contains(tx_id) {
+            self.release(tx_id);
+            return false;
+        }
+        true
+    }
+
+    /// A transaction of one envelope enters the gate (unless it is already in it).
+    async fn admit(&mut self, tx_id: TxId, envelope: Envelope) -> Result<(), SubscriberError> {
+        if !self.arrives(&tx_id) {
             return Ok(());
         }
-        if self.dead.contains(&tx_id) {
-            self.release(&tx_id);
-            return Ok(());
-        }
-        let assembled = self.mapping.assemble(&parts);
-        let split = parts.len() > 1;
-        match assembled {
-            Ok(tx) => {
-                if split {
-                    self.split.insert(tx_id.clone());
-                }
-                let table_keys = tx
-                    .tables
-                    .iter()
-                    .map(|t| table_key(t, self.cfg.ordering.key_space))
-                    .collect();
-                self.waiting.insert(
-                    tx_id,
-                    Waiting {
-                        tx: Arc::new(tx),
-                        table_keys,
-                        since: Instant::now(),
-                        reported: None,
-                        wait: None,
-                    },
-                );
-            }
+        match self.mapping.assemble(std::slice::from_ref(&envelope)) {
+            Ok(tx) => self.enter(tx_id, tx),
             Err(error) => {
                 let reason = error.to_string();
                 tracing::error!(tx = %tx_id, reason = %reason, "transaction does not fit the subscription");
-                self.dead_letter(&tx_id, &parts, &reason).await?;
+                self.dead_letter(&tx_id, &[envelope], &reason).await?;
             }
         }
         Ok(())
     }
 
+    /// A split transaction whose `total` parts are all staged enters the gate. Its
+    /// parts are read from the store one at a time, for its dependencies and tables;
+    /// its changes stay staged until it is applied (part by part, too).
+    async fn admit_staged(&mut self, tx_id: TxId, total: u32) -> Result<(), SubscriberError> {
+        if !self.arrives(&tx_id) {
+            return Ok(());
+        }
+        let mut fold = StagedFold::default();
+        for part in 0..total {
+            let Some(envelope) = self.store.staged_part(&tx_id, part).await? else {
+                // Applied or dead-lettered by another worker since it was complete.
+                tracing::debug!(tx = %tx_id, part, "staged part gone, not admitted");
+                return Ok(());
+            };
+            if let Err(error) = self.mapping.stage(&mut fold, &envelope) {
+                let reason = error.to_string();
+                tracing::error!(tx = %tx_id, reason = %reason, "transaction does not fit the subscription");
+                return self.dead_letter_staged(&tx_id, total, &reason).await;
+            }
+        }
+        self.split.insert(tx_id.clone(), total);
+        let tx = self.mapping.finish_staged(fold);
+        self.enter(tx_id, tx);
+        Ok(())
+    }
+
+    fn enter(&mut self, tx_id: TxId, tx: Transaction) {
+        let table_keys = tx
+            .tables
+            .iter()
+            .map(|t| table_key(t, self.cfg.ordering.key_space))
+            .collect();
+        self.waiting.insert(
+            tx_id,
+            Waiting {
+                tx: Arc::new(tx),
+                table_keys,
+                since: Instant::now(),
+                reported: None,
+                wait: None,
+            },
+        );
+    }
+
     /// Split transactions whose parts are all staged but which are not applied: a worker
     /// staged the last part and stopped before applying it.
     async fn recover_staged(&mut self) -> Result<(), SubscriberError> {
-        for parts in self.store.staged_complete().await? {
-            let Some(first) = parts.first() else { continue };
-            let tx_id = TxId {
-                namespace: first.namespace.as_str().into(),
-                generation: first.generation,
-                seq: first.seq,
-            };
-            self.admit(tx_id, parts).await?;
+        for (tx_id, total) in self.store.staged_complete().await? {
+            self.admit_staged(tx_id, total).await?;
         }
         Ok(())
     }
@@ -486,8 +508,9 @@ impl Worker {
                 .collect();
             let mode = self.cfg.ordering.mode;
             // Dependent transactions chained into one store transaction save a commit
-            // per link. Not with callbacks: one that reads the store through its own
-            // connection would not see the uncommitted rows of the link before it.
+            // per link. Not with callbacks unless `callbacks.chain`: one that reads the
+            // store through its own connection would not see the uncommitted rows of
+            // the link before it (through `Event::store` it does).
             let planned = if self.chain {
                 self.coord.plan(mode, &queries, self.cfg.store.max_group)
             } else {
@@ -577,15 +600,13 @@ impl Worker {
                 self.applying.remove(&id);
                 // The dead letter holds this transaction's envelopes only, taken from its
                 // staged parts or from the messages that carried it.
-                let envelopes = if self.split.remove(&id) {
-                    self.store
-                        .complete(&id.namespace, id.generation, id.seq)
-                        .await?
-                        .unwrap_or_default()
-                } else {
-                    self.envelopes_of(&id)
-                };
-                self.dead_letter(&id, &envelopes, &reason).await?;
+                match self.split.remove(&id) {
+                    Some(total) => self.dead_letter_staged(&id, total, &reason).await?,
+                    None => {
+                        let envelopes = self.envelopes_of(&id);
+                        self.dead_letter(&id, &envelopes, &reason).await?;
+                    }
+                }
             }
         }
         self.ack_finished().await

@@ -220,6 +220,8 @@ impl Worker {
             deps: Vec::new(),
             tables: Vec::new(),
             parts: 1,
+            staged: None,
+            part: None,
         };
         self.waiting.insert(
             id.clone(),

@@ -58,13 +58,32 @@ impl Worker {
         }
         self.waiting.remove(id);
         self.dead.insert(id.clone());
-        if envelopes.len() > 1 {
-            self.store
-                .unstage(&id.namespace, id.generation, id.seq)
-                .await?;
-        }
         self.release(id);
         Ok(())
+    }
+
+    /// Sends a staged split transaction to the dead-letter queue part by part (one
+    /// message per part, read one at a time: a retry stages them again) and forgets
+    /// its staged parts.
+    pub(super) async fn dead_letter_staged(
+        &mut self,
+        id: &TxId,
+        total: u32,
+        reason: &str,
+    ) -> Result<(), SubscriberError> {
+        for part in 0..total {
+            // Gone: another worker applied or dead-lettered it meanwhile.
+            let Some(envelope) = self.store.staged_part(id, part).await? else {
+                break;
+            };
+            let body = kausal_bus::encode(std::slice::from_ref(&envelope));
+            self.consumer.send_to_dead_letters(body, reason).await?;
+        }
+        self.ops.dead_lettered.inc();
+        self.store
+            .unstage(&id.namespace, id.generation, id.seq)
+            .await?;
+        self.dead_letter(id, &[], reason).await
     }
 
     /// The transaction is settled: its envelopes no longer keep deliveries unacked.

@@ -39,6 +39,94 @@ pub struct Event<T> {
     /// `<namespace>/<generation>/<seq>/<index of the change in the transaction>`: the same
     /// on every redelivery of this change.
     pub idempotency_key: String,
+    /// The store transaction the callback runs in: read the read model through it to
+    /// see this transaction's rows and those of every transaction applied before it in
+    /// the same store transaction (`callbacks.chain`).
+    pub store: StoreTx,
+}
+
+type Held = Option<sqlx::Transaction<'static, sqlx::Any>>;
+
+/// The store transaction a callback runs in, shared with the store while it applies a
+/// group. A connection of the callback's own sees committed rows only: what the
+/// transaction depends on when groups are not chained, but not the rows of its own
+/// transaction, nor (with `callbacks.chain`) those of the transactions chained before
+/// it. Reads through this handle see all of them.
+#[derive(Clone)]
+pub struct StoreTx(Arc<tokio::sync::Mutex<Held>>);
+
+impl std::fmt::Debug for StoreTx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StoreTx")
+    }
+}
+
+impl StoreTx {
+    pub(crate) fn new(tx: sqlx::Transaction<'static, sqlx::Any>) -> StoreTx {
+        StoreTx(Arc::new(tokio::sync::Mutex::new(Some(tx))))
+    }
+
+    /// The store's connection inside the transaction: `&mut *conn` is an sqlx executor.
+    /// Hold it only while your statements run (the store waits for it to write the
+    /// next rows), and only while the callback runs: afterwards the transaction has
+    /// ended and this fails.
+    ///
+    /// ```no_run
+    /// # async fn read(event: &kausal_subscriber::Event<serde_json::Value>, user_id: i64) -> Result<(), kausal_subscriber::CallbackError> {
+    /// let mut conn = event.store.conn().await?;
+    /// let user: Option<(String,)> = sqlx::query_as("SELECT email FROM users WHERE id = $1")
+    ///     .bind(user_id)
+    ///     .fetch_optional(&mut *conn)
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn conn(&self) -> Result<StoreConn<'_>, CallbackError> {
+        let held = self.0.lock().await;
+        if held.is_none() {
+            return Err(CallbackError::permanent(
+                "the store transaction of this event has ended: read through event.store \
+                 only while the callback runs",
+            ));
+        }
+        Ok(StoreConn(held))
+    }
+
+    /// The connection, for the store itself.
+    pub(crate) async fn held(&self) -> Result<StoreConn<'_>, SinkError> {
+        let held = self.0.lock().await;
+        if held.is_none() {
+            return Err(SinkError::Store {
+                operation: "use the store transaction",
+                source: sqlx::Error::PoolClosed,
+            });
+        }
+        Ok(StoreConn(held))
+    }
+
+    /// Ends the sharing: the transaction, for its commit or rollback.
+    pub(crate) async fn take(&self) -> Held {
+        self.0.lock().await.take()
+    }
+}
+
+/// The store's connection, locked inside its transaction ([`StoreTx::conn`]).
+pub struct StoreConn<'a>(tokio::sync::MutexGuard<'a, Held>);
+
+impl std::ops::Deref for StoreConn<'_> {
+    type Target = sqlx::AnyConnection;
+    fn deref(&self) -> &sqlx::AnyConnection {
+        // Checked when locked, and only `take` (which needs the lock) empties it.
+        self.0.as_deref().expect("a StoreConn holds a transaction")
+    }
+}
+
+impl std::ops::DerefMut for StoreConn<'_> {
+    fn deref_mut(&mut self) -> &mut sqlx::AnyConnection {
+        self.0
+            .as_deref_mut()
+            .expect("a StoreConn holds a transaction")
+    }
 }
 
 /// A callback's failure. `retry: true` asks for another attempt (with backoff).
@@ -73,7 +161,7 @@ impl<E: std::fmt::Display> From<E> for CallbackError {
 }
 
 type Handler = Arc<
-    dyn Fn(&RowChange, &Transaction, usize) -> BoxFuture<'static, Result<(), SinkError>>
+    dyn Fn(&RowChange, &Transaction, usize, &StoreTx) -> BoxFuture<'static, Result<(), SinkError>>
         + Send
         + Sync,
 >;
@@ -84,6 +172,17 @@ enum On {
     Update,
     Delete,
     Any,
+}
+
+impl On {
+    fn wants(self, op: Op) -> bool {
+        match self {
+            On::Any => true,
+            On::Insert => op == Op::Insert,
+            On::Update => op == Op::Update,
+            On::Delete => op == Op::Delete,
+        }
+    }
 }
 
 /// The registered callbacks of a subscriber, by destination table.
@@ -97,6 +196,16 @@ impl Callbacks {
         self.handlers.is_empty()
     }
 
+    /// Whether any callback runs for a change of `tx`.
+    pub(crate) fn wants(&self, tx: &Transaction) -> bool {
+        !self.handlers.is_empty()
+            && tx.changes.iter().any(|c| {
+                self.handlers
+                    .get(&c.shape.name)
+                    .is_some_and(|hs| hs.iter().any(|(on, _)| on.wants(c.op)))
+            })
+    }
+
     fn add<T, F, Fut>(&mut self, table: &str, on: On, f: F)
     where
         T: DeserializeOwned + Send + 'static,
@@ -104,23 +213,25 @@ impl Callbacks {
         Fut: Future<Output = Result<(), CallbackError>> + Send + 'static,
     {
         let f = Arc::new(f);
-        let handler: Handler = Arc::new(move |change: &RowChange, tx: &Transaction, index| {
-            let event = event::<T>(change, tx, index);
-            let f = f.clone();
-            let table = change.shape.name.clone();
-            Box::pin(async move {
-                let event = event?;
-                f(event).await.map_err(|e| SinkError::Callback {
-                    table,
-                    message: e.message,
-                    class: if e.retry {
-                        ErrorClass::Transient
-                    } else {
-                        ErrorClass::Definite
-                    },
+        let handler: Handler = Arc::new(
+            move |change: &RowChange, tx: &Transaction, index, store: &StoreTx| {
+                let event = event::<T>(change, tx, index, store);
+                let f = f.clone();
+                let table = change.shape.name.clone();
+                Box::pin(async move {
+                    let event = event?;
+                    f(event).await.map_err(|e| SinkError::Callback {
+                        table,
+                        message: e.message,
+                        class: if e.retry {
+                            ErrorClass::Transient
+                        } else {
+                            ErrorClass::Definite
+                        },
+                    })
                 })
-            })
-        });
+            },
+        );
         self.handlers
             .entry(table.to_string())
             .or_default()
@@ -170,24 +281,31 @@ impl Callbacks {
     }
 
     /// Runs the callbacks of every change of `tx`, in order. The store calls this inside
-    /// the database transaction that applies `tx`.
-    pub async fn run(&self, tx: &Transaction) -> Result<(), SinkError> {
+    /// the database transaction `store` that applies `tx`, whose connection it does not
+    /// hold meanwhile.
+    pub async fn run(&self, tx: &Transaction, store: &StoreTx) -> Result<(), SinkError> {
+        self.run_from(tx, 0, store).await
+    }
+
+    /// As [`Callbacks::run`], for a view of one part of a split transaction whose first
+    /// change is change `first` of the whole transaction (events keep their index, so
+    /// their idempotency keys do not depend on how the transaction was split).
+    pub async fn run_from(
+        &self,
+        tx: &Transaction,
+        first: usize,
+        store: &StoreTx,
+    ) -> Result<(), SinkError> {
         if self.handlers.is_empty() {
             return Ok(());
         }
-        for (index, change) in tx.changes.iter().enumerate() {
+        for (index, change) in (first..).zip(&tx.changes) {
             let Some(handlers) = self.handlers.get(&change.shape.name) else {
                 continue;
             };
             for (on, handler) in handlers {
-                let wanted = match on {
-                    On::Any => true,
-                    On::Insert => change.op == Op::Insert,
-                    On::Update => change.op == Op::Update,
-                    On::Delete => change.op == Op::Delete,
-                };
-                if wanted {
-                    handler(change, tx, index).await?;
+                if on.wants(change.op) {
+                    handler(change, tx, index, store).await?;
                 }
             }
         }
@@ -199,6 +317,7 @@ fn event<T: DeserializeOwned>(
     change: &RowChange,
     tx: &Transaction,
     index: usize,
+    store: &StoreTx,
 ) -> Result<Event<T>, SinkError> {
     let row = |m: &Option<Map<String, Value>>| -> Result<Option<T>, SinkError> {
         match m {
@@ -226,5 +345,6 @@ fn event<T: DeserializeOwned>(
         namespace: tx.id.namespace.to_string(),
         seq: tx.id.seq,
         idempotency_key: format!("{}/{index}", tx.idempotency_key()),
+        store: store.clone(),
     })
 }

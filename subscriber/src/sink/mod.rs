@@ -22,7 +22,7 @@ pub mod redis;
 pub mod search;
 pub mod sql;
 
-pub use callback::{CallbackError, Callbacks, Event};
+pub use callback::{CallbackError, Callbacks, Event, StoreConn, StoreTx};
 pub use sql::SqlStore;
 
 use crate::error::SinkError;

@@ -93,9 +93,15 @@ pub struct MongoSink {
     transactions: bool,
 }
 
-/// A version as stored: comparable as a string.
-pub fn version_text(generation: u64, seq: u64) -> String {
-    format!("{generation:020}:{seq:020}")
+/// A version as stored: comparable as a string. The view of one part of a split
+/// transaction applied part by part gets its part index as a suffix, so that a later
+/// part writes over an earlier one of the same transaction while a retried earlier part
+/// does not: `g:s` < `g:s:0` < `g:s:1` < `g:s+1`.
+pub fn version_text(generation: u64, seq: u64, part: Option<u32>) -> String {
+    match part {
+        None => format!("{generation:020}:{seq:020}"),
+        Some(part) => format!("{generation:020}:{seq:020}:{part:010}"),
+    }
 }
 
 impl MongoSink {
@@ -206,7 +212,7 @@ impl MongoSink {
         if changes.is_empty() {
             return Ok(());
         }
-        let v = version_text(tx.id.generation, tx.id.seq);
+        let v = version_text(tx.id.generation, tx.id.seq, tx.part);
         let stored = self.stored_versions(&changes, session).await?;
         let newer = |s: &Stored| stored.get(s).is_some_and(|x| x.as_str() >= v.as_str());
         let tombstones = self.db.collection::<Document>(TOMBSTONES);
@@ -516,9 +522,18 @@ mod tests {
 
     #[test]
     fn version_texts_compare_like_versions() {
-        assert!(version_text(1, 9) < version_text(1, 10));
-        assert!(version_text(1, u64::MAX) < version_text(2, 1));
-        assert_eq!(version_text(3, 4), version_text(3, 4));
+        assert!(version_text(1, 9, None) < version_text(1, 10, None));
+        assert!(version_text(1, u64::MAX, None) < version_text(2, 1, None));
+        assert_eq!(version_text(3, 4, None), version_text(3, 4, None));
+    }
+
+    #[test]
+    fn part_versions_order_within_their_transaction_and_before_the_next() {
+        let whole = version_text(1, 9, None);
+        let (first, second) = (version_text(1, 9, Some(0)), version_text(1, 9, Some(1)));
+        assert!(whole < first && first < second);
+        assert!(second < version_text(1, 10, None));
+        assert!(version_text(1, 9, Some(9)) < version_text(1, 9, Some(10)));
     }
 
     #[test]

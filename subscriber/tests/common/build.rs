@@ -101,6 +101,8 @@ pub fn tx_in(
         deps: Vec::new(),
         tables: Vec::new(),
         parts: 1,
+        staged: None,
+        part: None,
     })
 }
 

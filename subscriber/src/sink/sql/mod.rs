@@ -32,8 +32,8 @@ pub use workers::{read_progress, read_statuses};
 
 use crate::config::TableMode;
 use crate::error::SinkError;
-use crate::sink::callback::Callbacks;
-use crate::txn::Transaction;
+use crate::sink::callback::{Callbacks, StoreTx};
+use crate::txn::{Staged, Transaction};
 use schema::{TableInfo, Tables};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool};
@@ -304,20 +304,31 @@ impl SqlStore {
         callbacks: &Callbacks,
     ) -> Result<Vec<bool>, SinkError> {
         let tables = self.prepare_tables(group).await?;
-        let mut tx = self.begin().await?;
-        if self.inner.shared.load(std::sync::atomic::Ordering::Relaxed) {
-            // A bootstrap begun by another worker commits before its request goes out,
-            // so before any change a chunk could be older than: this read sees it.
-            let active = bootstrap::load_active(&mut *tx).await?;
-            *self.bootstrapping() = active;
+        // Shared with the callbacks, which may read through it.
+        let tx = StoreTx::new(self.begin().await?);
+        let applied = async {
+            if self.inner.shared.load(std::sync::atomic::Ordering::Relaxed) {
+                // A bootstrap begun by another worker commits before its request goes
+                // out, so before any change a chunk could be older than: this read sees
+                // it.
+                let mut conn = tx.held().await?;
+                let active = bootstrap::load_active(&mut *conn).await?;
+                *self.bootstrapping() = active;
+            }
+            let applied = self.apply_in(&tx, group, callbacks, &tables).await?;
+            self.sinks.flush().await?;
+            Ok(applied)
         }
-        let applied = match self.apply_in(&mut tx, group, callbacks, &tables).await {
-            Ok(applied) => self.sinks.flush().await.map(|()| applied),
-            Err(error) => Err(error),
-        };
+        .await;
         if applied.is_err() {
             self.sinks.abort().await;
         }
+        let Some(tx) = tx.take().await else {
+            return Err(SinkError::Store {
+                operation: "commit",
+                source: sqlx::Error::PoolClosed,
+            });
+        };
         match applied {
             Ok(applied) => {
                 tx.commit().await.map_err(|source| SinkError::Store {
@@ -363,31 +374,34 @@ impl SqlStore {
         // Shapes are shared per table and column set: one check per distinct shape.
         let mut seen: HashSet<usize> = HashSet::new();
         let mut tables = HashMap::new();
-        for change in group.iter().flat_map(|tx| &tx.changes) {
-            if change.shape.mode == TableMode::None
-                || !seen.insert(Arc::as_ptr(&change.shape) as usize)
-            {
+        let shapes = group.iter().flat_map(|tx| match &tx.staged {
+            Some(staged) => staged.shapes.iter().collect::<Vec<_>>(),
+            None => tx.changes.iter().map(|c| &c.shape).collect(),
+        });
+        for shape in shapes {
+            if shape.mode == TableMode::None || !seen.insert(Arc::as_ptr(shape) as usize) {
                 continue;
             }
             let info = self
                 .inner
                 .tables
-                .ensure(&self.inner.pool, self.inner.dialect, &change.shape)
+                .ensure(&self.inner.pool, self.inner.dialect, shape)
                 .await?;
-            tables.insert(change.shape.name.clone(), info);
+            tables.insert(shape.name.clone(), info);
         }
         Ok(tables)
     }
 
     async fn apply_in(
         &self,
-        conn: &mut AnyConnection,
+        store: &StoreTx,
         group: &[Arc<Transaction>],
         callbacks: &Callbacks,
         tables: &HashMap<String, Arc<TableInfo>>,
     ) -> Result<Vec<bool>, SinkError> {
         let dialect = self.inner.dialect;
-        let done = already_applied(conn, dialect, group).await?;
+        let mut conn = store.held().await?;
+        let done = already_applied(&mut conn, dialect, group).await?;
         let mut seen = HashSet::new();
         let fresh: Vec<bool> = group
             .iter()
@@ -411,51 +425,165 @@ impl SqlStore {
             .map(|(t, _)| t.as_ref())
             .collect();
         for chunk in newly.chunks(RECORD_CHUNK) {
-            record_applied(conn, dialect, chunk).await?;
+            record_applied(&mut conn, dialect, chunk).await?;
         }
-        // Rows first, coalesced over the whole group into a few set-based statements
-        // (`batch`, `rows`); then sinks and callbacks, transaction by transaction in
-        // order. A row the store rejects fails the group before any callback ran.
+        drop(conn);
+        // Rows first, coalesced into a few set-based statements (`batch`, `rows`); then
+        // sinks and callbacks, transaction by transaction in order. A transaction with
+        // callbacks ends a batch: its callbacks see the store as of that transaction
+        // (the rows of those before it in the group and its own, none of those after
+        // it: a user deleted later in the group is still there for the callback of a
+        // message posted to it). A staged split transaction is applied part by part
+        // where it stands in the group, after what came before it is written.
         let mut batch = batch::Batch::default();
+        let mut pending: Vec<&Transaction> = Vec::new();
         let mut applied = Vec::with_capacity(group.len());
         for (tx, fresh) in group.iter().zip(fresh) {
             let id = &tx.id;
-            if tx.parts > 1 {
-                staging::forget(conn, dialect, &id.namespace, id.generation, id.seq).await?;
-            }
             if !fresh {
+                if tx.parts > 1 {
+                    let mut conn = store.held().await?;
+                    staging::forget(&mut conn, dialect, &id.namespace, id.generation, id.seq)
+                        .await?;
+                }
                 tracing::debug!(tx = %id, "already applied, skipped");
                 applied.push(false);
                 continue;
             }
-            for change in &tx.changes {
-                let guarded = {
-                    let active = self.bootstrapping();
-                    !active.is_empty()
-                        && active.contains(&(id.namespace.to_string(), change.source_table.clone()))
-                };
-                if guarded
-                    && !bootstrap::admit(conn, dialect, &id.namespace, change, id.seq).await?
-                {
-                    continue;
+            match &tx.staged {
+                Some(staged) => {
+                    self.write_pending(store, &mut batch, &mut pending, callbacks, tables)
+                        .await?;
+                    self.apply_staged(store, tx, staged, callbacks, tables)
+                        .await?;
                 }
-                if change.shape.mode == TableMode::None {
-                    continue;
+                None => {
+                    let mut conn = store.held().await?;
+                    if tx.parts > 1 {
+                        staging::forget(&mut conn, dialect, &id.namespace, id.generation, id.seq)
+                            .await?;
+                    }
+                    self.add_changes(&mut conn, &mut batch, tx).await?;
+                    drop(conn);
+                    pending.push(tx);
+                    if callbacks.wants(tx) {
+                        self.write_pending(store, &mut batch, &mut pending, callbacks, tables)
+                            .await?;
+                    }
                 }
-                batch.add(change, id.seq)?;
             }
             applied.push(true);
         }
-        for table in &batch.tables {
-            rows::write(conn, dialect, &tables[&table.shape.name], table).await?;
+        self.write_pending(store, &mut batch, &mut pending, callbacks, tables)
+            .await?;
+        Ok(applied)
+    }
+
+    /// Adds the changes of `tx` to `batch`, but those a running bootstrap already wrote
+    /// newer versions of.
+    async fn add_changes<'a>(
+        &self,
+        conn: &mut AnyConnection,
+        batch: &mut batch::Batch<'a>,
+        tx: &'a Transaction,
+    ) -> Result<(), SinkError> {
+        let id = &tx.id;
+        for change in &tx.changes {
+            let guarded = {
+                let active = self.bootstrapping();
+                !active.is_empty()
+                    && active.contains(&(id.namespace.to_string(), change.source_table.clone()))
+            };
+            if guarded
+                && !bootstrap::admit(conn, self.inner.dialect, &id.namespace, change, id.seq)
+                    .await?
+            {
+                continue;
+            }
+            if change.shape.mode == TableMode::None {
+                continue;
+            }
+            batch.add(change, id.seq)?;
         }
-        for (tx, applied) in group.iter().zip(&applied) {
-            if *applied {
-                self.sinks.apply(tx).await?;
-                callbacks.run(tx).await?;
+        Ok(())
+    }
+
+    /// Writes `batch`, then runs the sinks and callbacks of the transactions it holds,
+    /// in order; both are left empty.
+    async fn write_pending(
+        &self,
+        store: &StoreTx,
+        batch: &mut batch::Batch<'_>,
+        pending: &mut Vec<&Transaction>,
+        callbacks: &Callbacks,
+        tables: &HashMap<String, Arc<TableInfo>>,
+    ) -> Result<(), SinkError> {
+        let written = std::mem::take(batch);
+        if !written.tables.is_empty() {
+            let mut conn = store.held().await?;
+            for table in &written.tables {
+                rows::write(
+                    &mut conn,
+                    self.inner.dialect,
+                    &tables[&table.shape.name],
+                    table,
+                )
+                .await?;
             }
         }
-        Ok(applied)
+        // Callbacks may lock the store transaction themselves: it is not held here.
+        for tx in pending.drain(..) {
+            self.sinks.apply(tx).await?;
+            callbacks.run(tx, store).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies a staged split transaction part by part, reading each part from the
+    /// staging table inside the store transaction, then deletes its parts: memory holds
+    /// one part at a time, and the transaction stays atomic in the store. Sinks and
+    /// callbacks get each part as a view of the transaction ([`Transaction::part`]);
+    /// callback events keep their index in the whole transaction.
+    async fn apply_staged(
+        &self,
+        store: &StoreTx,
+        tx: &Transaction,
+        staged: &Staged,
+        callbacks: &Callbacks,
+        tables: &HashMap<String, Arc<TableInfo>>,
+    ) -> Result<(), SinkError> {
+        let d = self.inner.dialect;
+        let mut index = 0;
+        for part in 0..staged.parts {
+            let mut conn = store.held().await?;
+            let envelope = staging::load_part(&mut conn, d, &tx.id, part)
+                .await?
+                .ok_or(SinkError::Store {
+                    // Deleted since it was admitted: another worker applied it (the
+                    // retry finds it applied) or dead-lettered it.
+                    operation: "read staged parts",
+                    source: sqlx::Error::RowNotFound,
+                })?;
+            let view = staged
+                .part(&envelope)
+                .map_err(|error| SinkError::Rejected {
+                    table: staging::TABLE.to_string(),
+                    reason: error.to_string(),
+                })?;
+            drop(envelope);
+            let mut batch = batch::Batch::default();
+            self.add_changes(&mut conn, &mut batch, &view).await?;
+            for table in &batch.tables {
+                rows::write(&mut conn, d, &tables[&table.shape.name], table).await?;
+            }
+            drop((batch, conn));
+            self.sinks.apply(&view).await?;
+            callbacks.run_from(&view, index, store).await?;
+            index += view.changes.len();
+        }
+        let id = &tx.id;
+        let mut conn = store.held().await?;
+        staging::forget(&mut conn, d, &id.namespace, id.generation, id.seq).await
     }
 }
 

@@ -2,29 +2,31 @@
 //!
 //! A publisher cuts a large transaction into parts (`docs/wire-format.md`, "Part
 //! splitting") and the broker may hand them to different workers. Each worker stages the
-//! parts it receives in `kausal_parts`; a worker that finds every part staged gets the
-//! whole transaction back and applies it. Applying deletes the staged rows in the same
-//! database transaction; compaction deletes any a late redelivery left behind.
+//! parts it receives in `kausal_parts`; a worker that finds every part staged learns how
+//! many there are, and reads them back one at a time: once to admit the transaction
+//! (dependencies, tables) and once, inside the store transaction, to apply it part by
+//! part. No process ever holds the whole transaction. Applying deletes the staged rows
+//! in the same database transaction; compaction deletes any a late redelivery left
+//! behind.
 
 use super::dialect::Dialect;
 use super::{int, SqlStore};
 use crate::error::SinkError;
+use crate::txn::TxId;
 use kausal_bus::Envelope;
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
 
-const TABLE: &str = "kausal_parts";
+pub(super) const TABLE: &str = "kausal_parts";
 
 impl SqlStore {
-    /// Stages one part of a transaction and returns all its parts, sorted, once every
-    /// part is staged; `None` while parts are missing, and when the transaction is
-    /// already applied (its staged parts are then deleted: it is done).
+    /// Stages one part of a transaction and returns the number of its parts once every
+    /// part is staged ([`SqlStore::staged_part`] reads them); `None` while parts are
+    /// missing, and when the transaction is already applied (its staged parts are then
+    /// deleted: it is done).
     ///
-    /// A duplicate part is a no-op. Several workers may get the same complete set back;
-    /// applying is idempotent, so that costs a skipped group at most.
-    pub async fn stage_part(
-        &self,
-        envelope: &Envelope,
-    ) -> Result<Option<Vec<Envelope>>, SinkError> {
+    /// A duplicate part is a no-op. Several workers may learn that the same set is
+    /// complete; applying is idempotent, so that costs a skipped group at most.
+    pub async fn stage_part(&self, envelope: &Envelope) -> Result<Option<u32>, SinkError> {
         let d = self.inner.dialect;
         let store = |source| SinkError::Store {
             operation: "stage part",
@@ -89,10 +91,10 @@ impl SqlStore {
         .await
     }
 
-    /// Every transaction whose parts are all staged but which is not applied yet, each
-    /// as its sorted parts: what a crash between staging the last part and applying
-    /// left behind.
-    pub async fn staged_complete(&self) -> Result<Vec<Vec<Envelope>>, SinkError> {
+    /// Every transaction whose parts are all staged but which is not applied yet, with
+    /// its number of parts, by seq: what a crash between staging the last part and
+    /// applying left behind.
+    pub async fn staged_complete(&self) -> Result<Vec<(TxId, u32)>, SinkError> {
         let d = self.inner.dialect;
         let store = |source| SinkError::Store {
             operation: "read staged parts",
@@ -118,24 +120,23 @@ impl SqlStore {
             let generation: i64 = row.try_get(1).map_err(store)?;
             let seq: i64 = row.try_get(2).map_err(store)?;
             let total: i64 = row.try_get(3).map_err(store)?;
-            // Applied (and its parts deleted) since the first query: nothing to recover.
-            if let Some(parts) = self
-                .load(&namespace, generation as u64, seq as u64, total)
-                .await?
-            {
-                complete.push(parts);
-            }
+            let id = TxId {
+                namespace: namespace.into(),
+                generation: generation as u64,
+                seq: seq as u64,
+            };
+            complete.push((id, u32::try_from(total).unwrap_or(u32::MAX)));
         }
         Ok(complete)
     }
 
-    /// All staged parts of a transaction, sorted, if every part is there.
+    /// The number of parts of a transaction, if every part is staged.
     pub async fn complete(
         &self,
         namespace: &str,
         generation: u64,
         seq: u64,
-    ) -> Result<Option<Vec<Envelope>>, SinkError> {
+    ) -> Result<Option<u32>, SinkError> {
         let d = self.inner.dialect;
         let store = |source| SinkError::Store {
             operation: "read staged parts",
@@ -164,59 +165,67 @@ impl SqlStore {
         // at or above `total`, is exactly 0..total.
         match total {
             Some(total) if count == total && last < Some(total) => {
-                self.load(namespace, generation, seq, total).await
+                Ok(Some(u32::try_from(total).unwrap_or(u32::MAX)))
             }
             _ => Ok(None),
         }
     }
 
-    /// The staged parts of a transaction, sorted, if there are `total` of them.
-    async fn load(
-        &self,
-        namespace: &str,
-        generation: u64,
-        seq: u64,
-        total: i64,
-    ) -> Result<Option<Vec<Envelope>>, SinkError> {
-        let d = self.inner.dialect;
-        let store = |source| SinkError::Store {
-            operation: "read staged parts",
-            source,
-        };
-        let sql = format!(
-            "SELECT part, body FROM {TABLE} WHERE namespace = {} AND generation = {} \
-             AND seq = {} ORDER BY part",
-            d.placeholder(1),
-            d.placeholder(2),
-            d.placeholder(3)
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql))
-            .bind(namespace)
-            .bind(int(generation))
-            .bind(int(seq))
-            .fetch_all(&self.inner.pool)
+    /// One staged part of a transaction (`None` once the transaction is applied and
+    /// its parts deleted, or dead-lettered).
+    pub async fn staged_part(&self, id: &TxId, part: u32) -> Result<Option<Envelope>, SinkError> {
+        let mut conn = self
+            .inner
+            .pool
+            .acquire()
             .await
-            .map_err(store)?;
-        // Fewer: applied by another worker (which deleted them) since they were counted.
-        if rows.len() as i64 != total {
-            return Ok(None);
-        }
-        let mut parts = Vec::with_capacity(rows.len());
-        for row in rows {
-            let part: i64 = row.try_get(0).map_err(store)?;
-            let body: String = row.try_get(1).map_err(store)?;
-            let envelope = serde_json::from_str(&body).map_err(|error| SinkError::Rejected {
-                table: TABLE.to_string(),
-                reason: format!(
-                    "staged part {part} of seq {seq} ({namespace}, generation \
-                         {generation}) is not a readable envelope ({error}); delete the \
-                         transaction's rows from {TABLE} and have the publisher resend it"
-                ),
+            .map_err(|source| SinkError::Store {
+                operation: "read staged parts",
+                source,
             })?;
-            parts.push(envelope);
-        }
-        Ok(Some(parts))
+        load_part(&mut conn, self.inner.dialect, id, part).await
     }
+}
+
+/// One staged part, read with `conn` (inside the caller's transaction, if any).
+pub(super) async fn load_part(
+    conn: &mut AnyConnection,
+    d: Dialect,
+    id: &TxId,
+    part: u32,
+) -> Result<Option<Envelope>, SinkError> {
+    let store = |source| SinkError::Store {
+        operation: "read staged parts",
+        source,
+    };
+    let sql = format!(
+        "SELECT body FROM {TABLE} WHERE namespace = {} AND generation = {} AND seq = {} \
+         AND part = {}",
+        d.placeholder(1),
+        d.placeholder(2),
+        d.placeholder(3),
+        d.placeholder(4)
+    );
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(id.namespace.to_string())
+        .bind(int(id.generation))
+        .bind(int(id.seq))
+        .bind(i64::from(part))
+        .fetch_optional(conn)
+        .await
+        .map_err(store)?;
+    let Some(row) = row else { return Ok(None) };
+    let body: String = row.try_get(0).map_err(store)?;
+    let envelope = serde_json::from_str(&body).map_err(|error| SinkError::Rejected {
+        table: TABLE.to_string(),
+        reason: format!(
+            "staged part {part} of seq {} ({}, generation {}) is not a readable envelope \
+             ({error}); delete the transaction's rows from {TABLE} and have the publisher \
+             resend it",
+            id.seq, id.namespace, id.generation
+        ),
+    })?;
+    Ok(Some(envelope))
 }
 
 /// Whether the transaction is applied: covered by the compacted watermark or recorded
