@@ -83,7 +83,11 @@ impl Worker {
         self.store
             .unstage(&id.namespace, id.generation, id.seq)
             .await?;
-        self.dead_letter(id, &[], reason).await
+        // Not through `dead_letter`: the delivery of the last part would go again.
+        self.waiting.remove(id);
+        self.dead.insert(id.clone());
+        self.release(id);
+        Ok(())
     }
 
     /// The transaction is settled: its envelopes no longer keep deliveries unacked.
