@@ -4,7 +4,9 @@
 # rate. Not a test; part of scripts/bench.sh --full.
 # Usage: scripts/bench-bootstrap.sh [scale, default 10 (1M rows)]
 # Environment: STORES (default "sqlite pg"), RATE (pgbench txn/s during it, default 200),
-# CHUNK_ROWS (default 2000).
+# CHUNK_ROWS (default 2000), BOOT_LOG (RUST_LOG of `kausal bootstrap`, default warn; e.g.
+# `warn,sqlx::query=debug` logs every store statement with its time into
+# $BOOT_LOG_FILE, default /tmp/bench-bootstrap-<store>.log).
 #
 # bootstrap-catchup: `kausal bootstrap` timed from process start until it exits (every
 # chunk applied and committed in the store). Baseline `raw_copy_rows_per_s`: `COPY
@@ -76,7 +78,8 @@ namespace = "benchboot"
 name = "pgbench_accounts"
 TOML
   t0=$(date +%s.%N)
-  RUST_LOG=warn $BIN bootstrap --config "$WORK/$app.toml" --chunk-rows "$CHUNK_ROWS" & P=$!
+  RUST_LOG=${BOOT_LOG:-warn} $BIN bootstrap --config "$WORK/$app.toml" --chunk-rows "$CHUNK_ROWS" \
+    2> "${BOOT_LOG_FILE:-/tmp/bench-bootstrap-$store.log}" & P=$!
   RSS=0
   while kill -0 $P 2>/dev/null; do
     r=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$P/status 2>/dev/null || echo 0)

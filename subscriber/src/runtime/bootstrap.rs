@@ -82,7 +82,16 @@ pub(super) struct Boot {
     pub bootstrapped: HashSet<String>,
     /// Where progress goes when something displays it (else: log lines).
     pub progress: Option<tokio::sync::watch::Sender<BootstrapProgress>>,
+    /// Since when the first stashed chunk waits for the stream; reported once.
+    pub waiting_since: Option<Instant>,
+    pub wait_reported: bool,
+    /// The first stashed chunk (namespace, request, table, chunk) and whether it is
+    /// of the current request.
+    pub head_current: Option<((String, String, String, u64), bool)>,
 }
+
+/// A chunk waiting this long for the transactions before it is reported.
+const CHUNK_WAIT_REPORT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Worker {
     /// Resumes the store's unfinished bootstraps and starts the plan's new ones.
@@ -262,18 +271,81 @@ impl Worker {
         Ok(())
     }
 
-    /// Applies the stashed chunks, in arrival order, if no store transaction is in
-    /// flight; each delivery is acked once its chunk is applied.
+    /// Applies the stashed chunks that are due, in arrival order, if no store
+    /// transaction is in flight; each delivery is acked once its chunk is applied.
     pub(super) async fn take_stashed_chunks(&mut self) -> Result<(), SubscriberError> {
         if !self.applying.is_empty() {
             return Ok(());
         }
-        while !self.boot.stash.is_empty() {
+        while self.chunk_due().await? {
             let (env, delivery) = self.boot.stash.remove(0);
             self.take_chunk(env).await?;
             delivery.ack().await?;
         }
         Ok(())
+    }
+
+    /// Whether the first stashed chunk can be applied: the store has applied every
+    /// transaction of the stream up to the chunk's version (its `seq`), so no older
+    /// write can come after it and its rows need no row versions (docs/bootstrap.md).
+    /// Those transactions reached the queue before the chunk, so they are here or
+    /// applied. A chunk of the current request joins its stream first when the store
+    /// has not (the join point is where the watermark starts). Meanwhile the stream
+    /// goes on; once a chunk is due, no new group starts until it is applied.
+    pub(super) async fn chunk_due(&mut self) -> Result<bool, SubscriberError> {
+        let Some((env, _)) = self.boot.stash.first() else {
+            return Ok(false);
+        };
+        let Some(snapshot) = env.snapshot.clone() else {
+            return Ok(true);
+        };
+        let (ns, generation, version) = (env.namespace.clone(), env.generation, env.seq);
+        // Asked again on every turn of the loop while the chunk waits: remembered.
+        let head = (
+            ns.to_string(),
+            snapshot.request.clone(),
+            snapshot.table.clone(),
+            snapshot.chunk,
+        );
+        let current = match &self.boot.head_current {
+            Some((h, current)) if *h == head => *current,
+            _ => {
+                let current = self.store.chunk_is_current(&ns, &snapshot).await?;
+                self.boot.head_current = Some((head, current));
+                current
+            }
+        };
+        if !current {
+            return Ok(true); // ignored when applied
+        }
+        if let Some(after) = snapshot.join_after {
+            self.join_at_chunk(&ns, generation, after).await?;
+        }
+        let mut watermark = self.coord.watermark(&ns, generation).await?;
+        if watermark.is_none() {
+            super::apply::seed(&self.store, &self.coord, &ns, generation).await?;
+            self.seeded.insert((ns.as_str().into(), generation));
+            watermark = self.coord.watermark(&ns, generation).await?;
+        }
+        let due = watermark.is_some_and(|w| w >= version);
+        if !due && self.boot.waiting_since.is_none() {
+            self.boot.waiting_since = Some(Instant::now());
+        }
+        if due {
+            self.boot.waiting_since = None;
+            self.boot.wait_reported = false;
+        } else if let Some(since) = self.boot.waiting_since {
+            if since.elapsed() > CHUNK_WAIT_REPORT && !self.boot.wait_reported {
+                self.boot.wait_reported = true;
+                tracing::warn!(
+                    namespace = %ns, table = %snapshot.table, chunk = snapshot.chunk,
+                    version, applied_through = watermark.unwrap_or(0),
+                    "a bootstrap chunk waits for the transactions before it to be applied \
+                     (is one dead-lettered? see `kausal status`)"
+                );
+            }
+        }
+        Ok(due)
     }
 
     /// Applies a bootstrap chunk (a message of its own, acked by the caller after).
@@ -296,9 +368,6 @@ impl Worker {
             self.boot.last_chunk = Some(Instant::now());
         }
         let applied = self.store.apply_chunk(&tx, &snapshot).await?;
-        if let (true, Some(after)) = (applied.current, snapshot.join_after) {
-            self.join_at_chunk(&ns, env.generation, after).await?;
-        }
         if !applied.current {
             tracing::debug!(table = %snapshot.table, request = %snapshot.request,
                 "chunk of an earlier request or a finished table; ignored");
@@ -466,7 +535,8 @@ impl Worker {
             .boot
             .last_chunk
             .is_some_and(|t| t.elapsed() >= RE_REQUEST_AFTER);
-        if self.boot.pending.is_empty() || !silent {
+        // Chunks waiting in the stash for the stream are no silence.
+        if self.boot.pending.is_empty() || !silent || !self.boot.stash.is_empty() {
             return Ok(());
         }
         tracing::warn!(

@@ -217,7 +217,8 @@ impl Worker {
         let mut recheck = tokio::time::interval(RECHECK);
         let mut compact = tokio::time::interval(COMPACT_EVERY);
         let result: Result<(), SubscriberError> = loop {
-            // Chunks first, once nothing is in flight; no new groups while one waits.
+            // Chunks first, once due and nothing is in flight; no new groups while a
+            // due one waits for those in flight.
             if let Err(e) = self.take_stashed_chunks().await {
                 break Err(e);
             }
@@ -225,9 +226,13 @@ impl Worker {
                 break Ok(());
             }
             // Every event below can make a waiting transaction ready.
-            if self.boot.stash.is_empty() {
-                if let Err(e) = self.dispatch(&group_tx).await {
-                    break Err(e);
+            match self.chunk_due().await {
+                Err(e) => break Err(e),
+                Ok(true) => {}
+                Ok(false) => {
+                    if let Err(e) = self.dispatch(&group_tx).await {
+                        break Err(e);
+                    }
                 }
             }
             tokio::select! {
@@ -322,8 +327,10 @@ impl Worker {
         if let [env] = envelopes.as_slice() {
             if env.snapshot.is_some() {
                 // A bootstrap chunk: no transaction of the stream, not gated. Applied
-                // when no store transaction is in flight (its row versions are read
-                // once: a group committing meanwhile could be overwritten).
+                // once the transactions before it are, and when no store transaction
+                // is in flight (its row versions are read once: a group committing
+                // meanwhile could be overwritten).
+                self.boot.last_chunk = Some(Instant::now());
                 self.boot.stash.push((env.clone(), delivery));
                 return self.take_stashed_chunks().await;
             }

@@ -25,6 +25,8 @@ use std::collections::HashMap;
 #[derive(Debug, Default)]
 pub struct Batch<'a> {
     pub tables: Vec<TableWrites<'a>>,
+    /// Row versions to record in tables being bootstrapped.
+    pub versions: super::bootstrap::Versions,
     index: HashMap<&'a str, usize>,
 }
 

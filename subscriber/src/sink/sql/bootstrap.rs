@@ -3,22 +3,22 @@
 //! `kausal_bootstrap` has one row per table being (or once) bootstrapped: the request
 //! whose chunks count, the key where the next chunk starts, and `done`: 0 while chunks
 //! are to come, 1 once the last one is applied, 2 once the store has applied every
-//! transaction up to the last chunk's version (`done_seq`). Until then every write to
-//! the table — chunk rows and stream changes alike — goes through its row version in
-//! `kausal_rowv`: a write is applied only when its version is newer than the row's (a
-//! delete leaves its version behind, a truncate a floor under key `''`). So a chunk
-//! read after a change is never overwritten by that change arriving late, and a chunk
-//! never overwrites a newer change, whatever order they arrive in. At `done = 2` no
-//! older change can arrive any more: the row versions are dropped.
+//! transaction up to the last chunk's version (`done_seq`). Until then every stream write
+//! to the table records its version in `kausal_rowv` (a delete too, a truncate a floor
+//! under key `''`), and a chunk writes a row only where no version at or above its own
+//! is recorded. A chunk is applied only once the store has applied every transaction up
+//! to its version (the worker waits), so it never meets an older write after it, and it
+//! never overwrites a newer one. At `done = 2` no chunk can come any more: the row
+//! versions are dropped.
 
 use super::dialect::Dialect;
 use super::{int, SqlStore};
 use crate::error::SinkError;
 use crate::txn::{RowChange, Transaction};
-use kausal_bus::{Op, Snapshot};
+use kausal_bus::Snapshot;
 use serde_json::{Map, Value};
 use sqlx::{AnyConnection, AssertSqlSafe, Row};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// A bootstrap the store has not finished.
 #[derive(Debug, Clone, PartialEq)]
@@ -60,63 +60,78 @@ pub(super) async fn load_active<'c>(
         .map_err(store("read bootstraps"))
 }
 
-/// Decides whether a write of version `seq` to the row of `change` goes ahead, and if so
-/// records `seq` as the row's version. Only for tables being bootstrapped.
-pub(super) async fn admit(
+/// The row versions a group's stream writes record in tables being bootstrapped, per
+/// (namespace, table) and row key: the group's later write wins. Written in one
+/// statement per table and batch ([`record`]), after the group's rows.
+///
+/// A stream write only records its version, it never reads one: chunks are applied only
+/// once the store applied every transaction up to their version, so no write can meet a
+/// newer chunk row, and two writes to one row come in source order (the causal gate).
+/// The versions are there for the chunks: a chunk skips the rows the stream wrote after
+/// its version.
+#[derive(Debug, Default)]
+pub(super) struct Versions(HashMap<(String, String), HashMap<String, u64>>);
+
+impl Versions {
+    /// Notes the write of `change` by the transaction numbered `seq` (both keys of a
+    /// key change). A truncate is recorded at once ([`truncate`]), not here.
+    pub(super) fn note(&mut self, namespace: &str, change: &RowChange, seq: u64) {
+        let rows = self
+            .0
+            .entry((namespace.to_string(), change.source_table.clone()))
+            .or_default();
+        if let Some(old) = change.old_key.as_ref().filter(|o| **o != change.key) {
+            rows.insert(key_text(old), seq);
+        }
+        rows.insert(key_text(&change.key), seq);
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Forgets the notes of a table: a truncate newer than them is recorded.
+    fn forget(&mut self, namespace: &str, table: &str) {
+        self.0.remove(&(namespace.to_string(), table.to_string()));
+    }
+}
+
+/// Records a truncate of version `seq`: the table's row versions (and the group's notes
+/// of it) give way to a floor, under key `''`, that every chunk row older than it meets.
+pub(super) async fn truncate(
     conn: &mut AnyConnection,
     d: Dialect,
+    versions: &mut Versions,
     namespace: &str,
-    change: &RowChange,
+    table: &str,
     seq: u64,
-) -> Result<bool, SinkError> {
-    let table = &change.source_table;
-    if change.op == Op::Truncate {
-        let sql = format!(
-            "DELETE FROM kausal_rowv WHERE namespace = {} AND tbl = {}",
-            d.placeholder(1),
-            d.placeholder(2)
-        );
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(namespace)
-            .bind(table.as_str())
-            .execute(&mut *conn)
-            .await
-            .map_err(store("truncate row versions"))?;
-        set_versions(conn, d, namespace, table, &[String::new()], seq).await?;
-        return Ok(true);
-    }
-    let mut keys = vec![key_text(&change.key)];
-    if let Some(old) = change.old_key.as_ref().filter(|o| **o != change.key) {
-        keys.push(key_text(old));
-    }
+) -> Result<(), SinkError> {
+    versions.forget(namespace, table);
     let sql = format!(
-        "SELECT MAX(seq) FROM kausal_rowv WHERE namespace = {} AND tbl = {} AND k IN ({}, {}, {})",
+        "DELETE FROM kausal_rowv WHERE namespace = {} AND tbl = {}",
         d.placeholder(1),
-        d.placeholder(2),
-        d.placeholder(3),
-        d.placeholder(4),
-        d.placeholder(5)
+        d.placeholder(2)
     );
-    // Not a cached statement: its plan would be the one made while the table was empty
-    // (a sequential scan), kept while the table grows to millions of rows.
-    let newest: Option<i64> = sqlx::query(AssertSqlSafe(sql))
-        .persistent(false)
+    sqlx::query(AssertSqlSafe(sql))
         .bind(namespace)
-        .bind(table.as_str())
-        .bind("")
-        .bind(keys[0].as_str())
-        .bind(keys.get(1).map_or("", |k| k.as_str()))
-        .fetch_one(&mut *conn)
+        .bind(table)
+        .execute(&mut *conn)
         .await
-        .and_then(|r| r.try_get(0))
-        .map_err(store("read row versions"))?;
-    // Strictly newer: a transaction changing a row twice (insert, then update) writes
-    // both; a replayed transaction never gets here (`kausal_applied`).
-    if newest.is_some_and(|v| v > int(seq)) {
-        return Ok(false);
+        .map_err(store("truncate row versions"))?;
+    set_versions(conn, d, namespace, table, &[(String::new(), seq)]).await
+}
+
+/// Writes the noted row versions (the notes are emptied).
+pub(super) async fn record(
+    conn: &mut AnyConnection,
+    d: Dialect,
+    versions: &mut Versions,
+) -> Result<(), SinkError> {
+    for ((namespace, table), rows) in std::mem::take(&mut versions.0) {
+        let rows: Vec<(String, u64)> = rows.into_iter().collect();
+        set_versions(conn, d, &namespace, &table, &rows).await?;
     }
-    set_versions(conn, d, namespace, table, &keys, seq).await?;
-    Ok(true)
+    Ok(())
 }
 
 /// Rows per statement of the batched row-version reads and writes: 4 parameters per
@@ -173,16 +188,16 @@ async fn newer_versions(
     Ok(out)
 }
 
-/// Records `seq` as the version of every key in `keys`.
+/// Records each (key, version) of `rows` (keys unique: a statement may not touch a row
+/// twice).
 async fn set_versions(
     conn: &mut AnyConnection,
     d: Dialect,
     namespace: &str,
     table: &str,
-    keys: &[String],
-    seq: u64,
+    rows: &[(String, u64)],
 ) -> Result<(), SinkError> {
-    for batch in keys.chunks(BATCH) {
+    for batch in rows.chunks(BATCH) {
         let rows: Vec<String> = (0..batch.len())
             .map(|i| {
                 let b = 4 * i;
@@ -206,12 +221,12 @@ async fn set_versions(
             }
         };
         let mut query = sqlx::query(AssertSqlSafe(sql)).persistent(false);
-        for k in batch {
+        for (k, seq) in batch {
             query = query
                 .bind(namespace)
                 .bind(table)
                 .bind(k.as_str())
-                .bind(int(seq));
+                .bind(int(*seq));
         }
         query
             .execute(&mut *conn)
@@ -380,10 +395,37 @@ impl SqlStore {
         Ok(out)
     }
 
+    /// Whether a chunk belongs to the current request of a table still receiving
+    /// chunks (else [`SqlStore::apply_chunk`] ignores it).
+    pub async fn chunk_is_current(
+        &self,
+        namespace: &str,
+        snapshot: &Snapshot,
+    ) -> Result<bool, SinkError> {
+        let d = self.inner.dialect;
+        let sql = format!(
+            "SELECT request, done FROM kausal_bootstrap WHERE namespace = {} AND tbl = {}",
+            d.placeholder(1),
+            d.placeholder(2)
+        );
+        let row = sqlx::query(AssertSqlSafe(sql))
+            .bind(namespace)
+            .bind(snapshot.table.as_str())
+            .fetch_optional(&self.inner.pool)
+            .await
+            .map_err(store("read bootstrap"))?;
+        let Some(row) = row else { return Ok(false) };
+        let request: String = row.try_get(0).map_err(store("read bootstrap"))?;
+        let done: i32 = row.try_get(1).map_err(store("read bootstrap"))?;
+        Ok(request == snapshot.request && done == 0)
+    }
+
     /// Applies one chunk (`tx`, assembled from its envelope) in one store transaction:
     /// each row only where the store has nothing newer, the sinks after, and the
     /// bootstrap's progress. Chunks of another request or of a finished table are
-    /// ignored.
+    /// ignored. The caller applies a chunk only once the store has applied every
+    /// transaction of the stream up to the chunk's version (`tx.id.seq`), and with no
+    /// store transaction of the stream in flight (docs/bootstrap.md).
     pub async fn apply_chunk(
         &self,
         tx: &Transaction,
@@ -441,8 +483,11 @@ impl SqlStore {
         for table in &batch.tables {
             super::rows::write(&mut conn, d, &tables[&table.shape.name], table).await?;
         }
-        let keys: Vec<String> = kept.iter().map(|c| key_text(&c.key)).collect();
-        set_versions(&mut conn, d, &ns, &snapshot.table, &keys, tx.id.seq).await?;
+        // No row versions for the chunk's rows: it is applied only once the store
+        // applied every transaction up to its version (the worker waits for that), so
+        // every later write to its rows is newer and goes ahead anyway. Writing a
+        // version per row was most of a chunk's store time, and grew the table the
+        // stream's writes look their versions up in to one row per bootstrapped row.
         // Sinks keep their own versions; they get the rows the store took.
         let sinks_tx = Transaction {
             changes: kept,

@@ -34,6 +34,7 @@ use crate::config::TableMode;
 use crate::error::SinkError;
 use crate::sink::callback::{Callbacks, StoreTx};
 use crate::txn::{Staged, Transaction};
+use kausal_bus::Op;
 use schema::{TableInfo, Tables};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool};
@@ -479,8 +480,8 @@ impl SqlStore {
         Ok(applied)
     }
 
-    /// Adds the changes of `tx` to `batch`, but those a running bootstrap already wrote
-    /// newer versions of.
+    /// Adds the changes of `tx` to `batch`, and the row versions of those to tables
+    /// being bootstrapped.
     async fn add_changes<'a>(
         &self,
         conn: &mut AnyConnection,
@@ -494,11 +495,21 @@ impl SqlStore {
                 !active.is_empty()
                     && active.contains(&(id.namespace.to_string(), change.source_table.clone()))
             };
-            if guarded
-                && !bootstrap::admit(conn, self.inner.dialect, &id.namespace, change, id.seq)
-                    .await?
-            {
-                continue;
+            if guarded {
+                if change.op == Op::Truncate {
+                    let (ns, table) = (&id.namespace, &change.source_table);
+                    bootstrap::truncate(
+                        conn,
+                        self.inner.dialect,
+                        &mut batch.versions,
+                        ns,
+                        table,
+                        id.seq,
+                    )
+                    .await?;
+                } else {
+                    batch.versions.note(&id.namespace, change, id.seq);
+                }
             }
             if change.shape.mode == TableMode::None {
                 continue;
@@ -518,18 +529,10 @@ impl SqlStore {
         callbacks: &Callbacks,
         tables: &HashMap<String, Arc<TableInfo>>,
     ) -> Result<(), SinkError> {
-        let written = std::mem::take(batch);
-        if !written.tables.is_empty() {
+        let mut written = std::mem::take(batch);
+        if !written.tables.is_empty() || !written.versions.is_empty() {
             let mut conn = store.held().await?;
-            for table in &written.tables {
-                rows::write(
-                    &mut conn,
-                    self.inner.dialect,
-                    &tables[&table.shape.name],
-                    table,
-                )
-                .await?;
-            }
+            self.write_batch(&mut conn, &mut written, tables).await?;
         }
         // Callbacks may lock the store transaction themselves: it is not held here.
         for tx in pending.drain(..) {
@@ -537,6 +540,20 @@ impl SqlStore {
             callbacks.run(tx, store).await?;
         }
         Ok(())
+    }
+
+    /// Writes the rows of `batch`, then its row versions.
+    async fn write_batch(
+        &self,
+        conn: &mut AnyConnection,
+        batch: &mut batch::Batch<'_>,
+        tables: &HashMap<String, Arc<TableInfo>>,
+    ) -> Result<(), SinkError> {
+        let d = self.inner.dialect;
+        for table in &batch.tables {
+            rows::write(conn, d, &tables[&table.shape.name], table).await?;
+        }
+        bootstrap::record(conn, d, &mut batch.versions).await
     }
 
     /// Applies a staged split transaction part by part, reading each part from the
@@ -573,9 +590,7 @@ impl SqlStore {
             drop(envelope);
             let mut batch = batch::Batch::default();
             self.add_changes(&mut conn, &mut batch, &view).await?;
-            for table in &batch.tables {
-                rows::write(&mut conn, d, &tables[&table.shape.name], table).await?;
-            }
+            self.write_batch(&mut conn, &mut batch, tables).await?;
             drop((batch, conn));
             self.sinks.apply(&view).await?;
             callbacks.run_from(&view, index, store).await?;
