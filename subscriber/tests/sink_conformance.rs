@@ -60,7 +60,26 @@ impl Drop for Target {
 type Row_ = BTreeMap<String, String>;
 
 impl Target {
+    /// Applies `txs` as one group: the SQL store one transaction per group (its
+    /// bookkeeping is what is tested), the other sinks all of them, then one flush (their
+    /// buffered group path, with replays inside it).
     async fn apply(&self, txs: &[Arc<Transaction>]) -> Result<()> {
+        match self {
+            Target::Redis(sink, _) => {
+                for tx in txs {
+                    sink.apply(tx).await?;
+                }
+                return Ok(sink.flush().await?);
+            }
+            #[cfg(feature = "mongo")]
+            Target::Mongo(sink, _) => {
+                for tx in txs {
+                    sink.apply(tx).await?;
+                }
+                return Ok(sink.flush().await?);
+            }
+            _ => {}
+        }
         for tx in txs {
             match self {
                 Target::Sql(store) => {
@@ -68,9 +87,9 @@ impl Target {
                         .apply_group(std::slice::from_ref(tx), &Callbacks::default())
                         .await?;
                 }
-                Target::Redis(sink, _) => sink.apply(tx).await?,
+                Target::Redis(..) => unreachable!("applied above"),
                 #[cfg(feature = "mongo")]
-                Target::Mongo(sink, _) => sink.apply(tx).await?,
+                Target::Mongo(..) => unreachable!("applied above"),
                 #[cfg(feature = "search")]
                 Target::Search(sinks, _) => {
                     for sink in sinks.values() {

@@ -12,8 +12,11 @@
 //! hash, one field per key, kept after a delete as its tombstone) and with the table's
 //! truncate floor `<prefix>:_truncated:<table>`; an older version is skipped (an equal
 //! one is the same transaction changing the row again, or its replay: same result).
-//! All changes of one source transaction go in one `MULTI`/`EXEC`: a reader sees all of
-//! them or none (a truncate, done with `SCAN`, is the exception).
+//! The changes of a whole group go in one `MULTI`/`EXEC`, sent when the store is about to
+//! commit ([`Sink::flush`]): one round trip per group, and a reader sees all of a source
+//! transaction or none of it. Exceptions: a truncate (done with `SCAN`) sends what came
+//! before it first, and a group whose writes pass [`SEND_AT`] commands is sent at the
+//! next transaction boundary (a split transaction, applied part by part, per part).
 
 use super::{Sink, SinkFuture};
 use crate::config::RedisSinkConfig;
@@ -78,8 +81,28 @@ pub enum CacheFormat {
     Json,
 }
 
+/// Buffered commands past which a group's writes are sent at the next transaction
+/// boundary, so the buffer stays bounded.
+const SEND_AT: usize = 10_000;
+
+/// The writes of the groups being applied, not sent yet (shared by the appliers of the
+/// process: a group's flush sends the others' writes too, as their applies did before).
+struct Buffer {
+    pipe: redis::Pipeline,
+    pending: usize,
+}
+
+impl Buffer {
+    fn new() -> Buffer {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        Buffer { pipe, pending: 0 }
+    }
+}
+
 pub struct RedisSink {
     name: String,
+    buffer: std::sync::Mutex<Buffer>,
     conn: ConnectionManager,
     prefix: String,
     format: CacheFormat,
@@ -104,6 +127,7 @@ impl RedisSink {
         let conn = ConnectionManager::new(client).await.map_err(failed)?;
         Ok(RedisSink {
             name: name.clone(),
+            buffer: std::sync::Mutex::new(Buffer::new()),
             conn,
             prefix: cfg.prefix.clone(),
             format: cfg.format,
@@ -275,21 +299,25 @@ impl RedisSink {
         }
     }
 
-    async fn flush(
-        &self,
-        pipe: &mut redis::Pipeline,
-        pending: &mut usize,
-    ) -> Result<(), SinkError> {
-        if *pending == 0 {
+    /// The buffered writes, leaving an empty buffer.
+    fn take(&self) -> Buffer {
+        // A panic elsewhere while it was held leaves a buffer worth nothing more than a
+        // fresh one: the group is retried.
+        let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *buffer, Buffer::new())
+    }
+
+    /// Sends the buffered writes in one `MULTI`/`EXEC`.
+    async fn send(&self) -> Result<(), SinkError> {
+        let buffer = self.take();
+        if buffer.pending == 0 {
             return Ok(());
         }
-        pipe.query_async::<()>(&mut self.conn.clone())
+        buffer
+            .pipe
+            .query_async::<()>(&mut self.conn.clone())
             .await
-            .map_err(|e| self.error(e))?;
-        *pipe = redis::pipe();
-        pipe.atomic();
-        *pending = 0;
-        Ok(())
+            .map_err(|e| self.error(e))
     }
 }
 
@@ -300,20 +328,31 @@ impl Sink for RedisSink {
 
     fn apply<'a>(&'a self, tx: &'a Transaction) -> SinkFuture<'a> {
         Box::pin(async move {
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            let mut pending = 0;
+            let full = self.buffer.lock().map_or(true, |b| b.pending >= SEND_AT);
+            if full {
+                self.send().await?;
+            }
             for change in tx.changes.iter().filter(|c| self.wanted(c)) {
                 if change.op == Op::Truncate {
                     // Everything before the truncate first, then the truncate itself.
-                    self.flush(&mut pipe, &mut pending).await?;
+                    self.send().await?;
                     self.truncate(tx, &change.shape.name).await?;
                     continue;
                 }
-                self.push(&mut pipe, tx, change)?;
-                pending += 1;
+                let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+                self.push(&mut buffer.pipe, tx, change)?;
+                buffer.pending += 1;
             }
-            self.flush(&mut pipe, &mut pending).await
+            Ok(())
         })
     }
+
+    fn flush(&self) -> SinkFuture<'_> {
+        Box::pin(self.send())
+    }
+
+    // No `abort`: the buffer is shared by the process's appliers, and dropping it would
+    // lose another group's writes before its store commits. A rolled back group's writes
+    // go with the next send, as they went at once before the buffer; its retry writes
+    // the same versions again (equal versions apply the same result).
 }

@@ -11,20 +11,28 @@
 //! Versions: a delete leaves a tombstone `{_id: "<collection>|<key JSON>", v}` in the
 //! `kausal_tombstones` collection, a truncate a floor `{_id: "<collection>|*", v}`.
 //! A change is written only when its version is newer than the row's document, its
-//! tombstone and its table's floor: read first (one query per collection per source
-//! transaction), then written with the version in the filter (`_kausal_v <= v`, upsert: a
-//! transaction may change a row twice),
-//! so a concurrent newer write turns the upsert into a duplicate-key error, read as
-//! "skip". Re-applying a transaction therefore changes nothing.
+//! tombstone and its table's floor: read first (one query per collection per group),
+//! then written with the version in the filter (`_kausal_v <= v`, upsert: a transaction
+//! may change a row twice), so a concurrent newer write turns the upsert into a
+//! duplicate-key error, read as "skip". Re-applying a transaction therefore changes
+//! nothing.
+//!
+//! Bulk writes: `apply` only buffers; the group's writes go at `flush`, just before the
+//! store commits, as a few multi-statement commands ([`group`]). A buffer past
+//! [`SEND_AT`] rows is written at the next transaction boundary (a split transaction,
+//! applied part by part, goes in pieces).
 //!
 //! Atomicity: on a replica set or sharded cluster (the server's `hello` says so) each
-//! source transaction is one MongoDB transaction: readers see all of its changes or
-//! none. A standalone server has no transactions: the writes go one by one, in order,
-//! each guarded, and a crash in the middle is finished by the replay.
+//! flush is one MongoDB transaction: readers see all of a source transaction's changes
+//! or none. A standalone server has no transactions: the writes go command by command,
+//! each statement guarded, and a crash in the middle is finished by the replay.
+
+mod group;
 
 use super::{Sink, SinkFuture};
 use crate::error::{ErrorClass, SinkError};
 use crate::txn::{RowChange, Transaction};
+use group::{Buffer, Item, Kind, RowOp, StoredMax};
 use kausal_bus::Op;
 use mongodb::bson::{doc, Bson, Document};
 use mongodb::error::{ErrorKind, WriteFailure, TRANSIENT_TRANSACTION_ERROR};
@@ -42,6 +50,10 @@ pub const VERSION_FIELD: &str = "_kausal_v";
 pub const TOMBSTONES: &str = "kausal_tombstones";
 /// MongoDB's duplicate-key error: an upsert whose guard failed met a newer document.
 const DUPLICATE_KEY: i32 = 11000;
+/// Buffered rows past which the buffer is written at the next transaction boundary.
+const SEND_AT: usize = 10_000;
+/// Statements per command (the server takes up to 100,000 and 48 MB per message).
+const STATEMENTS: usize = 1_000;
 
 /// `[[sink]] kind = "mongo"`.
 #[derive(Clone, Deserialize)]
@@ -86,6 +98,8 @@ impl std::fmt::Debug for MongoSinkConfig {
 
 pub struct MongoSink {
     name: String,
+    /// Shared by the process's appliers (see [`Sink::flush`] below).
+    buffer: std::sync::Mutex<Buffer>,
     db: Database,
     client: Client,
     prefix: String,
@@ -125,6 +139,7 @@ impl MongoSink {
         tracing::info!(sink = %name, transactions, "mongo sink connected");
         Ok(MongoSink {
             name,
+            buffer: std::sync::Mutex::new(Buffer::default()),
             db,
             client,
             prefix: cfg.prefix.clone(),
@@ -202,139 +217,240 @@ impl MongoSink {
         }
     }
 
-    /// Applies `tx`, inside `session`'s transaction when there is one.
-    async fn write(
-        &self,
-        tx: &Transaction,
-        session: &mut Option<ClientSession>,
-    ) -> Result<(), mongodb::error::Error> {
-        let changes: Vec<&RowChange> = tx.changes.iter().filter(|c| self.wanted(c)).collect();
-        if changes.is_empty() {
-            return Ok(());
-        }
+    /// Converts the changes of `tx` this sink writes into the buffer.
+    fn convert(&self, tx: &Transaction, buffer: &mut Buffer) {
         let v = version_text(tx.id.generation, tx.id.seq, tx.part);
-        let stored = self.stored_versions(&changes, session).await?;
-        let newer = |s: &Stored| stored.get(s).is_some_and(|x| x.as_str() >= v.as_str());
-        let tombstones = self.db.collection::<Document>(TOMBSTONES);
-        for change in changes {
+        for change in tx.changes.iter().filter(|c| self.wanted(c)) {
             let table = &change.shape.name;
-            let coll = self.collection(table);
-            if newer(&Stored::Marker(self.floor_id(table))) {
-                continue;
-            }
+            let op = |key: &Map<String, Value>, kind: Kind| RowOp {
+                table: table.clone(),
+                id: Self::id(&change.shape.key, key),
+                tomb: self.tombstone_id(table, &change.shape.key, key),
+                v: v.clone(),
+                kind,
+            };
             match change.op {
-                Op::Truncate => {
-                    let set = doc! {"$set": {"v": &v}};
-                    let floor = doc! {"_id": self.floor_id(table)};
-                    guarded_upsert(&tombstones, floor, "v", &v, set, session).await?;
-                    let filter = doc! {VERSION_FIELD: {"$lte": &v}};
-                    match session.as_mut() {
-                        Some(s) => coll.delete_many(filter).session(s).await?,
-                        None => coll.delete_many(filter).await?,
-                    };
-                }
-                Op::Delete => {
-                    self.delete(&coll, change, &change.key, &v, &newer, session)
-                        .await?
-                }
+                Op::Truncate => buffer.truncate(table.clone(), v.clone()),
+                Op::Delete => buffer.push(op(&change.key, Kind::Delete)),
                 Op::Insert | Op::Update => {
                     if let Some(old) = change.old_key.as_ref().filter(|o| **o != change.key) {
-                        self.delete(&coll, change, old, &v, &newer, session).await?;
+                        buffer.push(op(old, Kind::Delete));
                     }
-                    let id = Self::id(&change.shape.key, &change.key);
-                    let tomb = self.tombstone_id(table, &change.shape.key, &change.key);
-                    if newer(&Stored::Doc(table.clone(), id_text(&id)))
-                        || newer(&Stored::Marker(tomb))
-                    {
-                        continue;
-                    }
-                    // `_id` in the document too: an upsert takes it from the filter's
-                    // equality on MongoDB, not on every server speaking its protocol.
-                    let mut fields = doc! {"_id": id.clone()};
+                    let mut columns = Document::new();
                     for (column, value) in change.new.iter().flatten() {
-                        fields.insert(column.clone(), to_bson(value));
+                        columns.insert(column.clone(), to_bson(value));
                     }
-                    fields.insert(VERSION_FIELD, &v);
-                    let filter = doc! {"_id": id};
-                    // Columns the source did not log (unchanged TOAST) are merged into the
-                    // stored document; otherwise it is replaced whole, so a column set to
-                    // NULL or dropped does not linger.
-                    if change.unchanged.is_empty() {
-                        guarded_replace(&coll, filter, &v, fields, session).await?;
+                    // Columns the source did not log (unchanged TOAST) are merged into
+                    // the stored document; otherwise it is replaced whole, so a column
+                    // set to NULL or dropped does not linger.
+                    let kind = if change.unchanged.is_empty() {
+                        Kind::Replace(columns)
                     } else {
-                        fields.remove("_id");
-                        let set = doc! {"$set": fields};
-                        guarded_upsert(&coll, filter, VERSION_FIELD, &v, set, session).await?;
+                        Kind::Merge(columns)
+                    };
+                    buffer.push(op(&change.key, kind));
+                }
+            }
+        }
+    }
+
+    /// Writes and empties the buffer, in one MongoDB transaction where the server has
+    /// them.
+    async fn send(&self) -> Result<(), SinkError> {
+        let items = {
+            let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut *buffer).items
+        };
+        if items.is_empty() {
+            return Ok(());
+        }
+        if !self.transactions {
+            return self.write(items, &mut None).await;
+        }
+        let mut session = Some(
+            self.client
+                .start_session()
+                .await
+                .map_err(|e| self.error(e))?,
+        );
+        let result = async {
+            if let Some(s) = session.as_mut() {
+                s.start_transaction().await.map_err(|e| self.error(e))?;
+            }
+            self.write(items, &mut session).await?;
+            if let Some(s) = session.as_mut() {
+                s.commit_transaction().await.map_err(|e| self.error(e))?;
+            }
+            Ok(())
+        }
+        .await;
+        if result.is_err() {
+            if let Some(s) = session.as_mut() {
+                // Fails when the transaction already ended; nothing to undo then.
+                let _ = s.abort_transaction().await;
+            }
+        }
+        result
+    }
+
+    /// Writes buffered items in order, inside `session`'s transaction when there is one.
+    async fn write(
+        &self,
+        items: Vec<Item>,
+        session: &mut Option<ClientSession>,
+    ) -> Result<(), SinkError> {
+        for item in items {
+            match item {
+                Item::Rows(ops) => self.write_rows(ops, session).await?,
+                Item::Truncate { table, v } => {
+                    let floor = doc! {"_id": self.floor_id(&table)};
+                    let set = doc! {"$set": {"v": &v}};
+                    let tombstones = self.db.collection::<Document>(TOMBSTONES);
+                    guarded_upsert(&tombstones, floor, "v", &v, set, session)
+                        .await
+                        .map_err(|e| self.error(e))?;
+                    let filter = doc! {VERSION_FIELD: {"$lte": &v}};
+                    let coll = self.collection(&table);
+                    match session.as_mut() {
+                        Some(s) => coll.delete_many(filter).session(s).await,
+                        None => coll.delete_many(filter).await,
                     }
+                    .map_err(|e| self.error(e))?;
                 }
             }
         }
         Ok(())
     }
 
-    /// Deletes the row at `key` and leaves its tombstone, unless something newer is there.
-    async fn delete(
+    /// Writes a run of row changes: the stored versions read once, the net writes per
+    /// row in bulk commands (tombstones, then each collection's deletes, then upserts).
+    async fn write_rows(
         &self,
-        coll: &Collection<Document>,
-        change: &RowChange,
-        key: &Map<String, Value>,
-        v: &str,
-        newer: &impl Fn(&Stored) -> bool,
+        ops: Vec<RowOp>,
         session: &mut Option<ClientSession>,
-    ) -> Result<(), mongodb::error::Error> {
-        let table = &change.shape.name;
-        let tomb = self.tombstone_id(table, &change.shape.key, key);
-        if newer(&Stored::Marker(tomb.clone())) {
-            return Ok(());
+    ) -> Result<(), SinkError> {
+        let stored = self
+            .stored_versions(&ops, session)
+            .await
+            .map_err(|e| self.error(e))?;
+        let net = group::coalesce(ops, &stored);
+        let tombs: Vec<Document> = net.iter().filter_map(group::tombstone_statement).collect();
+        self.command("update", TOMBSTONES, "updates", tombs, session)
+            .await?;
+        let mut tables: Vec<&str> = Vec::new();
+        for n in &net {
+            if !tables.contains(&n.table.as_str()) {
+                tables.push(&n.table);
+            }
         }
-        let tombstones = self.db.collection::<Document>(TOMBSTONES);
-        let set = doc! {"$set": {"v": v}};
-        guarded_upsert(&tombstones, doc! {"_id": &tomb}, "v", v, set, session).await?;
-        let filter = doc! {"_id": Self::id(&change.shape.key, key), VERSION_FIELD: {"$lte": v}};
-        match session.as_mut() {
-            Some(s) => coll.delete_one(filter).session(s).await?,
-            None => coll.delete_one(filter).await?,
-        };
+        for table in tables {
+            let rows = net.iter().filter(|n| n.table == table);
+            let deletes = rows
+                .clone()
+                .filter_map(|n| group::delete_statement(n, VERSION_FIELD))
+                .collect();
+            let upserts = rows
+                .filter_map(|n| group::upsert_statement(n, VERSION_FIELD))
+                .collect();
+            let coll = format!("{}{table}", self.prefix);
+            self.command("delete", &coll, "deletes", deletes, session)
+                .await?;
+            self.command("update", &coll, "updates", upserts, session)
+                .await?;
+        }
         Ok(())
     }
 
-    /// The stored versions of everything `changes` touches: documents, tombstones and
-    /// floors. One query for the markers and one per collection touched.
+    /// Runs `kind` (`update`/`delete`) on `coll` with `statements`, in commands of at
+    /// most [`STATEMENTS`]; write errors other than a guard's duplicate key fail it.
+    async fn command(
+        &self,
+        kind: &str,
+        coll: &str,
+        field: &str,
+        statements: Vec<Document>,
+        session: &mut Option<ClientSession>,
+    ) -> Result<(), SinkError> {
+        for chunk in statements.chunks(STATEMENTS) {
+            let command = doc! {kind: coll, field: chunk.to_vec(), "ordered": false};
+            let reply = match session.as_mut() {
+                Some(s) => self.db.run_command(command).session(s).await,
+                None => self.db.run_command(command).await,
+            }
+            .map_err(|e| self.error(e))?;
+            for e in reply.get_array("writeErrors").into_iter().flatten() {
+                let Bson::Document(e) = e else { continue };
+                let code = e.get_i32("code").unwrap_or_default();
+                if code == DUPLICATE_KEY {
+                    continue; // the guard met a newer document
+                }
+                return Err(SinkError::External {
+                    sink: self.name.clone(),
+                    message: format!(
+                        "{kind} in collection {coll} failed (code {code}): {}",
+                        e.get_str("errmsg").unwrap_or_default()
+                    ),
+                    class: ErrorClass::Definite,
+                });
+            }
+            if let Ok(e) = reply.get_document("writeConcernError") {
+                return Err(SinkError::External {
+                    sink: self.name.clone(),
+                    message: format!("{kind} in collection {coll}: write concern: {e}"),
+                    class: ErrorClass::Transient,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The newest stored version of every row `ops` touch, of its document, its
+    /// tombstone and its table's floor. One query for the markers and one per
+    /// collection touched.
     async fn stored_versions(
         &self,
-        changes: &[&RowChange],
+        ops: &[RowOp],
         session: &mut Option<ClientSession>,
-    ) -> Result<HashMap<Stored, String>, mongodb::error::Error> {
+    ) -> Result<StoredMax, mongodb::error::Error> {
         let mut ids: HashMap<&str, Vec<Bson>> = HashMap::new();
         let mut markers: Vec<Bson> = Vec::new();
-        for change in changes {
-            let table = change.shape.name.as_str();
-            markers.push(Bson::String(self.floor_id(table)));
-            if change.op == Op::Truncate {
-                continue;
+        let mut tables: HashSet<&str> = HashSet::new();
+        for op in ops {
+            if tables.insert(&op.table) {
+                markers.push(Bson::String(self.floor_id(&op.table)));
             }
-            for key in std::iter::once(&change.key).chain(change.old_key.as_ref()) {
-                ids.entry(table)
-                    .or_default()
-                    .push(Self::id(&change.shape.key, key));
-                markers.push(Bson::String(self.tombstone_id(
-                    table,
-                    &change.shape.key,
-                    key,
-                )));
-            }
+            ids.entry(&op.table).or_default().push(op.id.clone());
+            markers.push(Bson::String(op.tomb.clone()));
         }
-        let mut out = HashMap::new();
         let tombstones = self.db.collection(TOMBSTONES);
-        for (id, v) in find_versions(&tombstones, markers, "v", session).await? {
-            if let Bson::String(id) = id {
-                out.insert(Stored::Marker(id), v);
-            }
-        }
+        let marker: HashMap<String, String> = find_versions(&tombstones, markers, "v", session)
+            .await?
+            .into_iter()
+            .filter_map(|(id, v)| match id {
+                Bson::String(id) => Some((id, v)),
+                _ => None,
+            })
+            .collect();
+        let mut docs: HashMap<(String, String), String> = HashMap::new();
         for (table, ids) in ids {
             let coll = self.collection(table);
             for (id, v) in find_versions(&coll, ids, VERSION_FIELD, session).await? {
-                out.insert(Stored::Doc(table.to_string(), id_text(&id)), v);
+                docs.insert((table.to_string(), group::id_text(&id)), v);
+            }
+        }
+        let mut out = StoredMax::new();
+        for op in ops {
+            let row = (op.table.clone(), group::id_text(&op.id));
+            let newest = [
+                docs.get(&row),
+                marker.get(&op.tomb),
+                marker.get(&self.floor_id(&op.table)),
+            ]
+            .into_iter()
+            .flatten()
+            .max();
+            if let Some(v) = newest {
+                out.insert(row, v.clone());
             }
         }
         Ok(out)
@@ -351,49 +467,25 @@ impl Sink for MongoSink {
             if !tx.changes.iter().any(|c| self.wanted(c)) {
                 return Ok(());
             }
-            if !self.transactions {
-                return self.write(tx, &mut None).await.map_err(|e| self.error(e));
+            // Past the bound, what is buffered goes before this transaction.
+            let full = self.buffer.lock().map_or(true, |b| b.rows >= SEND_AT);
+            if full {
+                self.send().await?;
             }
-            let mut session = Some(
-                self.client
-                    .start_session()
-                    .await
-                    .map_err(|e| self.error(e))?,
-            );
-            let result = async {
-                if let Some(s) = session.as_mut() {
-                    s.start_transaction().await?;
-                }
-                self.write(tx, &mut session).await?;
-                if let Some(s) = session.as_mut() {
-                    s.commit_transaction().await?;
-                }
-                Ok(())
-            }
-            .await;
-            if result.is_err() {
-                if let Some(s) = session.as_mut() {
-                    // Fails when the transaction already ended; nothing to undo then.
-                    let _ = s.abort_transaction().await;
-                }
-            }
-            result.map_err(|e| self.error(e))
+            let mut buffer = self.buffer.lock().unwrap_or_else(|p| p.into_inner());
+            self.convert(tx, &mut buffer);
+            Ok(())
         })
     }
-}
 
-/// What a stored version belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Stored {
-    /// A document of a table, by its `_id` as extended JSON.
-    Doc(String, String),
-    /// A tombstone or floor, by its `_id`.
-    Marker(String),
-}
+    fn flush(&self) -> SinkFuture<'_> {
+        Box::pin(self.send())
+    }
 
-/// An `_id` as text (its display form), to look it up: BSON values are not hashable.
-fn id_text(id: &Bson) -> String {
-    id.to_string()
+    // No `abort`: the buffer is shared by the process's appliers, and dropping it would
+    // lose another group's writes before its store commits. A rolled back group's
+    // writes go with the next flush (as they went at once before the buffer); its retry
+    // writes the same versions, which change nothing.
 }
 
 /// `(_id, version)` of the documents of `coll` among `ids` (in chunks).
@@ -462,30 +554,6 @@ async fn guarded_upsert(
                 .await
         }
         None => coll.update_one(filter, update).upsert(true).await,
-    };
-    match done {
-        Err(e) if duplicate_key(&e) => Ok(()),
-        other => other.map(|_| ()),
-    }
-}
-
-/// `replace_one` with the same guard as [`guarded_upsert`].
-async fn guarded_replace(
-    coll: &Collection<Document>,
-    mut filter: Document,
-    v: &str,
-    replacement: Document,
-    session: &mut Option<ClientSession>,
-) -> Result<(), mongodb::error::Error> {
-    filter.insert(VERSION_FIELD, doc! {"$lte": v});
-    let done = match session.as_mut() {
-        Some(s) => {
-            coll.replace_one(filter, replacement)
-                .upsert(true)
-                .session(s)
-                .await
-        }
-        None => coll.replace_one(filter, replacement).upsert(true).await,
     };
     match done {
         Err(e) if duplicate_key(&e) => Ok(()),
