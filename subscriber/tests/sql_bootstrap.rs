@@ -92,7 +92,7 @@ async fn chunk_yields_to_newer_stream_writes(server: Server) -> Result<()> {
         ],
         false,
     );
-    let applied = store.apply_chunk(&tx10, &first).await?;
+    let applied = store.apply_chunk(tx10, &first).await?;
     assert!(applied.current);
     assert_eq!(
         applied.written, 2,
@@ -120,7 +120,7 @@ async fn chunk_yields_to_newer_stream_writes(server: Server) -> Result<()> {
         [true]
     );
     let (tx11, last) = chunk(11, 1, &[(6, "chunk")], true);
-    let applied = store.apply_chunk(&tx11, &last).await?;
+    let applied = store.apply_chunk(tx11, &last).await?;
     assert!(applied.done);
     assert_eq!(
         applied.written, 0,

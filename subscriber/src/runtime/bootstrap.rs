@@ -367,7 +367,7 @@ impl Worker {
             // The publisher is answering: no need to ask again yet.
             self.boot.last_chunk = Some(Instant::now());
         }
-        let applied = self.store.apply_chunk(&tx, &snapshot).await?;
+        let applied = self.store.apply_chunk(tx, &snapshot).await?;
         if !applied.current {
             tracing::debug!(table = %snapshot.table, request = %snapshot.request,
                 "chunk of an earlier request or a finished table; ignored");

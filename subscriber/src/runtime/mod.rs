@@ -324,16 +324,15 @@ impl Worker {
             }
         };
         let retried = delivery.retried;
-        if let [env] = envelopes.as_slice() {
-            if env.snapshot.is_some() {
-                // A bootstrap chunk: no transaction of the stream, not gated. Applied
-                // once the transactions before it are, and when no store transaction
-                // is in flight (its row versions are read once: a group committing
-                // meanwhile could be overwritten).
-                self.boot.last_chunk = Some(Instant::now());
-                self.boot.stash.push((env.clone(), delivery));
-                return self.take_stashed_chunks().await;
-            }
+        if envelopes.len() == 1 && envelopes[0].snapshot.is_some() {
+            // A bootstrap chunk: no transaction of the stream, not gated. Applied once
+            // the transactions before it are, and when no store transaction is in
+            // flight (its row versions are read once: a group committing meanwhile
+            // could be overwritten).
+            self.boot.last_chunk = Some(Instant::now());
+            let env = envelopes.into_iter().next().expect("one envelope");
+            self.boot.stash.push((env, delivery));
+            return self.take_stashed_chunks().await;
         }
         let max_seq = envelopes.iter().map(|e| e.seq).max().unwrap_or(0);
         self.held.insert(

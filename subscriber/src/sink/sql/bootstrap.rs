@@ -428,13 +428,15 @@ impl SqlStore {
     /// store transaction of the stream in flight (docs/bootstrap.md).
     pub async fn apply_chunk(
         &self,
-        tx: &Transaction,
+        mut tx: Transaction,
         snapshot: &Snapshot,
     ) -> Result<ChunkApplied, SinkError> {
         let d = self.inner.dialect;
         let ns = tx.id.namespace.to_string();
+        // Taken by value and never cloned: a chunk is thousands of rows, and copying
+        // them was most of the subscriber's CPU in a bootstrap (profile in BENCHMARKS.md).
         let tables = self
-            .prepare_tables(std::slice::from_ref(&std::sync::Arc::new(tx.clone())))
+            .prepare_shapes(tx.changes.iter().map(|c| &c.shape))
             .await?;
         let mut conn = self.begin().await?;
         let sql = format!(
@@ -462,19 +464,16 @@ impl SqlStore {
         if request != snapshot.request || done != 0 {
             return Ok(ignored);
         }
-        let newer = newer_versions(&mut conn, d, &ns, &snapshot.table, tx).await?;
-        let mut written = 0;
-        let mut kept = Vec::with_capacity(tx.changes.len());
-        for change in &tx.changes {
-            if newer.contains(&key_text(&change.key)) {
-                continue;
-            }
-            written += 1;
-            kept.push(change.clone());
+        let newer = newer_versions(&mut conn, d, &ns, &snapshot.table, &tx).await?;
+        let rows = tx.changes.len() as u64;
+        if !newer.is_empty() {
+            tx.changes.retain(|c| !newer.contains(&key_text(&c.key)));
         }
+        let written = tx.changes.len() as u64;
         // The chunk's rows as set-based statements (see `super::rows`).
         let mut batch = super::batch::Batch::default();
-        for change in kept
+        for change in tx
+            .changes
             .iter()
             .filter(|c| c.shape.mode != crate::config::TableMode::None)
         {
@@ -483,18 +482,15 @@ impl SqlStore {
         for table in &batch.tables {
             super::rows::write(&mut conn, d, &tables[&table.shape.name], table).await?;
         }
+        drop(batch);
         // No row versions for the chunk's rows: it is applied only once the store
         // applied every transaction up to its version (the worker waits for that), so
         // every later write to its rows is newer and goes ahead anyway. Writing a
         // version per row was most of a chunk's store time, and grew the table the
         // stream's writes look their versions up in to one row per bootstrapped row.
         // Sinks keep their own versions; they get the rows the store took.
-        let sinks_tx = Transaction {
-            changes: kept,
-            ..tx.clone()
-        };
         let applied = async {
-            self.sinks.apply(&sinks_tx).await?;
+            self.sinks.apply(&tx).await?;
             self.sinks.flush().await
         }
         .await;
@@ -502,7 +498,7 @@ impl SqlStore {
             self.sinks.abort().await;
             return Err(error);
         }
-        let rows_applied = before.max(0) as u64 + tx.changes.len() as u64;
+        let rows_applied = before.max(0) as u64 + rows;
         let p: Vec<String> = (1..=7).map(|n| d.placeholder(n)).collect();
         let sql = format!(
             "UPDATE kausal_bootstrap SET last_key = {}, done = {}, rows_applied = {}, \

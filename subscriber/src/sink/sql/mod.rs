@@ -372,13 +372,21 @@ impl SqlStore {
         &self,
         group: &[Arc<Transaction>],
     ) -> Result<HashMap<String, Arc<TableInfo>>, SinkError> {
-        // Shapes are shared per table and column set: one check per distinct shape.
-        let mut seen: HashSet<usize> = HashSet::new();
-        let mut tables = HashMap::new();
         let shapes = group.iter().flat_map(|tx| match &tx.staged {
             Some(staged) => staged.shapes.iter().collect::<Vec<_>>(),
             None => tx.changes.iter().map(|c| &c.shape).collect(),
         });
+        self.prepare_shapes(shapes).await
+    }
+
+    /// Creates or checks the destination table of each shape.
+    async fn prepare_shapes(
+        &self,
+        shapes: impl Iterator<Item = &Arc<crate::txn::TableShape>>,
+    ) -> Result<HashMap<String, Arc<TableInfo>>, SinkError> {
+        // Shapes are shared per table and column set: one check per distinct shape.
+        let mut seen: HashSet<usize> = HashSet::new();
+        let mut tables = HashMap::new();
         for shape in shapes {
             if shape.mode == TableMode::None || !seen.insert(Arc::as_ptr(shape) as usize) {
                 continue;
