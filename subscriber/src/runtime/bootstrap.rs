@@ -82,12 +82,17 @@ pub(super) struct Boot {
     pub bootstrapped: HashSet<String>,
     /// Where progress goes when something displays it (else: log lines).
     pub progress: Option<tokio::sync::watch::Sender<BootstrapProgress>>,
-    /// Since when the first stashed chunk waits for the stream; reported once.
-    pub waiting_since: Option<Instant>,
-    pub wait_reported: bool,
-    /// The first stashed chunk (namespace, request, table, chunk) and whether it is
-    /// of the current request.
-    pub head_current: Option<((String, String, String, u64), bool)>,
+    /// What is known of the first stashed chunk; forgotten when it is taken.
+    pub head: Option<Head>,
+}
+
+/// The first stashed chunk, while it waits for the stream.
+pub(super) struct Head {
+    /// Of the current request (read once: asked on every turn of the loop).
+    current: bool,
+    since: Instant,
+    /// Its wait was reported.
+    reported: bool,
 }
 
 /// A chunk waiting this long for the transactions before it is reported.
@@ -279,6 +284,7 @@ impl Worker {
         }
         while self.chunk_due().await? {
             let (env, delivery) = self.boot.stash.remove(0);
+            self.boot.head = None;
             self.take_chunk(env).await?;
             delivery.ack().await?;
         }
@@ -300,18 +306,15 @@ impl Worker {
             return Ok(true);
         };
         let (ns, generation, version) = (env.namespace.clone(), env.generation, env.seq);
-        // Asked again on every turn of the loop while the chunk waits: remembered.
-        let head = (
-            ns.to_string(),
-            snapshot.request.clone(),
-            snapshot.table.clone(),
-            snapshot.chunk,
-        );
-        let current = match &self.boot.head_current {
-            Some((h, current)) if *h == head => *current,
-            _ => {
+        let current = match &self.boot.head {
+            Some(head) => head.current,
+            None => {
                 let current = self.store.chunk_is_current(&ns, &snapshot).await?;
-                self.boot.head_current = Some((head, current));
+                self.boot.head = Some(Head {
+                    current,
+                    since: Instant::now(),
+                    reported: false,
+                });
                 current
             }
         };
@@ -328,15 +331,9 @@ impl Worker {
             watermark = self.coord.watermark(&ns, generation).await?;
         }
         let due = watermark.is_some_and(|w| w >= version);
-        if !due && self.boot.waiting_since.is_none() {
-            self.boot.waiting_since = Some(Instant::now());
-        }
-        if due {
-            self.boot.waiting_since = None;
-            self.boot.wait_reported = false;
-        } else if let Some(since) = self.boot.waiting_since {
-            if since.elapsed() > CHUNK_WAIT_REPORT && !self.boot.wait_reported {
-                self.boot.wait_reported = true;
+        if let (false, Some(head)) = (due, self.boot.head.as_mut()) {
+            if head.since.elapsed() > CHUNK_WAIT_REPORT && !head.reported {
+                head.reported = true;
                 tracing::warn!(
                     namespace = %ns, table = %snapshot.table, chunk = snapshot.chunk,
                     version, applied_through = watermark.unwrap_or(0),

@@ -236,6 +236,33 @@ async fn set_versions(
     Ok(())
 }
 
+/// The rows applied so far by the bootstrap of `snapshot`'s table, if `snapshot` is a
+/// chunk of its current request and the table still receives chunks.
+async fn current_rows<'c>(
+    conn: impl sqlx::Executor<'c, Database = sqlx::Any>,
+    d: Dialect,
+    namespace: &str,
+    snapshot: &Snapshot,
+) -> Result<Option<i64>, SinkError> {
+    let sql = format!(
+        "SELECT request, done, rows_applied FROM kausal_bootstrap \
+         WHERE namespace = {} AND tbl = {}",
+        d.placeholder(1),
+        d.placeholder(2)
+    );
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(namespace)
+        .bind(snapshot.table.as_str())
+        .fetch_optional(conn)
+        .await
+        .map_err(store("read bootstrap"))?;
+    let Some(row) = row else { return Ok(None) };
+    let request: String = row.try_get(0).map_err(store("read bootstrap"))?;
+    let done: i32 = row.try_get(1).map_err(store("read bootstrap"))?;
+    let rows: i64 = row.try_get(2).map_err(store("read bootstrap"))?;
+    Ok((request == snapshot.request && done == 0).then_some(rows))
+}
+
 fn key_text(key: &Map<String, Value>) -> String {
     serde_json::to_string(key).unwrap_or_default()
 }
@@ -402,22 +429,8 @@ impl SqlStore {
         namespace: &str,
         snapshot: &Snapshot,
     ) -> Result<bool, SinkError> {
-        let d = self.inner.dialect;
-        let sql = format!(
-            "SELECT request, done FROM kausal_bootstrap WHERE namespace = {} AND tbl = {}",
-            d.placeholder(1),
-            d.placeholder(2)
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(namespace)
-            .bind(snapshot.table.as_str())
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(store("read bootstrap"))?;
-        let Some(row) = row else { return Ok(false) };
-        let request: String = row.try_get(0).map_err(store("read bootstrap"))?;
-        let done: i32 = row.try_get(1).map_err(store("read bootstrap"))?;
-        Ok(request == snapshot.request && done == 0)
+        let rows = current_rows(&self.inner.pool, self.inner.dialect, namespace, snapshot).await?;
+        Ok(rows.is_some())
     }
 
     /// Applies one chunk (`tx`, assembled from its envelope) in one store transaction:
@@ -439,31 +452,14 @@ impl SqlStore {
             .prepare_shapes(tx.changes.iter().map(|c| &c.shape))
             .await?;
         let mut conn = self.begin().await?;
-        let sql = format!(
-            "SELECT request, done, rows_applied FROM kausal_bootstrap \
-             WHERE namespace = {} AND tbl = {}",
-            d.placeholder(1),
-            d.placeholder(2)
-        );
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .bind(ns.as_str())
-            .bind(snapshot.table.as_str())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(store("read bootstrap"))?;
-        let ignored = ChunkApplied {
-            written: 0,
-            rows_applied: 0,
-            done: false,
-            current: false,
+        let Some(before) = current_rows(&mut *conn, d, &ns, snapshot).await? else {
+            return Ok(ChunkApplied {
+                written: 0,
+                rows_applied: 0,
+                done: false,
+                current: false,
+            });
         };
-        let Some(row) = row else { return Ok(ignored) };
-        let request: String = row.try_get(0).map_err(store("read bootstrap"))?;
-        let done: i32 = row.try_get(1).map_err(store("read bootstrap"))?;
-        let before: i64 = row.try_get(2).map_err(store("read bootstrap"))?;
-        if request != snapshot.request || done != 0 {
-            return Ok(ignored);
-        }
         let newer = newer_versions(&mut conn, d, &ns, &snapshot.table, &tx).await?;
         let rows = tx.changes.len() as u64;
         if !newer.is_empty() {
