@@ -26,6 +26,10 @@ async fn main() -> anyhow::Result<()> {
         kausal::config::SUBSCRIBER_SECTIONS,
         kausal::config::SUBSCRIBER_KEYS,
     )?;
+    // OBSERVER_RECORD=1: each callback also records its message in the store table
+    // `notified` (which the caller created), through the store transaction: a test can
+    // count there that each effect was committed once, whatever was retried.
+    let record = std::env::var("OBSERVER_RECORD").is_ok();
     let mut subscriber = Subscriber::new(cfg);
     subscriber
         .callbacks()
@@ -42,6 +46,12 @@ async fn main() -> anyhow::Result<()> {
                         .bind(m.user_id)
                         .fetch_optional(&mut *conn)
                         .await?;
+                if record {
+                    sqlx::query("INSERT INTO notified (message_id) VALUES ($1)")
+                        .bind(m.id)
+                        .execute(&mut *conn)
+                        .await?;
+                }
                 drop(conn);
                 match user {
                     Some((email,)) => println!(

@@ -7,7 +7,13 @@
 # `redis` is the Redis cache sink, `search` the tantivy index of pgbench_history, `mongo`
 # the MongoDB sink (MONGO_URL, default nx-27017 on 127.0.0.1:27017), each with a SQLite
 # file for the bookkeeping only),
-# RATE (1000 txn/s), SECONDS_LOAD (60).
+# RATE (1000 txn/s), SECONDS_LOAD (60); WORKLOAD (`tpcb`, pgbench's own transactions,
+# or `independent`: each transaction updates one random account, so almost no two
+# depend on each other); SKIP_LATENCY=1 leaves out part 2. A worker count with an `r`
+# (`1r`) runs that many processes with Redis coordination too; 2+ always use Redis, with
+# the default 8 partition queues. Multi-process runs into Postgres also print CPU
+# seconds per process and, from the workers' status rows, messages, store commits and
+# Redis round trips per transaction.
 #
 # 1. subscriber-apply-catchup: a pgbench backlog (4 row changes per transaction) is
 #    published into the queues of stopped subscriber apps, one app per run; then each
@@ -23,6 +29,12 @@ TXNS=${1:-40000}
 RATE=${RATE:-1000}
 SECONDS_LOAD=${SECONDS_LOAD:-60}
 RUNS=${RUNS:-"sqlite:causal:1 sqlite:key:1 pg:causal:1 pg:key:1 pg:causal:2"}
+WORKLOAD=${WORKLOAD:-tpcb}
+case $WORKLOAD in
+  tpcb) NS=benchsub; ROWS_PER_TXN=4; TAG="" ;;
+  independent) NS=benchind; ROWS_PER_TXN=1; TAG="independent_" ;;
+  *) echo "WORKLOAD is tpcb or independent" >&2; exit 2 ;;
+esac
 DB=kausal_bench_sub
 PSQL="psql -h 127.0.0.1 -U postgres -qAt"
 cargo build --release --quiet --features search,mongo --bin kausal --example latency_probe
@@ -40,7 +52,7 @@ for t in pgbench_accounts pgbench_branches pgbench_tellers pgbench_history; do
   TABLES+=$'[[table]]\n'"name = \"$t\""$'\ncolumns = ["*"]\n'
 done
 cat > "$WORK/pub.toml" <<TOML
-namespace = "benchsub"
+namespace = "$NS"
 [source]
 kind = "postgres"
 url = "postgres://postgres@127.0.0.1:5432/$DB"
@@ -66,7 +78,7 @@ sub_config() { # app store-url mode workers namespace [redis]
   if [ "${6:-}" = search ]; then
     subs+=$'[[sink]]\nkind = "search"\n'"path = \"$WORK/$1.index\""$'\ntable = "pgbench_history"\ntext = ["filler"]\nkeyword = ["aid", "tid", "bid"]\nnumber = ["delta"]\n'
   fi
-  if [ "$4" -gt 1 ]; then
+  if [ "${4%r}" -gt 1 ] || [ "${4%r}" != "$4" ]; then
     coord=$'[coordination]\nkind = "redis"\nurl = "redis://127.0.0.1:6379"\n'"prefix = \"bench$$\""$'\n'
   fi
   printf 'app = "%s"\n[broker]\nurl = "amqp://guest:guest@127.0.0.1:5672/%%2f"\n[store]\nurl = "%s"\n[ordering]\nmode = "%s"\n%s%s' \
@@ -75,7 +87,7 @@ sub_config() { # app store-url mode workers namespace [redis]
 depth() { rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$1" '$1 == q {print $2}'; }
 # Transactions of namespace benchsub a store has applied (compacted watermark plus the
 # applied rows above it): a cheap poll, read from the store the subscriber commits to.
-APPLIED_SQL="SELECT COALESCE((SELECT MAX(through) FROM kausal_progress WHERE namespace = 'benchsub'), 0) + (SELECT COUNT(*) FROM kausal_applied WHERE namespace = 'benchsub' AND seq > COALESCE((SELECT MAX(through) FROM kausal_progress WHERE namespace = 'benchsub'), 0))"
+APPLIED_SQL="SELECT COALESCE((SELECT MAX(through) FROM kausal_progress WHERE namespace = '$NS'), 0) + (SELECT COUNT(*) FROM kausal_applied WHERE namespace = '$NS' AND seq > COALESCE((SELECT MAX(through) FROM kausal_progress WHERE namespace = '$NS'), 0))"
 # One long-lived poller per run (a psql or python process per poll costs ~20 ms of CPU
 # and measurably slows the run it measures).
 start_poller() { # store-url
@@ -109,16 +121,18 @@ FIRST_APP=""
 for run in $RUNS; do
   IFS=: read -r store mode workers <<< "$run"
   i=$((i + 1))
-  app="bench-$i-$store-$mode-$workers"
+  app="bench-$TAG$i-$store-$mode-$workers"
   FIRST_APP=${FIRST_APP:-$app}
-  rabbitmqctl -q delete_queue "kausal.$app" >/dev/null 2>&1 || true
+  for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep -E "^kausal\.$app(\.|$)" || true); do
+    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+  done
   case $store in
     sqlite | redis | search | mongo) url="sqlite://$WORK/$app.db" ;;
     pg)
       $PSQL -d postgres -c "DROP DATABASE IF EXISTS kausal_bench_store_$i WITH (FORCE)" -c "CREATE DATABASE kausal_bench_store_$i"
       url="postgres://postgres@127.0.0.1:5432/kausal_bench_store_$i" ;;
   esac
-  sub_config "$app" "$url" "$mode" "$workers" benchsub "$store" > "$WORK/$app.toml"
+  sub_config "$app" "$url" "$mode" "$workers" "$NS" "$store" > "$WORK/$app.toml"
   echo "$url" > "$WORK/$app.url"
   RUST_LOG=warn $BIN subscribe --config "$WORK/$app.toml" & P=$!
   until [ -n "$(depth "kausal.$app")" ]; do sleep 0.2; done
@@ -128,25 +142,34 @@ redis-cli --scan --pattern "bench$$:*" | xargs -r redis-cli del >/dev/null
 
 slot_active() { $PSQL -d $DB -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$1' AND active"; }
 RUST_LOG=warn $BIN publish --config "$WORK/pub.toml" & PUB=$!
-until [ "$(slot_active kausal_benchsub)" = 1 ]; do sleep 0.2; done
-pgbench -h 127.0.0.1 -U postgres -n -c 4 -j 2 -t $((TXNS / 4)) $DB >/dev/null
+until [ "$(slot_active kausal_$NS)" = 1 ]; do sleep 0.2; done
+if [ "$WORKLOAD" = independent ]; then
+  printf '\\set aid random(1, 100000 * :scale)\nUPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = :aid;\n' > "$WORK/independent.sql"
+  pgbench -h 127.0.0.1 -U postgres -n -c 4 -j 2 -t $((TXNS / 4)) -f "$WORK/independent.sql" $DB >/dev/null
+else
+  pgbench -h 127.0.0.1 -U postgres -n -c 4 -j 2 -t $((TXNS / 4)) $DB >/dev/null
+fi
 END_LSN=$($PSQL -d $DB -c "SELECT pg_current_wal_lsn()")
-confirmed() { $PSQL -d $DB -c "SELECT confirmed_flush_lsn >= '$END_LSN'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'kausal_benchsub'"; }
+confirmed() { $PSQL -d $DB -c "SELECT confirmed_flush_lsn >= '$END_LSN'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'kausal_$NS'"; }
 until [ "$(confirmed)" = t ]; do sleep 0.2; done
 kill -TERM $PUB; wait $PUB || true
-ROWS=$((TXNS * 4))
-printf 'BENCH subscriber-apply-catchup backlog %d txn\n' "$TXNS"
-printf 'BENCH subscriber-apply-catchup backlog_messages %s msg\n' "$(depth "kausal.$FIRST_APP")"
+ROWS=$((TXNS * ROWS_PER_TXN))
+printf 'BENCH subscriber-apply-catchup %sbacklog %d txn\n' "$TAG" "$TXNS"
+BACKLOG_MSGS=0
+for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep -E "^kausal\.$FIRST_APP(\.p[0-9]+)?$" || true); do
+  BACKLOG_MSGS=$((BACKLOG_MSGS + $(depth "$q")))
+done
+printf 'BENCH subscriber-apply-catchup %sbacklog_messages %s msg\n' "$TAG" "$BACKLOG_MSGS"
 
 declare -A RATE_OF
 i=0
 for run in $RUNS; do
   IFS=: read -r store mode workers <<< "$run"
   i=$((i + 1))
-  app="bench-$i-$store-$mode-$workers"
+  app="bench-$TAG$i-$store-$mode-$workers"
   t0=$(date +%s.%N)
   PIDS=()
-  for _ in $(seq "$workers"); do
+  for _ in $(seq "${workers%r}"); do
     RUST_LOG=${SUB_LOG:-warn} $BIN subscribe --config "$WORK/$app.toml" 2>> "${SUB_LOG_DIR:-$WORK}/$app.log" & PIDS+=($!)
   done
   start_poller "$(cat "$WORK/$app.url")"
@@ -155,18 +178,60 @@ for run in $RUNS; do
   exec {POLL[1]}>&-
   wait "$POLL_PID" 2>/dev/null || true
   RSS=0
+  CPU=""
   for p in "${PIDS[@]}"; do
     r=$(awk '/VmHWM/ {print int($2/1024)}' /proc/$p/status)
     [ "$r" -gt "$RSS" ] && RSS=$r
+    # utime + stime, in clock ticks (fields 14 and 15 of /proc/<pid>/stat).
+    CPU+="$(awk -v hz="$(getconf CLK_TCK)" '{printf "%.1f", ($14 + $15) / hz}' /proc/$p/stat) "
   done
+  name="${TAG}${store}_${mode}_${workers}w"
+  if [ "$store" = pg ] && [ "${workers%r}" != "$workers" -o "${workers%r}" -gt 1 ]; then
+    # The workers' counters, from their status rows (written every 2 s).
+    sleep 2.5
+    $PSQL "$(cat "$WORK/$app.url")" -c "SELECT body FROM kausal_workers" | python3 -c "
+import sys, json
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+t = $TXNS
+for k, label in (('messages', 'messages'), ('store_commits', 'store_commits'), ('coord_round_trips', 'redis_round_trips')):
+    print('BENCH subscriber-apply-catchup $name' + '_' + label + '_per_txn %.4f x' % (sum(r.get(k, 0) for r in rows) / t))
+print('BENCH subscriber-apply-catchup $name' + '_partitions_per_worker %s' % '/'.join(str(len(r.get('partitions', []))) for r in rows))
+"
+  fi
   kill -TERM "${PIDS[@]}"; wait "${PIDS[@]}" || true
   SECS=$(echo "$t1 - $t0" | bc -l)
-  name="${store}_${mode}_${workers}w"
+  printf 'BENCH subscriber-apply-catchup %s_cpu_s_per_process %s s\n' "$name" "$(echo $CPU | tr ' ' '/')"
   RATE_OF[$name]=$(echo "$ROWS / $SECS" | bc -l)
   printf 'BENCH subscriber-apply-catchup %s_rows_per_s %.0f rows/s\n' "$name" "${RATE_OF[$name]}"
   printf 'BENCH subscriber-apply-catchup %s_txn_per_s %.0f txn/s\n' "$name" "$(echo "$TXNS / $SECS" | bc -l)"
   printf 'BENCH memory subscriber_%s_peak_rss %d MiB\n' "$name" "$RSS"
 done
+# Scale-out: 2 processes against 1, same store, mode and workload.
+for store in sqlite pg; do
+  for mode in causal key; do
+    one=${RATE_OF[${TAG}${store}_${mode}_1w]:-}
+    for w in 1r 2 3; do
+      r=${RATE_OF[${TAG}${store}_${mode}_${w}w]:-}
+      if [ -n "$one" ] && [ -n "$r" ]; then
+        printf 'BENCH subscriber-apply-catchup %s%s_%s_%sw_vs_1w_ratio %.2f x\n' "$TAG" "$store" "$mode" "$w" "$(echo "$r / $one" | bc -l)"
+      fi
+    done
+  done
+done
+if [ "$WORKLOAD" != tpcb ]; then
+  for slot in kausal_$NS; do
+    $PSQL -d postgres -c "SELECT pg_drop_replication_slot('$slot')" >/dev/null 2>&1 || true
+  done
+  i=0
+  for run in $RUNS; do
+    i=$((i + 1))
+    for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep -E "^kausal\.bench-$TAG$i-" || true); do
+      rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+    done
+    $PSQL -d postgres -c "DROP DATABASE IF EXISTS kausal_bench_store_$i WITH (FORCE)" >/dev/null 2>&1 || true
+  done
+  exit 0
+fi
 # The stores' own limits for rows of this shape, measured now (same run, same servers).
 LIMITS=$(./scripts/bench-store-limit.sh "$ROWS")
 echo "$LIMITS"
@@ -218,16 +283,20 @@ latency_run() { # scenario extra-config
   $PSQL -d postgres -c "SELECT pg_drop_replication_slot('kausal_$ns')" >/dev/null 2>&1 || true
 }
 redis-cli --scan --pattern "benchcache$$:*" | xargs -r redis-cli unlink >/dev/null
-latency_run end-to-end-latency ""
-printf 'BENCH memory latency_subscriber_peak_rss %d MiB\nBENCH memory latency_publisher_peak_rss %d MiB\n' "$PROBE_RSS" "$PUB_RSS"
-latency_run end-to-end-latency-chained chained
+if [ -z "${SKIP_LATENCY:-}" ]; then
+  latency_run end-to-end-latency ""
+  printf 'BENCH memory latency_subscriber_peak_rss %d MiB\nBENCH memory latency_publisher_peak_rss %d MiB\n' "$PROBE_RSS" "$PUB_RSS"
+  latency_run end-to-end-latency-chained chained
+fi
 for slot in kausal_benchsub; do
   $PSQL -d postgres -c "SELECT pg_drop_replication_slot('$slot')" >/dev/null 2>&1 || true
 done
 i=0
 for run in $RUNS; do
   i=$((i + 1))
-  rabbitmqctl -q delete_queue "kausal.bench-$i-${run//:/-}" >/dev/null 2>&1 || true
+  for q in $(rabbitmqctl -q list_queues name 2>/dev/null | grep -E "^kausal\.bench-$i-" || true); do
+    rabbitmqctl -q delete_queue "$q" >/dev/null 2>&1 || true
+  done
   $PSQL -d postgres -c "DROP DATABASE IF EXISTS kausal_bench_store_$i WITH (FORCE)" >/dev/null 2>&1 || true
 done
 rabbitmqctl -q delete_queue kausal.bench-latency >/dev/null 2>&1 || true

@@ -12,10 +12,12 @@ MODE=${1:---quick}
 case $MODE in
   --quick)
     PUB_TXNS=20000 SUB_TXNS=10000 SECONDS_LOAD=20 CEILING_MSGS=10000
-    RUNS="sqlite:causal:1 sqlite:key:1 pg:causal:1 pg:key:1 pg:causal:2 redis:causal:1 search:causal:1" ;;
+    RUNS="sqlite:causal:1 sqlite:key:1 pg:causal:1 pg:key:1 pg:causal:2 redis:causal:1 search:causal:1"
+    SCALE_RUNS="pg:causal:1 pg:causal:2" ;;
   --full)
     PUB_TXNS=60000 SUB_TXNS=40000 SECONDS_LOAD=60 CEILING_MSGS=50000
-    RUNS="sqlite:serial:1 sqlite:key:1 sqlite:causal:1 pg:serial:1 pg:key:1 pg:causal:1 pg:key:2 pg:causal:2 redis:causal:1 search:causal:1 mongo:causal:1" ;;
+    RUNS="sqlite:serial:1 sqlite:key:1 sqlite:causal:1 pg:serial:1 pg:key:1 pg:causal:1 pg:causal:1r pg:key:2 pg:causal:2 pg:causal:3 redis:causal:1 search:causal:1 mongo:causal:1"
+    SCALE_RUNS="pg:causal:1 pg:causal:1r pg:causal:2 pg:causal:3" ;;
   *) echo "usage: $0 [--quick | --full]" >&2; exit 2 ;;
 esac
 ./scripts/setup.sh >/dev/null
@@ -37,6 +39,8 @@ started=$(date +%s)
 target/release/examples/broker_ceiling "$CEILING_MSGS" 2048 | tee -a "$OUT"
 # 2-4. Subscriber apply catch-up per store/mode/workers, end-to-end latency, memory.
 RUNS="$RUNS" SECONDS_LOAD="$SECONDS_LOAD" ./scripts/bench-subscribe.sh "$SUB_TXNS" | tee -a "$OUT"
+# 2b. Scale-out on a low-contention workload (one random account per transaction).
+RUNS="$SCALE_RUNS" WORKLOAD=independent ./scripts/bench-subscribe.sh "$SUB_TXNS" | tee -a "$OUT"
 # 4. Memory during a 1M-row transaction, and 5. bootstrap of 1M rows (full mode only:
 # they take minutes).
 if [ "$MODE" = --full ]; then

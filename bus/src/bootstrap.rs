@@ -26,6 +26,7 @@ pub fn control_queue_spec(namespace: &str) -> crate::amqp::QueueSpec {
         temporary: false,
         message_ttl_ms: None,
         expires_ms: Some(CONTROL_QUEUE_EXPIRES_MS),
+        partition: None,
     }
 }
 

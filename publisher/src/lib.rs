@@ -23,6 +23,7 @@ pub mod contract;
 pub mod error;
 pub mod ops;
 pub mod publish;
+pub mod route;
 pub mod source;
 pub mod tracker;
 
@@ -30,7 +31,7 @@ pub use config::PublisherConfig;
 pub use error::{ErrorClass, PublisherError, SourceError};
 
 use config::SourceConfig;
-use kausal_bus::amqp::{changes_routing_key, AmqpPublisher};
+use kausal_bus::amqp::{slot_routing_key, AmqpPublisher, SLOTS};
 use publish::{PublishLoop, Stats};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -135,7 +136,10 @@ async fn run_once(
     let (durable_tx, durable_rx) = watch::channel(0u64);
     let publisher = PublishLoop {
         bus,
-        routing_key: changes_routing_key(&cfg.namespace),
+        routing_keys: (0..SLOTS)
+            .map(|slot| slot_routing_key(&cfg.namespace, slot))
+            .collect(),
+        router: route::Router::default(),
         tuning: cfg.tuning.clone(),
         checkpoint_path: path.clone(),
         durable: durable_tx,

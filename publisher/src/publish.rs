@@ -49,7 +49,9 @@ type Pending =
 
 pub struct PublishLoop {
     pub bus: AmqpPublisher,
-    pub routing_key: String,
+    /// Routing key per slot (see [`crate::route`]).
+    pub routing_keys: Vec<String>,
+    pub router: crate::route::Router,
     pub tuning: Tuning,
     pub checkpoint_path: PathBuf,
     pub durable: watch::Sender<u64>,
@@ -58,7 +60,7 @@ pub struct PublishLoop {
 
 impl PublishLoop {
     /// Runs until the source closes the channel and everything is confirmed.
-    pub async fn run(self, mut rx: mpsc::Receiver<Item>) -> Result<(), PublisherError> {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Item>) -> Result<(), PublisherError> {
         let mut inflight: FuturesOrdered<Pending> = FuturesOrdered::new();
         let mut open = true;
         let mut held: Option<Item> = None;
@@ -105,7 +107,8 @@ impl PublishLoop {
                             let mut batch = BatchWriter::new();
                             let last_seq = self.fill(&mut batch, first, &mut rx, &mut held);
                             let body = batch.finish();
-                            let confirm = self.bus.publish(&self.routing_key, &body).await?;
+                            let slot = self.router.finish() as usize;
+                            let confirm = self.bus.publish(&self.routing_keys[slot], &body).await?;
                             self.stats.messages.fetch_add(1, Ordering::Relaxed);
                             let stats = self.stats.clone();
                             inflight.push_back(Box::pin(async move {
@@ -124,7 +127,7 @@ impl PublishLoop {
     /// Packs `first` and whatever else is ready into one message, up to the limits; at
     /// low load that is just `first`, so nothing waits for a batch to fill.
     fn fill(
-        &self,
+        &mut self,
         batch: &mut BatchWriter,
         first: Envelope,
         rx: &mut mpsc::Receiver<Item>,
@@ -146,7 +149,8 @@ impl PublishLoop {
         last_seq
     }
 
-    fn add(&self, batch: &mut BatchWriter, e: Envelope) -> u64 {
+    fn add(&mut self, batch: &mut BatchWriter, e: Envelope) -> u64 {
+        self.router.observe(&e);
         self.stats.envelopes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .changes

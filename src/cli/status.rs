@@ -399,6 +399,10 @@ fn render(r: &Report) -> String {
                 st.worker, w.state, w.last_seen_s, st.held_deliveries, st.in_flight,
                 st.waiting_count, st.applied, st.dead_lettered
             );
+            if !st.partitions.is_empty() {
+                let list: Vec<String> = st.partitions.iter().map(u32::to_string).collect();
+                out += &format!("    consumes partitions {}\n", list.join(", "));
+            }
             for wait in &st.waiting {
                 out += &format!(
                     "    {} waits for seq {} ({} s)\n",

@@ -64,6 +64,7 @@ pub async fn run(args: TailArgs, mut shutdown: watch::Receiver<bool>) -> anyhow:
         temporary: true,
         message_ttl_ms: None,
         expires_ms: None,
+        partition: None,
     };
     let mut consumer = AmqpConsumer::connect(&args.broker, &args.exchange, &spec).await?;
     eprintln!("following namespace {:?} (Ctrl-C to stop)", args.namespace);

@@ -24,6 +24,9 @@ pub const DEFAULT_REPORT_WAIT_MS: u64 = 10_000;
 /// up to 128 envelopes, so legitimate transactions arrive a few thousand numbers
 /// ahead at most; a million leaves room for long outages of other workers.
 pub const DEFAULT_MAX_SEQ_AHEAD: u64 = 1_000_000;
+/// Partition queues of an app with Redis coordination, unless configured: room for
+/// eight worker processes.
+pub const DEFAULT_REDIS_PARTITIONS: u32 = 8;
 /// Attempts of a failing callback before its transaction is dead-lettered.
 pub const DEFAULT_CALLBACK_ATTEMPTS: u32 = 5;
 /// First retry delay of a failing callback or store; doubles per attempt.
@@ -149,6 +152,12 @@ pub struct BrokerConfig {
     pub queue: Option<String>,
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
+    /// Partition queues of the app (1 to 64): the publisher spreads independent
+    /// transactions over them and keeps dependent ones together, and each worker
+    /// process consumes a share, so chains are applied within one process. Default: 8
+    /// with Redis coordination, 1 (one queue) with in-process coordination.
+    #[serde(default)]
+    pub partitions: Option<u32>,
     /// The broker deletes the queue after it had no consumer this long (`"7d"`, `"12h"`,
     /// `"90m"`; at most 49 days): a laptop subscriber's queue keeps what was published
     /// while the laptop slept, and a forgotten one does not fill the broker forever.
@@ -356,6 +365,7 @@ impl SubscriberConfig {
                 exchange: default_exchange(),
                 queue: None,
                 prefetch: DEFAULT_PREFETCH,
+                partitions: None,
                 queue_expires: None,
             },
             store: StoreConfig {
@@ -477,6 +487,15 @@ impl SubscriberConfig {
         self
     }
 
+    /// The number of partition queues (see [`BrokerConfig::partitions`]).
+    pub fn partitions(&self) -> u32 {
+        match (self.broker.partitions, &self.coordination) {
+            (Some(p), _) => p,
+            (None, Coordination::Redis { .. }) => DEFAULT_REDIS_PARTITIONS,
+            (None, Coordination::Memory) => 1,
+        }
+    }
+
     pub fn queue(&self) -> String {
         self.broker
             .queue
@@ -510,6 +529,14 @@ impl SubscriberConfig {
         }
         if !self.ordering.key_space.is_power_of_two() {
             return Err("ordering.key_space must be a power of two".into());
+        }
+        if let Some(p) = self.broker.partitions {
+            if p == 0 || p > kausal_bus::amqp::SLOTS {
+                return Err(format!(
+                    "broker.partitions is {p}: give 1 to {} (the publisher's slots)",
+                    kausal_bus::amqp::SLOTS
+                ));
+            }
         }
         if self.store.max_group == 0 || self.store.appliers == 0 || self.broker.prefetch == 0 {
             return Err("store.max_group, store.appliers and broker.prefetch must be > 0".into());

@@ -32,6 +32,17 @@ pub struct WorkerStatus {
     pub dead_lettered: u64,
     pub released: u64,
     pub streams: Vec<StreamStatus>,
+    /// The partition queues this worker consumes (see `broker.partitions`).
+    #[serde(default)]
+    pub partitions: Vec<u32>,
+    /// Counted since the process started: messages received, store transactions
+    /// committed, round trips to the Redis coordinator (the cost model of scale-out).
+    #[serde(default)]
+    pub messages: u64,
+    #[serde(default)]
+    pub store_commits: u64,
+    #[serde(default)]
+    pub coord_round_trips: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

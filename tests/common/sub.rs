@@ -72,12 +72,14 @@ pub async fn declare_queue(app: &str, namespace: &str) {
 pub async fn delete_queues(app: &str) {
     let spec = kausal::bus::amqp::QueueSpec::durable("kausal.tmp-cleanup", &[]);
     if let Ok(c) = kausal::bus::amqp::AmqpConsumer::connect(AMQP, "kausal", &spec).await {
-        for q in [
+        // Partition queues of an app with Redis coordination (8 by default).
+        let partitions = (1..8).map(|i| format!("kausal.{app}.p{i}"));
+        for q in partitions.chain([
             format!("kausal.{app}"),
             format!("kausal.{app}.dlq"),
             spec.name.clone(),
             spec.dead_letter_queue(),
-        ] {
+        ]) {
             let _ = c.delete_queue(&q).await;
         }
         c.close().await;

@@ -25,6 +25,33 @@ pub struct QueueSpec {
     /// The broker deletes the queue (and its dead-letter queue) after it was unused this
     /// long: no consumer, not declared again.
     pub expires_ms: Option<u32>,
+    /// One of several partition queues of an app (see [`Partition`]); `None`: the app's
+    /// only queue, bound to everything of its namespaces.
+    pub partition: Option<Partition>,
+}
+
+/// A partition queue: bound to the slots `j` with `j % of == index` (routing keys
+/// `<namespace>.changes.<j>`, see [`super::SLOTS`]); partition 0 is the app's queue
+/// itself and also takes the unslotted `<namespace>.changes` of older publishers, and
+/// direct messages (bootstrap chunks, operator commands). Dead letters of every
+/// partition go to the app queue's dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    pub index: u32,
+    pub of: u32,
+    /// The app's queue (partition 0's name).
+    pub base: String,
+}
+
+impl Partition {
+    /// The queue name of partition `index` of the app queue `base`.
+    pub fn queue_name(base: &str, index: u32) -> String {
+        if index == 0 {
+            base.to_string()
+        } else {
+            format!("{base}.p{index}")
+        }
+    }
 }
 
 impl QueueSpec {
@@ -36,17 +63,60 @@ impl QueueSpec {
             temporary: false,
             message_ttl_ms: None,
             expires_ms: None,
+            partition: None,
+        }
+    }
+
+    /// Partition `index` of `of` of the app queue `base`.
+    pub fn partition(base: &str, namespaces: &[&str], index: u32, of: u32) -> Self {
+        let mut spec = QueueSpec::durable(&Partition::queue_name(base, index), namespaces);
+        spec.partition = Some(Partition {
+            index,
+            of,
+            base: base.to_string(),
+        });
+        spec
+    }
+
+    /// The queue whose dead-letter queue takes this one's dead letters.
+    pub fn dead_letter_key(&self) -> &str {
+        match &self.partition {
+            Some(p) => &p.base,
+            None => &self.name,
         }
     }
 
     pub fn dead_letter_queue(&self) -> String {
-        format!("{}.dlq", self.name)
+        format!("{}.dlq", self.dead_letter_key())
+    }
+
+    /// The routing keys this queue is bound with.
+    pub fn bindings(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        for ns in &self.namespaces {
+            match &self.partition {
+                None => keys.push(format!("{ns}.#")),
+                Some(p) => {
+                    if p.index == 0 {
+                        keys.push(super::changes_routing_key(ns));
+                    }
+                    keys.extend(
+                        (0..super::SLOTS)
+                            .filter(|j| j % p.of.max(1) == p.index)
+                            .map(|j| super::slot_routing_key(ns, j)),
+                    );
+                }
+            }
+        }
+        keys
     }
 }
 
 /// One received message, to be acked after it was applied or rejected to dead letters.
 pub struct Delivery {
     pub body: Vec<u8>,
+    /// The queue it came from (where a hand-back puts it).
+    pub queue: std::sync::Arc<str>,
     pub redelivered: bool,
     pub routing_key: String,
     /// An operator's command (header [`CONTROL_HEADER`]) instead of envelopes.
@@ -195,29 +265,85 @@ impl Delivery {
     }
 }
 
-/// Consumes one subscriber queue with manual acks and a prefetch window.
+/// Consumes one subscriber queue, or several partition queues of one app, with manual
+/// acks and a prefetch window per queue (QoS per consumer). Not one window shared by
+/// the queues: it could fill with messages of some queues that wait for a transaction
+/// at the head of another, which would then never be delivered.
 pub struct AmqpConsumer {
     conn: Connection,
     channel: Channel,
-    consumer: lapin::Consumer,
+    /// Deliveries of every consumed queue; a queue's stream ends with `(queue, None)`.
+    streams: futures_util::stream::SelectAll<QueueStream>,
+    /// Queue name → consumer tag, of the queues consumed now.
+    active: std::collections::BTreeMap<String, String>,
     exchange: String,
+    /// Where dead letters are routed: the app's queue name.
     queue: String,
 }
+
+type QueueStream = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = (
+                    std::sync::Arc<str>,
+                    Option<lapin::Result<lapin::message::Delivery>>,
+                ),
+            > + Send
+            + Sync,
+    >,
+>;
 
 impl AmqpConsumer {
     /// Connects, declares the exchange, the queue, its bindings and its dead-letter
     /// queue, and starts consuming.
     pub async fn connect(url: &str, exchange: &str, spec: &QueueSpec) -> Result<Self, BusError> {
+        let mut consumer =
+            AmqpConsumer::open(url, exchange, spec.prefetch, spec.dead_letter_key()).await?;
+        consumer.declare(spec).await?;
+        consumer.consume(spec).await?;
+        Ok(consumer)
+    }
+
+    /// Connects without consuming anything yet: a window of `prefetch` unacked messages
+    /// for each queue consumed later, dead letters routed as `dead_letter_key`.
+    pub async fn open(
+        url: &str,
+        exchange: &str,
+        prefetch: u16,
+        dead_letter_key: &str,
+    ) -> Result<Self, BusError> {
         let (conn, channel) = open_channel(url).await?;
-        declare_queue(&channel, exchange, spec).await?;
         channel
-            .basic_qos(spec.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions { global: false })
             .await
             .map_err(|source| BusError::Amqp {
                 operation: "basic.qos",
                 source,
             })?;
-        let consumer = channel
+        Ok(AmqpConsumer {
+            conn,
+            channel,
+            streams: futures_util::stream::SelectAll::new(),
+            active: std::collections::BTreeMap::new(),
+            exchange: exchange.to_string(),
+            queue: dead_letter_key.to_string(),
+        })
+    }
+
+    /// Declares the exchange, a queue, its bindings and its dead-letter queue
+    /// (idempotent).
+    pub async fn declare(&self, spec: &QueueSpec) -> Result<(), BusError> {
+        declare_queue(&self.channel, &self.exchange, spec).await
+    }
+
+    /// Starts consuming one more (declared) queue on this channel, in the same
+    /// prefetch window. A no-op for a queue consumed already.
+    pub async fn consume(&mut self, spec: &QueueSpec) -> Result<(), BusError> {
+        if self.active.contains_key(&spec.name) {
+            return Ok(());
+        }
+        let consumer = self
+            .channel
             .basic_consume(
                 spec.name.as_str().into(),
                 "".into(),
@@ -232,36 +358,73 @@ impl AmqpConsumer {
                 operation: "basic.consume",
                 source,
             })?;
-        Ok(AmqpConsumer {
-            conn,
-            channel,
-            consumer,
-            exchange: exchange.to_string(),
-            queue: spec.name.clone(),
-        })
+        let name: std::sync::Arc<str> = spec.name.as_str().into();
+        self.active
+            .insert(spec.name.clone(), consumer.tag().to_string());
+        let tagged = name.clone();
+        let stream = consumer
+            .map(move |d| (tagged.clone(), Some(d)))
+            .chain(futures_util::stream::once(async move { (name, None) }));
+        self.streams.push(Box::pin(stream));
+        Ok(())
     }
 
-    /// The next delivery; `None` when the consumer was cancelled.
-    pub async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
-        let item = self.consumer.next().await?;
-        Some(
-            item.map(|d| {
-                let headers = d.properties.headers().as_ref();
-                Delivery {
-                    control: header_text(headers, CONTROL_HEADER),
-                    retried: header_text(headers, RETRY_HEADER).is_some(),
-                    signature: read_signature(headers),
-                    body: d.data,
-                    redelivered: d.redelivered,
-                    routing_key: d.routing_key.to_string(),
-                    acker: Acker::Amqp(d.acker),
-                }
-            })
+    /// Stops consuming `queue`. Deliveries already received stay this consumer's to ack.
+    pub async fn cancel(&mut self, queue: &str) -> Result<(), BusError> {
+        let Some(tag) = self.active.remove(queue) else {
+            return Ok(());
+        };
+        self.channel
+            .basic_cancel(
+                tag.as_str().into(),
+                lapin::options::BasicCancelOptions::default(),
+            )
+            .await
             .map_err(|source| BusError::Amqp {
-                operation: "consume",
+                operation: "basic.cancel",
                 source,
-            }),
-        )
+            })
+    }
+
+    /// The queues consumed now.
+    pub fn consuming(&self) -> Vec<String> {
+        self.active.keys().cloned().collect()
+    }
+
+    /// The next delivery of any consumed queue; `None` when the broker cancelled a
+    /// consumer this side did not cancel. Waits for ever while no queue is consumed.
+    pub async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
+        loop {
+            if self.streams.is_empty() {
+                futures_util::future::pending::<()>().await;
+            }
+            let (queue, item) = self.streams.next().await?;
+            let Some(item) = item else {
+                if self.active.contains_key(&*queue) {
+                    return None;
+                }
+                continue;
+            };
+            return Some(
+                item.map(|d| {
+                    let headers = d.properties.headers().as_ref();
+                    Delivery {
+                        control: header_text(headers, CONTROL_HEADER),
+                        retried: header_text(headers, RETRY_HEADER).is_some(),
+                        signature: read_signature(headers),
+                        body: d.data,
+                        queue,
+                        redelivered: d.redelivered,
+                        routing_key: d.routing_key.to_string(),
+                        acker: Acker::Amqp(d.acker),
+                    }
+                })
+                .map_err(|source| BusError::Amqp {
+                    operation: "consume",
+                    source,
+                }),
+            );
+        }
     }
 
     /// Puts `body` into this queue's dead-letter queue with the reason in the header
@@ -336,7 +499,7 @@ impl AmqpConsumer {
         let confirm = channel
             .basic_publish(
                 "".into(),
-                self.queue.as_str().into(),
+                (*delivery.queue).into(),
                 lapin::options::BasicPublishOptions::default(),
                 &delivery.body,
                 props,
@@ -473,7 +636,7 @@ pub async fn declare_queue(
             .queue_bind(
                 dlq.as_str().into(),
                 dlx.as_str().into(),
-                spec.name.as_str().into(),
+                spec.dead_letter_key().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -485,7 +648,7 @@ pub async fn declare_queue(
         );
         args.insert(
             "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(spec.name.as_str().into()),
+            AMQPValue::LongString(spec.dead_letter_key().into()),
         );
     }
     if let Some(ttl) = spec.message_ttl_ms {
@@ -523,17 +686,32 @@ pub async fn declare_queue(
                 }
             }
         })?;
-    for ns in &spec.namespaces {
+    for key in spec.bindings() {
         channel
             .queue_bind(
                 spec.name.as_str().into(),
                 exchange.into(),
-                format!("{ns}.#").as_str().into(),
+                key.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
             .await
             .map_err(amqp("queue.bind"))?;
+    }
+    if spec.partition.is_some() {
+        // The app's queue of an earlier, unpartitioned run took everything: it would
+        // keep receiving a copy of every other partition's messages.
+        for ns in &spec.namespaces {
+            channel
+                .queue_unbind(
+                    spec.name.as_str().into(),
+                    exchange.into(),
+                    format!("{ns}.#").as_str().into(),
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(amqp("queue.unbind"))?;
+        }
     }
     Ok(())
 }

@@ -138,6 +138,7 @@ impl MemoryQueue {
             retried: false,
             signature: None,
             redelivered: false,
+            queue: "memory".into(),
             routing_key: String::new(),
             acker: Acker::Memory(MemoryAcker {
                 queue: self.clone(),

@@ -13,8 +13,8 @@ mod publisher;
 
 pub use consumer::{
     declare_queue, exchange_exists, peek_dead_letters, queue_depth, queue_exists,
-    signature_headers, AmqpConsumer, DeadLetter, Delivery, QueueSpec, CONTROL_HEADER, ONLY_HEADER,
-    REASON_HEADER, RETRY_HEADER,
+    signature_headers, AmqpConsumer, DeadLetter, Delivery, Partition, QueueSpec, CONTROL_HEADER,
+    ONLY_HEADER, REASON_HEADER, RETRY_HEADER,
 };
 pub use dlq::{send_command, DeadLetterQueue, Letter};
 pub use memory::{Inbox, MemoryQueue};
@@ -26,9 +26,19 @@ use lapin::{Connection, ConnectionProperties};
 /// Default exchange name.
 pub const DEFAULT_EXCHANGE: &str = "kausal";
 
-/// Routing key of live change messages of a namespace.
+/// Routing key of live change messages of a namespace, as publishers before slots
+/// sent them (a partitioned app's first queue still takes these).
 pub fn changes_routing_key(namespace: &str) -> String {
     format!("{namespace}.changes")
+}
+
+/// Slots a publisher spreads a namespace's messages over (routing key
+/// `<namespace>.changes.<slot>`): the most partition queues an app can bind.
+pub const SLOTS: u32 = 64;
+
+/// Routing key of a change message in `slot`.
+pub fn slot_routing_key(namespace: &str, slot: u32) -> String {
+    format!("{namespace}.changes.{slot}")
 }
 
 /// The broker URL with any password replaced, for logs and errors.

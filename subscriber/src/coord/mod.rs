@@ -45,18 +45,20 @@ impl Coordinator {
         }
     }
 
-    /// With in-process state: a chain of transactions to apply in order in one store
-    /// transaction (see [`memory::MemoryCoord::plan`]). `None` with Redis, where other
-    /// workers move the state between planning and applying.
-    pub fn plan(
+    /// A chain of transactions to apply in order in one store transaction: indices
+    /// into `queries` (sorted by id), each ready once those before it are applied, at
+    /// most `max`; the others get their check as in [`Coordinator::check`]. Planned on a
+    /// throw-away overlay of the gate state (in this process, or in one Lua script per
+    /// stream in Redis), which is sound because the state only moves forward.
+    pub async fn plan(
         &self,
         mode: Mode,
         queries: &[Query<'_>],
         max: usize,
-    ) -> Option<(Vec<usize>, Vec<Check>)> {
+    ) -> Result<(Vec<usize>, Vec<Check>), CoordError> {
         match self {
-            Coordinator::Memory(c) => Some(c.plan(mode, queries, max)),
-            Coordinator::Redis(_) => None,
+            Coordinator::Memory(c) => Ok(c.plan(mode, queries, max)),
+            Coordinator::Redis(c) => c.plan(mode, queries, max).await,
         }
     }
 

@@ -7,6 +7,9 @@
 //! - `<p>:a` — sorted set of applied sequence numbers above the watermark;
 //! - `<p>:c` — hash of known counters.
 //!
+//! and `<prefix>:<app>:members`, the live worker processes (sorted set by last
+//! heartbeat), from which each works out its share of the partition queues.
+//!
 //! Checks and updates are Lua scripts (atomic per transaction) sent in one pipeline per
 //! batch. After a flush `<p>:i` is gone, a script answers "unknown", and the worker seeds
 //! the state again from its store: the watermark and applied set are exact, counters
@@ -105,6 +108,93 @@ if w ~= 0 or redis.call('ZCARD', KEYS[3]) ~= 0 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1])
 redis.call('SET', KEYS[1], '0')
 return 1
+"#;
+
+/// Plans a chain over one stream's waiting transactions (sorted by sequence number),
+/// atomically against the shared state: an overlay (watermark, applied set, counters)
+/// takes each planned transaction as applied, exactly as the in-process plan does
+/// ([`crate::schedule::Plan`]). Nothing in Redis changes. ARGV: mode, the room left in
+/// the chain, then per transaction its seq, its number of relevant deps and those deps
+/// (key, version, kind, after). Answers one code per transaction: 0 in the chain,
+/// -2 ready but the chain is full, n > 0 waits for dep n; or `{-1}` when the stream has
+/// no state. Every dep moves the overlay's counters; only those marked relevant to the
+/// mode (1) are checked, as in [`crate::schedule`].
+const PLAN: &str = r#"
+local init = redis.call('GET', KEYS[1])
+if not init then return {-1} end
+local complete = init == '1'
+local w = tonumber(redis.call('GET', KEYS[2]) or '0')
+local mine = {}
+local counters = {}
+local function applied(s)
+  return s <= w or mine[s] or redis.call('ZSCORE', KEYS[4], tostring(s))
+end
+local function counter(k)
+  local c = counters[k]
+  if c then return c end
+  c = redis.call('HGET', KEYS[3], k)
+  if c then return tonumber(c) end
+  if complete then return 0 end
+  return nil
+end
+local serial = ARGV[1] == 's'
+local room = tonumber(ARGV[2])
+local out = {}
+local b = 3
+while b <= #ARGV do
+  local seq = tonumber(ARGV[b])
+  local n = tonumber(ARGV[b + 1])
+  local first = b + 2
+  b = first + n * 5
+  local code = 0
+  if not applied(seq) then
+    if serial then
+      if w + 1 < seq then code = 1 end
+    else
+      for i = 0, n - 1 do
+        local d = first + i * 5
+        if ARGV[d + 4] == '1' and w < tonumber(ARGV[d + 3]) then
+          local c = counter(ARGV[d])
+          local v = tonumber(ARGV[d + 1])
+          local ok = false
+          if c then
+            if ARGV[d + 2] == 'w' then ok = c + 1 >= v else ok = c >= v end
+          end
+          if not ok then code = i + 1; break end
+        end
+      end
+    end
+  end
+  if code == 0 and room <= 0 then code = -2 end
+  if code == 0 then
+    room = room - 1
+    if not applied(seq) then
+      mine[seq] = true
+      while applied(w + 1) do w = w + 1 end
+      for i = 0, n - 1 do
+        local d = first + i * 5
+        local k = ARGV[d]
+        local v = tonumber(ARGV[d + 1])
+        local c = counter(k)
+        if ARGV[d + 2] == 'w' then
+          if (not c) or c < v then counters[k] = v end
+        elseif c and c >= v then
+          counters[k] = c + 1
+        end
+      end
+    end
+  end
+  out[#out + 1] = code
+end
+return out
+"#;
+
+const MEMBERS: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
 "#;
 
 pub struct RedisCoord {
@@ -216,6 +306,102 @@ impl RedisCoord {
             .collect())
     }
 
+    /// A chain for one store transaction, planned in Redis: indices into `queries`
+    /// (sorted by id) in apply order, each ready once those before it are applied; at
+    /// most `max`. One script per stream, all in one pipeline. Sound although other
+    /// workers move the state meanwhile: the state only ever moves forward (a
+    /// transaction once ready stays ready), and a chain is applied in order in one
+    /// store transaction.
+    pub async fn plan(
+        &self,
+        mode: Mode,
+        queries: &[Query<'_>],
+        max: usize,
+    ) -> Result<(Vec<usize>, Vec<Check>), CoordError> {
+        let mut streams: Vec<std::ops::Range<usize>> = Vec::new();
+        for (i, q) in queries.iter().enumerate() {
+            match streams.last_mut() {
+                Some(r)
+                    if queries[r.start].id.namespace == q.id.namespace
+                        && queries[r.start].id.generation == q.id.generation =>
+                {
+                    r.end = i + 1
+                }
+                _ => streams.push(i..i + 1),
+            }
+        }
+        if streams.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let mut pipe = redis::pipe();
+        for r in &streams {
+            let first = &queries[r.start];
+            let [i, w, a, c] = self.keys(&first.id.namespace, first.id.generation);
+            let cmd = pipe
+                .cmd("EVAL")
+                .arg(PLAN)
+                .arg(4)
+                .arg(i)
+                .arg(w)
+                .arg(c)
+                .arg(a);
+            cmd.arg(if mode == Mode::Serial { "s" } else { "c" })
+                .arg(max);
+            for q in &queries[r.clone()] {
+                cmd.arg(q.id.seq).arg(q.deps.len());
+                for d in q.deps {
+                    let on = mode != Mode::Serial && relevant(mode, d, q.table_keys);
+                    cmd.arg(d.k)
+                        .arg(d.v)
+                        .arg(kind(d.kind))
+                        .arg(d.after)
+                        .arg(if on { "1" } else { "0" });
+                }
+            }
+        }
+        let answers: Vec<Vec<i64>> =
+            pipe.query_async(&mut self.conn.clone())
+                .await
+                .map_err(|source| CoordError::Redis {
+                    operation: "plan",
+                    source,
+                })?;
+        let mut chain = Vec::new();
+        let mut checks = Vec::with_capacity(queries.len());
+        for (r, codes) in streams.iter().zip(answers) {
+            if codes.first() == Some(&-1) {
+                checks.extend(r.clone().map(|_| Check::Unknown));
+                continue;
+            }
+            for (i, code) in r
+                .clone()
+                .zip(codes.into_iter().chain(std::iter::repeat(-2)))
+            {
+                let q = &queries[i];
+                let full = Check::Waiting(Wait::Previous {
+                    seq: q.id.seq.saturating_sub(1),
+                });
+                checks.push(match code {
+                    0 if chain.len() < max => {
+                        chain.push(i);
+                        Check::Ready
+                    }
+                    0 | -2 => full,
+                    _ if mode == Mode::Serial => full,
+                    n => match q.deps.get((n - 1) as usize) {
+                        Some(d) => Check::Waiting(Wait::Dep {
+                            k: d.k,
+                            v: d.v,
+                            after: d.after,
+                        }),
+                        None => full,
+                    },
+                });
+            }
+        }
+        Ok((chain, checks))
+    }
+
     pub async fn init(
         &self,
         namespace: &str,
@@ -310,6 +496,46 @@ impl RedisCoord {
             .query_async(&mut self.conn.clone())
             .await;
         self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Marks `worker` alive now and answers the live workers of the app, sorted: the
+    /// ones whose last mark is younger than `ttl_ms` (by Redis's clock, so hosts'
+    /// clocks do not matter). Key `<prefix>:<app>:members`, a sorted set by last mark.
+    pub async fn members(&self, worker: &str, ttl_ms: u64) -> Result<Vec<String>, CoordError> {
+        let mut members: Vec<String> = redis::cmd("EVAL")
+            .arg(MEMBERS)
+            .arg(1)
+            .arg(format!("{}:members", self.base))
+            .arg(worker)
+            .arg(ttl_ms)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| CoordError::Redis {
+                operation: "members",
+                source,
+            })?;
+        members.sort();
+        Ok(members)
+    }
+
+    /// Removes `worker` from the live workers (a clean stop): its partitions move at
+    /// the others' next heartbeat instead of after the expiry.
+    pub async fn leave(&self, worker: &str) -> Result<(), CoordError> {
+        let _: i64 = redis::cmd("ZREM")
+            .arg(format!("{}:members", self.base))
+            .arg(worker)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| CoordError::Redis {
+                operation: "leave",
+                source,
+            })?;
+        let _: Result<i64, _> = redis::cmd("PUBLISH")
+            .arg(&self.channel)
+            .arg(1)
+            .query_async(&mut self.conn.clone())
+            .await;
         Ok(())
     }
 

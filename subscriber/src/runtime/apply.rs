@@ -27,6 +27,9 @@ pub struct Applier {
     pub attempts: u32,
     pub max_group: usize,
     pub backoff: Duration,
+    /// Store commits, and round trips to a Redis coordinator.
+    pub commits: kausal_ops::metrics::Counter,
+    pub coord_calls: Option<kausal_ops::metrics::Counter>,
 }
 
 impl Applier {
@@ -118,6 +121,7 @@ impl Applier {
         let started = std::time::Instant::now();
         let flags = self.store.apply_group(group, &self.callbacks).await?;
         crate::sink::fault::after_commit(); // test-only crash point: docs/faults.md
+        self.commits.inc();
         tracing::debug!(
             transactions = group.len(),
             store_ms = started.elapsed().as_secs_f64() * 1000.0,
@@ -132,6 +136,9 @@ impl Applier {
         // retry finds the transactions already applied (None: counters left alone).
         let mut delay = self.backoff;
         loop {
+            if let Some(c) = &self.coord_calls {
+                c.inc();
+            }
             match self.coord.applied(&done).await {
                 Ok(missing) if missing.is_empty() => return Ok(()),
                 Ok(missing) => {

@@ -68,6 +68,9 @@ struct Waiting {
 struct Worker {
     cfg: SubscriberConfig,
     consumer: Inbox,
+    /// The app's queues (one, or one per partition) and the partitions consumed now.
+    queues: Vec<kausal_bus::amqp::QueueSpec>,
+    owned: Vec<u32>,
     store: SqlStore,
     coord: Arc<Coordinator>,
     mapping: Mapping,
@@ -86,8 +89,8 @@ struct Worker {
     /// Since when transactions of a namespace/generation have been held with none of
     /// it applied (cleared by each apply); hand-backs do not reset it.
     stuck_since: HashMap<(Arc<str>, u64), Instant>,
-    /// Chain dependent transactions into one store transaction (in-process coordination,
-    /// no callbacks).
+    /// Chain dependent transactions into one store transaction (no callbacks, or
+    /// `callbacks.chain`).
     chain: bool,
     /// Dead-lettered in this run: not admitted again (a staged split transaction would
     /// otherwise come back with every recovery scan).
@@ -143,9 +146,10 @@ impl Worker {
         });
         let namespaces = cfg.namespaces();
         let ns: Vec<&str> = namespaces.iter().map(String::as_str).collect();
+        let mut queues = queue::specs(cfg, &ns);
         let consumer = match inbox {
             Some(queue) => Inbox::Memory(queue),
-            None => queue::open(cfg, &ns, &store).await?,
+            None => queue::open(cfg, &mut queues, &store).await?,
         };
 
         let applier_callbacks_empty = callbacks.is_empty();
@@ -156,18 +160,21 @@ impl Worker {
             attempts: cfg.callbacks.attempts.max(1),
             max_group: cfg.store.max_group,
             backoff: Duration::from_millis(cfg.callbacks.backoff_ms),
+            commits: ops.commits.clone(),
+            coord_calls: matches!(*coord, Coordinator::Redis(_)).then(|| ops.coord_calls.clone()),
         });
         Ok(Worker {
             mapping: Mapping::new(cfg),
             cfg: cfg.clone(),
             consumer,
+            queues,
+            owned: Vec::new(),
             store,
             coord,
             dead: HashSet::new(),
             min_seen: HashMap::new(),
             stuck_since: HashMap::new(),
-            chain: matches!(cfg.coordination, Coordination::Memory)
-                && (applier_callbacks_empty || cfg.callbacks.chain),
+            chain: applier_callbacks_empty || cfg.callbacks.chain,
             split: HashMap::new(),
             applier,
             next_delivery: 0,
@@ -210,6 +217,7 @@ impl Worker {
             ));
         }
         drop(out_tx);
+        self.rebalance(true).await?;
         self.recover_staged().await?;
         self.start_bootstraps().await?;
         plan_started.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -260,6 +268,7 @@ impl Worker {
                         self.write_status().await;
                     }
                     self.report_waits();
+                    if let Err(e) = self.rebalance(false).await { break Err(e); }
                     if let Err(e) = self.join_if_stuck().await { break Err(e); }
                     if let Err(e) = self.hand_back().await { break Err(e); }
                     if let Err(e) = self.re_request_if_silent().await { break Err(e); }
@@ -285,6 +294,7 @@ impl Worker {
             }
         }
         // Unacked deliveries go back to the queue when the channel closes.
+        self.leave().await;
         self.consumer.close().await;
         let worker = self.ops.status().worker;
         if let Err(error) = self.store.remove_status(&worker).await {
@@ -296,6 +306,7 @@ impl Worker {
     async fn receive(&mut self, delivery: Delivery) -> Result<(), SubscriberError> {
         let id = self.next_delivery;
         self.next_delivery += 1;
+        self.ops.messages.inc();
         if let Some(verifier) = &self.verifier {
             // Before anything of it is read: an unsigned, forged or altered message.
             if let Err(reason) = verifier.verify(&delivery.body, delivery.signature.as_ref()) {
@@ -517,14 +528,17 @@ impl Worker {
             // per link. Not with callbacks unless `callbacks.chain`: one that reads the
             // store through its own connection would not see the uncommitted rows of
             // the link before it (through `Event::store` it does).
-            let planned = if self.chain {
-                self.coord.plan(mode, &queries, self.cfg.store.max_group)
+            if matches!(*self.coord, Coordinator::Redis(_)) {
+                self.ops.coord_calls.inc();
+            }
+            if self.chain {
+                let (chain, checks) = self
+                    .coord
+                    .plan(mode, &queries, self.cfg.store.max_group)
+                    .await?;
+                (Some(chain), checks)
             } else {
-                None
-            };
-            match planned {
-                Some((chain, checks)) => (Some(chain), checks),
-                None => (None, self.coord.check(mode, &queries).await?),
+                (None, self.coord.check(mode, &queries).await?)
             }
         };
         let mut ready = Vec::new();

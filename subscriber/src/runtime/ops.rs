@@ -33,6 +33,9 @@ pub struct Ops {
     pub(super) dead_lettered: Counter,
     pub(super) released: Counter,
     pub(super) hand_backs: Counter,
+    pub(super) messages: Counter,
+    pub(super) commits: Counter,
+    pub(super) coord_calls: Counter,
     pub(super) wait_reports: Counter,
     pub(super) waiting: Gauge,
     pub(super) in_flight: Gauge,
@@ -75,6 +78,18 @@ impl Ops {
             hand_backs: m.counter(
                 "subscriber_hand_backs",
                 "Deliveries moved to the tail of the queue because the window was full of waiting transactions.",
+            ),
+            messages: m.counter(
+                "subscriber_messages_received",
+                "Messages delivered by the broker (each holds one or more envelopes).",
+            ),
+            commits: m.counter(
+                "subscriber_store_commits",
+                "Store transactions committed with source transactions in them (one per group or chain).",
+            ),
+            coord_calls: m.counter(
+                "subscriber_coordinator_round_trips",
+                "Round trips to the Redis coordinator (checks, plans, applied records); 0 with in-process coordination.",
             ),
             wait_reports: m.counter(
                 "subscriber_wait_reports",
@@ -180,6 +195,10 @@ impl Worker {
         live.dead_lettered = ops.dead_lettered.get();
         live.released = ops.released.get();
         live.streams = streams;
+        live.partitions = self.owned.clone();
+        live.messages = ops.messages.get();
+        live.store_commits = ops.commits.get();
+        live.coord_round_trips = ops.coord_calls.get();
         Ok(live.clone())
     }
 

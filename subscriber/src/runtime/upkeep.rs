@@ -5,6 +5,7 @@ use super::{Worker, HAND_BACK_AFTER, JOIN_AFTER};
 use crate::config::Coordination;
 use crate::error::SubscriberError;
 use crate::schedule::Wait;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,8 +98,22 @@ impl Worker {
     /// them in the queue, e.g. redelivered after another worker crashed): move the higher
     /// half of what we hold to the tail of the queue, so the missing ones arrive.
     pub(super) async fn hand_back(&mut self) -> Result<(), SubscriberError> {
-        let full = self.held.len() >= usize::from(self.cfg.broker.prefetch);
-        if !full || !self.applying.is_empty() || self.last_progress.elapsed() < HAND_BACK_AFTER {
+        // Per queue: each partition queue has a window of its own.
+        let window = usize::from(super::queue::window(&self.cfg));
+        let mut per_queue: HashMap<&str, usize> = HashMap::new();
+        for h in self.held.values() {
+            *per_queue.entry(&h.delivery.queue).or_default() += 1;
+        }
+        let full: HashSet<Arc<str>> = self
+            .held
+            .values()
+            .filter(|h| per_queue[&*h.delivery.queue] >= window)
+            .map(|h| h.delivery.queue.clone())
+            .collect();
+        if full.is_empty()
+            || !self.applying.is_empty()
+            || self.last_progress.elapsed() < HAND_BACK_AFTER
+        {
             return Ok(());
         }
         // A stream this store has applied nothing of is joining (see `join_if_stuck`):
@@ -112,7 +127,9 @@ impl Worker {
         let mut candidates: Vec<(u64, u64)> = self
             .held
             .iter()
-            .filter(|(_, h)| h.received.elapsed() >= HAND_BACK_AFTER)
+            .filter(|(_, h)| {
+                h.received.elapsed() >= HAND_BACK_AFTER && full.contains(&h.delivery.queue)
+            })
             .map(|(d, h)| (h.max_seq, *d))
             .collect();
         // The higher half: the lower ones are likelier to be next.
