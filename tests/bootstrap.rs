@@ -321,28 +321,45 @@ async fn a_terminal_shows_a_progress_bar_and_a_pipe_gets_log_lines() {
     db.drop().await;
 }
 
+/// A new app started as three worker processes sharing Redis coordination, all with
+/// `--bootstrap`, while the source changes: no operator step, and the store ends equal
+/// to the source (the chunks reach whichever worker consumes the app's queue; the
+/// others wait for the join the first chunk brings).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_bootstrap_under_redis_coordination_is_refused_with_the_way_to_run_it() {
-    let ns = unique("bootredis");
+async fn three_workers_bootstrap_a_new_app_together_and_end_equal() {
+    logs();
+    let ns = unique("bootmulti");
+    let db = TestDb::new(&ns, workload::SCHEMA).await;
+    prefill(&db).await;
+    let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
+    workload::run(&db.url, 300, 2, 47).await;
+    let store_name = format!("{ns}_store");
+    let store_url = workload::store_db(&store_name).await;
     let body = format!(
         "[coordination]\nkind = \"redis\"\nurl = \"{REDIS}\"\nprefix = \"{ns}\"\n{}",
         workload::subscribed(&ns)
     );
     let cfg = write_config(
-        &sub_config_text(&ns, &sqlite_url(&ns), &body),
+        &sub_config_text(&ns, &store_url, &body),
         &format!("{ns}.sub"),
     );
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
-        .args(["bootstrap", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run kausal bootstrap");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(
-        err.contains("without its [coordination] section"),
-        "unexpected output: {err}"
-    );
+    let mut workers: Vec<Process> = (0..3)
+        .map(|_| Process::kausal(&["subscribe", "--bootstrap"], &cfg))
+        .collect();
+    sqlx::any::install_default_drivers();
+    let store = sqlx::AnyPool::connect(&store_url).await.unwrap();
+    workload::run(&db.url, 3_000, 4, 53).await;
+    workload::converge(&db.url, &store, Duration::from_secs(300)).await;
+    let done = bootstraps(&store).await;
+    assert_eq!(done.len(), 2, "{done:?}");
+    assert!(done.iter().all(|(_, _, rows)| *rows > 0), "{done:?}");
+    finished(&store).await;
+    for w in &mut workers {
+        w.kill();
+    }
+    publisher.stop().await;
+    db.drop().await;
+    store.close().await;
+    workload::drop_store_db(&store_name).await;
     delete_queues(&ns).await;
 }

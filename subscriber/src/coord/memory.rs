@@ -80,8 +80,9 @@ impl MemoryCoord {
 
     pub fn join(&self, namespace: &str, generation: u64, through: u64) {
         if let Some(p) = self.lock().get_mut(&(namespace.into(), generation)) {
-            if p.watermark == 0 && p.above.is_empty() {
-                *p = Progress::from_store(through, []);
+            if p.watermark == 0 && through > 0 {
+                let above: Vec<u64> = p.above.iter().copied().filter(|s| *s > through).collect();
+                *p = Progress::from_store(through, above);
             }
         }
         self.wake.notify_waiters();

@@ -81,9 +81,11 @@ impl Coordinator {
         }
     }
 
-    /// Moves a namespace/generation that has applied nothing yet to the watermark
-    /// `through` (a subscriber joining a running stream). A no-op once anything was
-    /// applied.
+    /// Moves a namespace/generation whose watermark is still 0 to `through` (a
+    /// subscriber joining a running stream, or joining where its bootstrap's chunks
+    /// begin); transactions applied above it stay applied, those below are covered by
+    /// the join. Counters become unknown unless learned. A no-op once the watermark
+    /// moved: the store applied transaction 1, so it follows the stream from its start.
     pub async fn join(
         &self,
         namespace: &str,

@@ -104,8 +104,15 @@ return 1
 const JOIN: &str = r#"
 if not redis.call('GET', KEYS[1]) then return -1 end
 local w = tonumber(redis.call('GET', KEYS[2]) or '0')
-if w ~= 0 or redis.call('ZCARD', KEYS[3]) ~= 0 then return 0 end
-redis.call('SET', KEYS[2], ARGV[1])
+local through = tonumber(ARGV[1])
+if w ~= 0 or through <= w then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', through)
+w = through
+while redis.call('ZSCORE', KEYS[3], tostring(w + 1)) do
+  redis.call('ZREM', KEYS[3], tostring(w + 1))
+  w = w + 1
+end
+redis.call('SET', KEYS[2], tostring(w))
 redis.call('SET', KEYS[1], '0')
 return 1
 "#;
@@ -195,6 +202,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
 return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#;
+
+const HOLD: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 "#;
 
 pub struct RedisCoord {
@@ -537,6 +551,24 @@ impl RedisCoord {
             .query_async(&mut self.conn.clone())
             .await;
         Ok(())
+    }
+
+    /// Takes the app's lock `name` for `worker`, or renews it if `worker` holds it;
+    /// false while another worker holds it. It expires `ttl_ms` after the last renewal.
+    pub async fn hold(&self, name: &str, worker: &str, ttl_ms: u64) -> Result<bool, CoordError> {
+        let held: i64 = redis::cmd("EVAL")
+            .arg(HOLD)
+            .arg(1)
+            .arg(format!("{}:lock:{name}", self.base))
+            .arg(worker)
+            .arg(ttl_ms)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| CoordError::Redis {
+                operation: "lock",
+                source,
+            })?;
+        Ok(held == 1)
     }
 
     pub async fn watermark(

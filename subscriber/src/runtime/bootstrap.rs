@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 /// A chunk not followed by another within this time: the request is sent again (the
 /// publisher may have been down, or restarted and lost its place).
 const RE_REQUEST_AFTER: Duration = Duration::from_secs(60);
+/// The app's bootstrap lock (several workers) outlives its holder by this much.
+const LOCK_TTL_MS: u64 = 30_000;
 
 /// What to bootstrap when a subscriber starts.
 #[derive(Debug, Clone, Default)]
@@ -84,6 +86,8 @@ pub(super) struct Boot {
     pub progress: Option<tokio::sync::watch::Sender<BootstrapProgress>>,
     /// What is known of the first stashed chunk; forgotten when it is taken.
     pub head: Option<Head>,
+    /// Requests this worker sent as the holder of the app's bootstrap lock, by id.
+    pub asked: HashMap<String, Instant>,
 }
 
 /// The first stashed chunk, while it waits for the stream.
@@ -107,21 +111,6 @@ impl Worker {
             self.boot.chunk_rows = p.chunk_rows;
         }
         let unfinished = self.store.unfinished_bootstraps().await?;
-        if matches!(
-            self.cfg.coordination,
-            crate::config::Coordination::Redis { .. }
-        ) && (plan.is_some() || !unfinished.is_empty())
-        {
-            // Transactions other workers hold from before the join point would wait for
-            // ever (seen in a test); until the join reaches every worker's gate, one
-            // process bootstraps.
-            return Err(SubscriberError::Config(
-                "a bootstrap runs in one worker process without Redis coordination: run \
-                 `kausal bootstrap` with a copy of this configuration without its \
-                 [coordination] section, then start the workers"
-                    .into(),
-            ));
-        }
         let done = self.store.bootstrapped_tables().await?;
         self.boot.bootstrapped = done.iter().map(|(ns, _)| ns.clone()).collect();
         // Bootstraps that only wait for the watermark to pass their last chunk: on a
@@ -148,7 +137,11 @@ impl Worker {
         }
         for (ns, tables) in resumed {
             tracing::info!(namespace = %ns, tables = tables.len(), "resuming a bootstrap");
-            self.request(&ns, tables, true).await?;
+            if self.shared_bootstrap() {
+                self.note_pending(&ns, tables.iter().map(|t| t.table.clone()).collect());
+            } else {
+                self.request(&ns, tables, true).await?;
+            }
         }
         let Some(plan) = plan else { return Ok(()) };
         let subscribed: Vec<(String, String)> = self
@@ -198,6 +191,7 @@ impl Worker {
             tracing::info!(namespace = %ns, tables = tables.len(), "starting a bootstrap");
             self.request(&ns, tables, false).await?;
         }
+        self.drive_bootstraps().await?;
         if self.boot.pending.is_empty() && self.boot.exit_when_done {
             self.boot.finished = true;
         }
@@ -224,6 +218,7 @@ impl Worker {
         resume: bool,
         reuse: Option<String>,
     ) -> Result<(), SubscriberError> {
+        let asked_before = reuse.is_some();
         let id = reuse.unwrap_or_else(|| {
             format!(
                 "{}-{}",
@@ -238,6 +233,12 @@ impl Worker {
         self.store
             .begin_bootstrap(namespace, &names, &id, resume)
             .await?;
+        if self.shared_bootstrap() && !asked_before {
+            // Recorded only: the worker holding the app's bootstrap lock asks
+            // (`drive_bootstraps`), so that workers starting together ask once.
+            self.note_pending(namespace, names);
+            return Ok(());
+        }
         let request = BootstrapRequest {
             request: id,
             queue: self.cfg.queue(),
@@ -255,6 +256,12 @@ impl Worker {
             &request,
         )
         .await?;
+        self.note_pending(namespace, names);
+        Ok(())
+    }
+
+    /// Tables whose bootstrap this worker waits for (and shows the progress of).
+    fn note_pending(&mut self, namespace: &str, names: Vec<String>) {
         for t in names {
             if let Some(progress) = &self.boot.progress {
                 let rows = self.boot.rows.get(&(namespace.to_string(), t.clone()));
@@ -273,6 +280,63 @@ impl Worker {
         }
         self.boot.started.get_or_insert_with(Instant::now);
         self.boot.last_chunk = Some(Instant::now());
+    }
+
+    /// Several worker processes share the app (Redis coordination): one of them, the
+    /// holder of the app's bootstrap lock, asks the publishers.
+    fn shared_bootstrap(&self) -> bool {
+        matches!(*self.coord, crate::coord::Coordinator::Redis(_))
+    }
+
+    /// With several workers: the holder of the app's bootstrap lock (taken by whoever
+    /// finds it free, renewed every few seconds, so a dead holder's successor takes
+    /// over within [`LOCK_TTL_MS`]) asks for every unfinished bootstrap the store
+    /// records, once, under its recorded request id, and asks again when its rows
+    /// stopped moving for [`RE_REQUEST_AFTER`].
+    pub(super) async fn drive_bootstraps(&mut self) -> Result<(), SubscriberError> {
+        let crate::coord::Coordinator::Redis(redis) = &*self.coord else {
+            return Ok(());
+        };
+        let unfinished = self.store.unfinished_bootstraps().await?;
+        if unfinished.is_empty() {
+            return Ok(());
+        }
+        let me = self.ops.status().worker;
+        if !redis.hold("bootstrap", &me, LOCK_TTL_MS).await? {
+            return Ok(());
+        }
+        let mut by_request: BTreeMap<(String, String), Vec<TableRequest>> = BTreeMap::new();
+        let mut moved = false;
+        for u in unfinished {
+            let key = (u.namespace.clone(), u.table.clone());
+            if self.boot.rows.insert(key, u.rows_applied) != Some(u.rows_applied) {
+                moved = true;
+            }
+            by_request
+                .entry((u.namespace, u.request))
+                .or_default()
+                .push(TableRequest {
+                    table: u.table,
+                    after: u.last_key,
+                });
+        }
+        if moved {
+            self.boot.last_chunk = Some(Instant::now());
+        }
+        let silent = self
+            .boot
+            .last_chunk
+            .is_none_or(|t| t.elapsed() >= RE_REQUEST_AFTER);
+        for ((ns, id), tables) in by_request {
+            let asked = self.boot.asked.get(&id).copied();
+            if asked.is_some_and(|t| t.elapsed() < RE_REQUEST_AFTER || !silent) {
+                continue;
+            }
+            tracing::info!(namespace = %ns, request = %id, tables = tables.len(),
+                "asking the publisher for a bootstrap (this worker holds the app's bootstrap lock)");
+            self.boot.asked.insert(id.clone(), Instant::now());
+            self.request_as(&ns, tables, true, Some(id)).await?;
+        }
         Ok(())
     }
 
@@ -526,8 +590,68 @@ impl Worker {
         Ok(())
     }
 
+    /// With several worker processes, a bootstrap's chunks reach whichever worker
+    /// consumes the app's queue, not necessarily the one that asked: the one that
+    /// asked follows the bootstrap in the store instead (rows applied move: the answer
+    /// is coming; a table no longer unfinished: done), to know when to ask again and
+    /// when `kausal bootstrap` is finished.
+    pub(super) async fn follow_bootstraps_in_store(&mut self) -> Result<(), SubscriberError> {
+        if self.boot.pending.is_empty()
+            || matches!(self.cfg.coordination, crate::config::Coordination::Memory)
+        {
+            return Ok(());
+        }
+        let unfinished = self.store.unfinished_bootstraps().await?;
+        let mut moved = false;
+        for u in &unfinished {
+            let key = (u.namespace.clone(), u.table.clone());
+            if self.boot.pending.contains(&key)
+                && self.boot.rows.insert(key, u.rows_applied) != Some(u.rows_applied)
+            {
+                moved = true;
+            }
+        }
+        if moved {
+            self.boot.last_chunk = Some(Instant::now());
+            if let Some(progress) = &self.boot.progress {
+                let rows = &self.boot.rows;
+                progress.send_modify(|p| {
+                    for ((ns, t), n) in rows {
+                        if let Some(table) = p.tables.get_mut(&format!("{ns}.{t}")) {
+                            table.rows = *n;
+                        }
+                    }
+                });
+            }
+        }
+        let before = self.boot.pending.len();
+        self.boot.pending.retain(|(ns, t)| {
+            unfinished
+                .iter()
+                .any(|u| &u.namespace == ns && &u.table == t)
+        });
+        if before > 0 && self.boot.pending.is_empty() {
+            if let Some(progress) = &self.boot.progress {
+                progress.send_modify(|p| {
+                    for t in p.tables.values_mut() {
+                        t.done = true;
+                    }
+                    p.complete = true;
+                });
+            }
+            tracing::info!("bootstrap complete (chunks applied by the app's workers)");
+            if self.boot.exit_when_done {
+                self.boot.finished = true;
+            }
+        }
+        Ok(())
+    }
+
     /// Asks again when chunks stopped coming (publisher down or restarted).
     pub(super) async fn re_request_if_silent(&mut self) -> Result<(), SubscriberError> {
+        if self.shared_bootstrap() {
+            return Ok(()); // `drive_bootstraps` asks again
+        }
         let silent = self
             .boot
             .last_chunk

@@ -43,6 +43,8 @@ const HAND_BACK_AFTER: Duration = Duration::from_secs(3);
 /// transaction (above 1) has waited this long, joins the stream there: see
 /// [`Worker::join_if_stuck`].
 const JOIN_AFTER: Duration = Duration::from_secs(5);
+/// Deliveries already received are taken into the gate together, up to this many.
+const BURST: usize = 256;
 /// How often the store's bookkeeping is compacted up to the watermark.
 const COMPACT_EVERY: Duration = Duration::from_secs(5);
 /// Recheck ticks between two writes of the worker's live status.
@@ -258,6 +260,11 @@ impl Worker {
                     Some(Err(e)) => break Err(e.into()),
                     Some(Ok(d)) => {
                         if let Err(e) = self.receive(d).await { break Err(e); }
+                        // What else the broker has delivered already goes into the
+                        // gate before the next check: one check (with Redis, one round
+                        // trip over every waiting transaction) per burst, not per
+                        // message.
+                        if let Err(e) = self.receive_burst().await { break Err(e); }
                         if self.boot.finished { break Ok(()); }
                     }
                 },
@@ -276,6 +283,9 @@ impl Worker {
                 }
                 _ = compact.tick() => {
                     self.compact().await;
+                    if let Err(e) = self.follow_bootstraps_in_store().await { break Err(e); }
+                    if let Err(e) = self.drive_bootstraps().await { break Err(e); }
+                    if self.boot.finished { break Ok(()); }
                     if let Err(e) = self.recover_staged().await { break Err(e); }
                 }
             }
@@ -301,6 +311,23 @@ impl Worker {
             tracing::debug!(error = %error, "cannot remove the worker's status row");
         }
         result
+    }
+
+    /// Takes up to [`BURST`] deliveries that are there already, without waiting.
+    async fn receive_burst(&mut self) -> Result<(), SubscriberError> {
+        use futures_util::FutureExt;
+        for _ in 0..BURST {
+            match self.consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => self.receive(d).await?,
+                Some(Some(Err(e))) => return Err(e.into()),
+                Some(None) => return Err(SubscriberError::ConsumerCancelled),
+                None => break,
+            }
+            if self.boot.finished {
+                break;
+            }
+        }
+        Ok(())
     }
 
     async fn receive(&mut self, delivery: Delivery) -> Result<(), SubscriberError> {
@@ -506,6 +533,13 @@ impl Worker {
         groups: &mpsc::UnboundedSender<Vec<Arc<Transaction>>>,
     ) -> Result<bool, SubscriberError> {
         if self.waiting.is_empty() {
+            return Ok(false);
+        }
+        // The appliers have a full group each waiting already: checking again now
+        // would only cost a round over every waiting transaction (with Redis, a round
+        // trip); their outcomes trigger the next check.
+        let backlog = self.cfg.store.appliers * self.cfg.store.max_group;
+        if self.applying.len() >= backlog + self.cfg.store.max_group {
             return Ok(false);
         }
         let mut again = false;

@@ -47,6 +47,53 @@ fn store(operation: &'static str) -> impl Fn(sqlx::Error) -> SinkError {
     move |source| SinkError::Store { operation, source }
 }
 
+/// Row-lock suffixes: a chunk takes its table's bootstrap row exclusively, a group
+/// writing that table shares it. SQLite has one writer at a time and needs neither.
+fn exclusive(d: Dialect) -> &'static str {
+    match d {
+        Dialect::Sqlite => "",
+        Dialect::Postgres | Dialect::MySql => " FOR UPDATE",
+    }
+}
+
+/// Holds the bootstrap rows of `tables` shared, in the group's transaction, for a group
+/// that writes them while other worker processes may apply chunks of them: without it
+/// a chunk applied meanwhile would not see the group's row versions (uncommitted) and
+/// would overwrite the group's newer rows once it committed.
+///
+/// Returns the tables among them whose bootstrap is still active as read under the
+/// lock: one finished meanwhile (`done = 2`, its row versions dropped) records none.
+pub(super) async fn share_tables(
+    conn: &mut AnyConnection,
+    d: Dialect,
+    tables: &[(String, String)],
+) -> Result<HashSet<(String, String)>, SinkError> {
+    let suffix = match d {
+        Dialect::Sqlite => return Ok(tables.iter().cloned().collect()),
+        Dialect::Postgres => " FOR SHARE",
+        Dialect::MySql => " LOCK IN SHARE MODE",
+    };
+    let mut active = HashSet::new();
+    for (ns, table) in tables {
+        let sql = format!(
+            "SELECT done FROM kausal_bootstrap WHERE namespace = {} AND tbl = {}{suffix}",
+            d.placeholder(1),
+            d.placeholder(2)
+        );
+        let done: Option<i32> = sqlx::query(AssertSqlSafe(sql))
+            .bind(ns.as_str())
+            .bind(table.as_str())
+            .fetch_optional(&mut *conn)
+            .await
+            .and_then(|r| r.map(|r| r.try_get(0)).transpose())
+            .map_err(store("share a bootstrap row"))?;
+        if done.is_some_and(|d| d < 2) {
+            active.insert((ns.clone(), table.clone()));
+        }
+    }
+    Ok(active)
+}
+
 pub(super) async fn load_active<'c>(
     conn: impl sqlx::Executor<'c, Database = sqlx::Any>,
 ) -> Result<HashSet<(String, String)>, SinkError> {
@@ -243,12 +290,14 @@ async fn current_rows<'c>(
     d: Dialect,
     namespace: &str,
     snapshot: &Snapshot,
+    lock: bool,
 ) -> Result<Option<i64>, SinkError> {
     let sql = format!(
         "SELECT request, done, rows_applied FROM kausal_bootstrap \
-         WHERE namespace = {} AND tbl = {}",
+         WHERE namespace = {} AND tbl = {}{}",
         d.placeholder(1),
-        d.placeholder(2)
+        d.placeholder(2),
+        if lock { exclusive(d) } else { "" }
     );
     let row = sqlx::query(AssertSqlSafe(sql))
         .bind(namespace)
@@ -297,13 +346,16 @@ impl SqlStore {
             .map_err(store("read bootstraps"))?;
         for table in tables {
             let mut conn = self.begin().await?;
+            // The bootstrap row first: its lock waits for the groups of other worker
+            // processes that share it (they record row versions), so the delete sees
+            // their versions; groups after it read `done = 2` and record none.
             for sql in [
                 format!(
-                    "DELETE FROM kausal_rowv WHERE namespace = {} AND tbl = {}",
+                    "UPDATE kausal_bootstrap SET done = 2 WHERE namespace = {} AND tbl = {}",
                     p[0], p[1]
                 ),
                 format!(
-                    "UPDATE kausal_bootstrap SET done = 2 WHERE namespace = {} AND tbl = {}",
+                    "DELETE FROM kausal_rowv WHERE namespace = {} AND tbl = {}",
                     p[0], p[1]
                 ),
             ] {
@@ -429,7 +481,14 @@ impl SqlStore {
         namespace: &str,
         snapshot: &Snapshot,
     ) -> Result<bool, SinkError> {
-        let rows = current_rows(&self.inner.pool, self.inner.dialect, namespace, snapshot).await?;
+        let rows = current_rows(
+            &self.inner.pool,
+            self.inner.dialect,
+            namespace,
+            snapshot,
+            false,
+        )
+        .await?;
         Ok(rows.is_some())
     }
 
@@ -452,7 +511,11 @@ impl SqlStore {
             .prepare_shapes(tx.changes.iter().map(|c| &c.shape))
             .await?;
         let mut conn = self.begin().await?;
-        let Some(before) = current_rows(&mut *conn, d, &ns, snapshot).await? else {
+        // The table's bootstrap row, locked: a group of another worker process that
+        // writes this table holds it shared until it commits, so the versions read
+        // below include every stream write that could be newer than this chunk, and no
+        // such group starts until the chunk is committed (see [`share_tables`]).
+        let Some(before) = current_rows(&mut *conn, d, &ns, snapshot, true).await? else {
             return Ok(ChunkApplied {
                 written: 0,
                 rows_applied: 0,

@@ -313,7 +313,21 @@ impl SqlStore {
                 // out, so before any change a chunk could be older than: this read sees
                 // it.
                 let mut conn = tx.held().await?;
-                let active = bootstrap::load_active(&mut *conn).await?;
+                let mut active = bootstrap::load_active(&mut *conn).await?;
+                let mut touched: Vec<(String, String)> = group
+                    .iter()
+                    .flat_map(|t| {
+                        t.changes
+                            .iter()
+                            .map(|c| (t.id.namespace.to_string(), c.source_table.clone()))
+                    })
+                    .filter(|k| active.contains(k))
+                    .collect();
+                touched.sort();
+                touched.dedup();
+                let still =
+                    bootstrap::share_tables(&mut conn, self.inner.dialect, &touched).await?;
+                active.retain(|k| !touched.contains(k) || still.contains(k));
                 *self.bootstrapping() = active;
             }
             let applied = self.apply_in(&tx, group, callbacks, &tables).await?;
