@@ -17,6 +17,11 @@ struct Message {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // Warnings and errors (RUST_LOG) to stderr, as `kausal subscribe` writes them.
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let path = std::env::args()
         .nth(1)
         .unwrap_or("examples/observer.toml".into());

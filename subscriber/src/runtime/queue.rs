@@ -10,11 +10,12 @@ use crate::sink::sql::SqlStore;
 use kausal_bus::amqp::{AmqpConsumer, Inbox, QueueSpec};
 use std::collections::BTreeSet;
 
-/// A live worker marks itself this often; one not seen for [`MEMBER_TTL_MS`] has its
-/// partitions taken over (its unacked messages went back to the queues the moment its
-/// connection closed).
-const HEARTBEAT_TICKS: u32 = 2;
-const MEMBER_TTL_MS: u64 = 5_000;
+/// A live worker marks itself every tick (500 ms); one not seen for [`MEMBER_TTL_MS`]
+/// has its partitions taken over (its unacked messages went back to the queues the
+/// moment its connection closed). Short, because the transactions of its partitions
+/// wait meanwhile, and with them whatever depends on them in other partitions.
+const HEARTBEAT_TICKS: u32 = 1;
+const MEMBER_TTL_MS: u64 = 2_000;
 
 /// The app's queues: one, or one per partition (partition 0 is the app's queue).
 pub(super) fn specs(cfg: &SubscriberConfig, namespaces: &[&str]) -> Vec<QueueSpec> {
@@ -88,8 +89,12 @@ pub(super) async fn open(
 /// partition's unacked messages (everything before it in that queue is applied and
 /// acked), so a window of its own always delivers it; a shared window could be full
 /// of other partitions' messages waiting for it.
+///
+/// At least 32 (or the whole prefetch if smaller): a window of a few messages fills
+/// with transactions waiting for other partitions at once.
 pub(super) fn window(cfg: &SubscriberConfig) -> u16 {
-    (u32::from(cfg.broker.prefetch) / cfg.partitions()).max(1) as u16
+    let prefetch = u32::from(cfg.broker.prefetch);
+    (prefetch / cfg.partitions()).max(prefetch.min(32)).max(1) as u16
 }
 
 /// The partitions worker `me` consumes among the live `members` (sorted): every

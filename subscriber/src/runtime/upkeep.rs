@@ -110,10 +110,15 @@ impl Worker {
             .filter(|h| per_queue[&*h.delivery.queue] >= window)
             .map(|h| h.delivery.queue.clone())
             .collect();
-        if full.is_empty()
-            || !self.applying.is_empty()
-            || self.last_progress.elapsed() < HAND_BACK_AFTER
-        {
+        // With partition queues shared by several workers, a full window usually waits
+        // for another partition's transactions, which a hand-back does not bring (and
+        // moving messages to the tail disorders the queue): wait longer before it.
+        let after = if self.queues.len() > 1 && self.owned.len() < self.queues.len() {
+            HAND_BACK_AFTER * 4
+        } else {
+            HAND_BACK_AFTER
+        };
+        if full.is_empty() || !self.applying.is_empty() || self.last_progress.elapsed() < after {
             return Ok(());
         }
         // A stream this store has applied nothing of is joining (see `join_if_stuck`):
@@ -127,9 +132,7 @@ impl Worker {
         let mut candidates: Vec<(u64, u64)> = self
             .held
             .iter()
-            .filter(|(_, h)| {
-                h.received.elapsed() >= HAND_BACK_AFTER && full.contains(&h.delivery.queue)
-            })
+            .filter(|(_, h)| h.received.elapsed() >= after && full.contains(&h.delivery.queue))
             .map(|(d, h)| (h.max_seq, *d))
             .collect();
         // The higher half: the lower ones are likelier to be next.
