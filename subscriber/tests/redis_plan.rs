@@ -130,7 +130,7 @@ async fn a_chain_planned_in_redis_equals_the_chain_planned_in_process() {
         for mode in [Mode::Causal, Mode::Key, Mode::Serial] {
             for max in [2, 1_000] {
                 let here = memory.plan(mode, &queries, max);
-                let there = redis.plan_in_redis(mode, &queries, max).await.unwrap();
+                let there = redis.plan(mode, &queries, max).await.unwrap();
                 assert_eq!(here, there, "case {case}, {mode:?}, max {max}");
                 chained += here.0.len();
             }

@@ -105,21 +105,6 @@ impl MemoryCoord {
         missing
     }
 
-    /// Everything up to `watermark` is applied (learned elsewhere); a no-op below the
-    /// known watermark or for a stream without state.
-    pub fn raise(&self, namespace: &str, generation: u64, watermark: u64) {
-        if let Some(p) = self.lock().get_mut(&(namespace.into(), generation)) {
-            if watermark > p.watermark {
-                let above: Vec<u64> = p.above.iter().copied().filter(|s| *s > watermark).collect();
-                let counters = std::mem::take(&mut p.counters);
-                let complete = p.complete;
-                *p = Progress::from_store(watermark, above);
-                p.counters = counters;
-                p.complete = complete;
-            }
-        }
-    }
-
     pub fn watermark(&self, namespace: &str, generation: u64) -> Option<u64> {
         self.lock()
             .get(&(namespace.into(), generation))

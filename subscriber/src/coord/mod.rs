@@ -3,10 +3,8 @@
 //! Redis one evaluates it in Lua scripts, pipelined, so one wake-up costs one round trip
 //! however many transactions it re-checks.
 
-mod hint;
 pub mod memory;
 pub mod redis;
-mod scripts;
 
 use crate::config::Mode;
 use crate::error::CoordError;
@@ -122,14 +120,6 @@ impl Coordinator {
         match self {
             Coordinator::Memory(c) => Ok(c.watermark(namespace, generation)),
             Coordinator::Redis(c) => c.watermark(namespace, generation).await,
-        }
-    }
-
-    /// Consults the shared state at the next check, not only what this worker knows
-    /// (Redis; a no-op in memory).
-    pub fn refresh(&self) {
-        if let Coordinator::Redis(c) = self {
-            c.refresh();
         }
     }
 

@@ -27,17 +27,195 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-use super::scripts::{APPLIED, CHECK, HOLD, INIT, JOIN, MEMBERS, PLAN};
+const CHECK: &str = r#"
+local init = redis.call('GET', KEYS[1])
+if not init then return -1 end
+local complete = init == '1'
+local w = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[2]) <= w or redis.call('ZSCORE', KEYS[4], ARGV[2]) then return 0 end
+if ARGV[1] == 's' then
+  if w + 1 >= tonumber(ARGV[2]) then return 0 else return 1 end
+end
+local n = (#ARGV - 2) / 4
+for i = 0, n - 1 do
+  local b = 3 + i * 4
+  local after = tonumber(ARGV[b + 3])
+  if w < after then
+    local c = redis.call('HGET', KEYS[3], ARGV[b])
+    if c then c = tonumber(c) elseif complete then c = 0 end
+    local v = tonumber(ARGV[b + 1])
+    local ok = false
+    if c then
+      if ARGV[b + 2] == 'w' then ok = c + 1 >= v else ok = c >= v end
+    end
+    if not ok then return i + 1 end
+  end
+end
+return 0
+"#;
+
+const APPLIED: &str = r#"
+local init = redis.call('GET', KEYS[1])
+if not init then return -1 end
+local complete = init == '1'
+local seq = tonumber(ARGV[1])
+local w = tonumber(redis.call('GET', KEYS[2]) or '0')
+if seq <= w or redis.call('ZSCORE', KEYS[3], ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[3], seq, ARGV[1])
+while redis.call('ZSCORE', KEYS[3], tostring(w + 1)) do
+  redis.call('ZREM', KEYS[3], tostring(w + 1))
+  w = w + 1
+end
+redis.call('SET', KEYS[2], tostring(w))
+local n = (#ARGV - 1) / 3
+for i = 0, n - 1 do
+  local b = 2 + i * 3
+  local k = ARGV[b]
+  local v = tonumber(ARGV[b + 1])
+  local c = redis.call('HGET', KEYS[4], k)
+  if ARGV[b + 2] == 'w' then
+    if (not c) or tonumber(c) < v then redis.call('HSET', KEYS[4], k, ARGV[b + 1]) end
+  else
+    if c then c = tonumber(c) elseif complete then c = 0 end
+    if c and c >= v then redis.call('HSET', KEYS[4], k, tostring(c + 1)) end
+  end
+end
+return 1
+"#;
+
+const INIT: &str = r#"
+if redis.call('GET', KEYS[1]) then return 0 end
+local w = tonumber(ARGV[1])
+local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
+if cur > w then w = cur end
+for i = 3, #ARGV do
+  local s = tonumber(ARGV[i])
+  if s > w then redis.call('ZADD', KEYS[3], s, ARGV[i]) end
+end
+while redis.call('ZSCORE', KEYS[3], tostring(w + 1)) do
+  redis.call('ZREM', KEYS[3], tostring(w + 1))
+  w = w + 1
+end
+redis.call('SET', KEYS[2], tostring(w))
+redis.call('SET', KEYS[1], ARGV[2])
+return 1
+"#;
+
+const JOIN: &str = r#"
+if not redis.call('GET', KEYS[1]) then return -1 end
+local w = tonumber(redis.call('GET', KEYS[2]) or '0')
+local through = tonumber(ARGV[1])
+if w ~= 0 or through <= w then return 0 end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', through)
+w = through
+while redis.call('ZSCORE', KEYS[3], tostring(w + 1)) do
+  redis.call('ZREM', KEYS[3], tostring(w + 1))
+  w = w + 1
+end
+redis.call('SET', KEYS[2], tostring(w))
+redis.call('SET', KEYS[1], '0')
+return 1
+"#;
+
+/// Plans a chain over one stream's waiting transactions (sorted by sequence number),
+/// atomically against the shared state: an overlay (watermark, applied set, counters)
+/// takes each planned transaction as applied, exactly as the in-process plan does
+/// ([`crate::schedule::Plan`]). Nothing in Redis changes. ARGV: mode, the room left in
+/// the chain, then per transaction its seq, its number of relevant deps and those deps
+/// (key, version, kind, after). Answers one code per transaction: 0 in the chain,
+/// -2 ready but the chain is full, n > 0 waits for dep n; or `{-1}` when the stream has
+/// no state. Every dep moves the overlay's counters; only those marked relevant to the
+/// mode (1) are checked, as in [`crate::schedule`].
+const PLAN: &str = r#"
+local init = redis.call('GET', KEYS[1])
+if not init then return {-1} end
+local complete = init == '1'
+local w = tonumber(redis.call('GET', KEYS[2]) or '0')
+local mine = {}
+local counters = {}
+local function applied(s)
+  return s <= w or mine[s] or redis.call('ZSCORE', KEYS[4], tostring(s))
+end
+local function counter(k)
+  local c = counters[k]
+  if c then return c end
+  c = redis.call('HGET', KEYS[3], k)
+  if c then return tonumber(c) end
+  if complete then return 0 end
+  return nil
+end
+local serial = ARGV[1] == 's'
+local room = tonumber(ARGV[2])
+local out = {}
+local b = 3
+while b <= #ARGV do
+  local seq = tonumber(ARGV[b])
+  local n = tonumber(ARGV[b + 1])
+  local first = b + 2
+  b = first + n * 5
+  local code = 0
+  if not applied(seq) then
+    if serial then
+      if w + 1 < seq then code = 1 end
+    else
+      for i = 0, n - 1 do
+        local d = first + i * 5
+        if ARGV[d + 4] == '1' and w < tonumber(ARGV[d + 3]) then
+          local c = counter(ARGV[d])
+          local v = tonumber(ARGV[d + 1])
+          local ok = false
+          if c then
+            if ARGV[d + 2] == 'w' then ok = c + 1 >= v else ok = c >= v end
+          end
+          if not ok then code = i + 1; break end
+        end
+      end
+    end
+  end
+  if code == 0 and room <= 0 then code = -2 end
+  if code == 0 then
+    room = room - 1
+    if not applied(seq) then
+      mine[seq] = true
+      while applied(w + 1) do w = w + 1 end
+      for i = 0, n - 1 do
+        local d = first + i * 5
+        local k = ARGV[d]
+        local v = tonumber(ARGV[d + 1])
+        local c = counter(k)
+        if ARGV[d + 2] == 'w' then
+          if (not c) or c < v then counters[k] = v end
+        elseif c and c >= v then
+          counters[k] = c + 1
+        end
+      end
+    end
+  end
+  out[#out + 1] = code
+end
+return out
+"#;
+
+const MEMBERS: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"#;
+
+const HOLD: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v and v ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#;
 
 pub struct RedisCoord {
     conn: ConnectionManager,
     base: String,
     channel: String,
     pub(crate) wake: Arc<Notify>,
-    /// This worker's own knowledge of the state (see [`super::hint`]).
-    hint: Arc<super::hint::Hint>,
-    /// Sent with this worker's wake-ups, so that it can tell them from the others'.
-    token: String,
 }
 
 impl RedisCoord {
@@ -65,26 +243,12 @@ impl RedisCoord {
         })?;
         let wake = Arc::new(Notify::new());
         let channel = format!("{prefix}:{app}:wake");
-        let hint = Arc::new(super::hint::Hint::new());
-        let token = format!(
-            "{}-{}",
-            std::process::id(),
-            crate::status::now_ms() ^ (Arc::as_ptr(&hint) as i64)
-        );
-        tokio::spawn(listen(
-            client,
-            channel.clone(),
-            wake.clone(),
-            hint.clone(),
-            token.clone(),
-        ));
+        tokio::spawn(listen(client, channel.clone(), wake.clone()));
         Ok(RedisCoord {
             conn,
             base: format!("{prefix}:{app}"),
             channel,
             wake,
-            hint,
-            token,
         })
     }
 
@@ -101,12 +265,6 @@ impl RedisCoord {
     pub async fn check(&self, mode: Mode, queries: &[Query<'_>]) -> Result<Vec<Check>, CoordError> {
         if queries.is_empty() {
             return Ok(Vec::new());
-        }
-        if !self.hint.take_stale() {
-            let local = self.hint.local.check(mode, queries);
-            if !local.contains(&Check::Unknown) {
-                return Ok(local);
-            }
         }
         let mut pipe = redis::pipe();
         let mut relevant_deps: Vec<Vec<Dep>> = Vec::with_capacity(queries.len());
@@ -174,22 +332,6 @@ impl RedisCoord {
         queries: &[Query<'_>],
         max: usize,
     ) -> Result<(Vec<usize>, Vec<Check>), CoordError> {
-        if !self.hint.take_stale() {
-            let (chain, checks) = self.hint.local.plan(mode, queries, max);
-            if !checks.contains(&Check::Unknown) {
-                return Ok((chain, checks));
-            }
-        }
-        self.plan_in_redis(mode, queries, max).await
-    }
-
-    /// [`RedisCoord::plan`] without this worker's own knowledge: always in Redis.
-    pub async fn plan_in_redis(
-        &self,
-        mode: Mode,
-        queries: &[Query<'_>],
-        max: usize,
-    ) -> Result<(Vec<usize>, Vec<Check>), CoordError> {
         let mut streams: Vec<std::ops::Range<usize>> = Vec::new();
         for (i, q) in queries.iter().enumerate() {
             match streams.last_mut() {
@@ -241,18 +383,14 @@ impl RedisCoord {
         let mut chain = Vec::new();
         let mut checks = Vec::with_capacity(queries.len());
         for (r, codes) in streams.iter().zip(answers) {
-            let mut codes = codes.into_iter();
-            match codes.next() {
-                Some(w) if w >= 0 => {
-                    let id = queries[r.start].id;
-                    self.hint.raise(&id.namespace, id.generation, w as u64);
-                }
-                _ => {
-                    checks.extend(r.clone().map(|_| Check::Unknown));
-                    continue;
-                }
+            if codes.first() == Some(&-1) {
+                checks.extend(r.clone().map(|_| Check::Unknown));
+                continue;
             }
-            for (i, code) in r.clone().zip(codes.chain(std::iter::repeat(-2))) {
+            for (i, code) in r
+                .clone()
+                .zip(codes.into_iter().chain(std::iter::repeat(-2)))
+            {
                 let q = &queries[i];
                 let full = Check::Waiting(Wait::Previous {
                     seq: q.id.seq.saturating_sub(1),
@@ -305,11 +443,6 @@ impl RedisCoord {
                 operation: "init",
                 source,
             })?;
-        self.hint
-            .local
-            .init(namespace, generation, through, applied);
-        // What the others applied since is in Redis, not in the store read.
-        self.hint.mark_stale();
         self.wake.notify_waiters();
         Ok(())
     }
@@ -334,10 +467,7 @@ impl RedisCoord {
                 cmd.arg(d.k).arg(d.v).arg(kind(d.kind));
             }
         }
-        pipe.cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(&self.token)
-            .ignore();
+        pipe.cmd("PUBLISH").arg(&self.channel).arg(1).ignore();
         let answers: Vec<i64> =
             pipe.query_async(&mut self.conn.clone())
                 .await
@@ -374,21 +504,13 @@ impl RedisCoord {
                 operation: "join",
                 source,
             })?;
-        self.hint.local.join(namespace, generation, through);
-        self.hint.mark_stale();
         let _: Result<i64, _> = redis::cmd("PUBLISH")
             .arg(&self.channel)
-            .arg("join")
+            .arg(1)
             .query_async(&mut self.conn.clone())
             .await;
         self.wake.notify_waiters();
         Ok(())
-    }
-
-    /// Asks Redis at the next check or plan, not only this worker's knowledge: the
-    /// periodic re-check, in case a wake-up from another worker was lost.
-    pub fn refresh(&self) {
-        self.hint.mark_stale();
     }
 
     /// Marks `worker` alive now and answers the live workers of the app, sorted: the
@@ -425,7 +547,7 @@ impl RedisCoord {
             })?;
         let _: Result<i64, _> = redis::cmd("PUBLISH")
             .arg(&self.channel)
-            .arg("join")
+            .arg(1)
             .query_async(&mut self.conn.clone())
             .await;
         Ok(())
@@ -478,27 +600,15 @@ fn kind(k: DepKind) -> &'static str {
 /// Forwards wake-ups from other workers. Pub/sub is at-most-once (a reconnect loses
 /// messages), so the runtime also re-checks on a slow timer; this only makes the common
 /// case immediate.
-async fn listen(
-    client: redis::Client,
-    channel: String,
-    wake: Arc<Notify>,
-    hint: Arc<super::hint::Hint>,
-    token: String,
-) {
+async fn listen(client: redis::Client, channel: String, wake: Arc<Notify>) {
     use futures_util::StreamExt;
     loop {
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => {
                 if pubsub.subscribe(&channel).await.is_ok() {
-                    // Messages may have been lost while unsubscribed.
-                    hint.mark_stale();
                     wake.notify_waiters();
                     let mut messages = pubsub.on_message();
-                    while let Some(m) = messages.next().await {
-                        let from: String = m.get_payload().unwrap_or_default();
-                        if from != token {
-                            hint.mark_stale();
-                        }
+                    while messages.next().await.is_some() {
                         wake.notify_waiters();
                     }
                 }

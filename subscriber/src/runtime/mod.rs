@@ -271,7 +271,6 @@ impl Worker {
                 _ = wake.notified() => {}
                 _ = recheck.tick() => {
                     self.ticks = self.ticks.wrapping_add(1);
-                    self.coord.refresh();
                     if self.ticks.is_multiple_of(STATUS_TICKS) {
                         self.write_status().await;
                     }
