@@ -110,7 +110,8 @@ async fn workers_joining_leaving_and_redis_losing_its_state_keep_order_and_lose_
 /// The partitions each live worker reported consuming (`kausal_workers`); asserts that
 /// no partition is consumed twice and all 8 are consumed.
 async fn partitions_by_worker(store: &sqlx::AnyPool) -> Vec<Vec<u32>> {
-    for _ in 0..100 {
+    let mut seen = Vec::new();
+    for _ in 0..300 {
         let rows: Vec<(String,)> = sqlx::query_as("SELECT body FROM kausal_workers")
             .fetch_all(store)
             .await
@@ -128,7 +129,8 @@ async fn partitions_by_worker(store: &sqlx::AnyPool) -> Vec<Vec<u32>> {
         if shares.len() == 3 && all == (0..8).collect::<Vec<u32>>() {
             return shares;
         }
+        seen = shares;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    panic!("three workers never reported disjoint shares of the 8 partitions");
+    panic!("three workers never reported disjoint shares of the 8 partitions; last seen {seen:?}");
 }
