@@ -263,8 +263,12 @@ impl Worker {
                         // What else the broker has delivered already goes into the
                         // gate before the next check: one check (with Redis, one round
                         // trip over every waiting transaction) per burst, not per
-                        // message.
-                        if let Err(e) = self.receive_burst().await { break Err(e); }
+                        // message. Not with callbacks that are not chained: a callback
+                        // failing in a group makes the group's other callbacks run
+                        // again, so such groups are kept as small as the load allows.
+                        if self.chain {
+                            if let Err(e) = self.receive_burst().await { break Err(e); }
+                        }
                         if self.boot.finished { break Ok(()); }
                     }
                 },
