@@ -504,13 +504,18 @@ impl RedisCoord {
                 operation: "join",
                 source,
             })?;
+        self.wake_others().await;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Wakes the other workers (best effort: they also re-check on a timer).
+    async fn wake_others(&self) {
         let _: Result<i64, _> = redis::cmd("PUBLISH")
             .arg(&self.channel)
             .arg(1)
             .query_async(&mut self.conn.clone())
             .await;
-        self.wake.notify_waiters();
-        Ok(())
     }
 
     /// Marks `worker` alive now and answers the live workers of the app, sorted: the
@@ -545,11 +550,7 @@ impl RedisCoord {
                 operation: "leave",
                 source,
             })?;
-        let _: Result<i64, _> = redis::cmd("PUBLISH")
-            .arg(&self.channel)
-            .arg(1)
-            .query_async(&mut self.conn.clone())
-            .await;
+        self.wake_others().await;
         Ok(())
     }
 

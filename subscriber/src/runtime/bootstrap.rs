@@ -305,21 +305,14 @@ impl Worker {
         if !redis.hold("bootstrap", &me, LOCK_TTL_MS).await? {
             return Ok(());
         }
-        let mut by_request: BTreeMap<(String, String), Vec<TableRequest>> = BTreeMap::new();
         let mut moved = false;
-        for u in unfinished {
+        for u in &unfinished {
             let key = (u.namespace.clone(), u.table.clone());
             if self.boot.rows.insert(key, u.rows_applied) != Some(u.rows_applied) {
                 moved = true;
             }
-            by_request
-                .entry((u.namespace, u.request))
-                .or_default()
-                .push(TableRequest {
-                    table: u.table,
-                    after: u.last_key,
-                });
         }
+        let by_request = by_request(unfinished);
         if moved {
             self.boot.last_chunk = Some(Instant::now());
         }
@@ -666,19 +659,26 @@ impl Worker {
         );
         // The same request id: chunks of the answer in progress keep counting, so a
         // slow answer is not superseded by every retry.
-        let mut by_request: BTreeMap<(String, String), Vec<TableRequest>> = BTreeMap::new();
-        for u in self.store.unfinished_bootstraps().await? {
-            by_request
-                .entry((u.namespace, u.request))
-                .or_default()
-                .push(TableRequest {
-                    table: u.table,
-                    after: u.last_key,
-                });
-        }
-        for ((ns, id), tables) in by_request {
+        for ((ns, id), tables) in by_request(self.store.unfinished_bootstraps().await?) {
             self.request_as(&ns, tables, true, Some(id)).await?;
         }
         Ok(())
     }
+}
+
+/// Unfinished bootstraps grouped by namespace and recorded request id, each table asked
+/// from where it stopped: what a request under that id asks again.
+fn by_request(
+    unfinished: Vec<crate::sink::sql::Unfinished>,
+) -> BTreeMap<(String, String), Vec<TableRequest>> {
+    let mut out: BTreeMap<(String, String), Vec<TableRequest>> = BTreeMap::new();
+    for u in unfinished {
+        out.entry((u.namespace, u.request))
+            .or_default()
+            .push(TableRequest {
+                table: u.table,
+                after: u.last_key,
+            });
+    }
+    out
 }
