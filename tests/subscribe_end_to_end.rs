@@ -112,15 +112,24 @@ async fn random_workload_ends_equal_to_the_source_after_redis_lost_its_state() {
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:*", e.ns))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(
-            !keys.is_empty(),
-            "the workers keep their state under the app's prefix"
-        );
+        // The workers keep their state under the app's prefix once they apply (a loaded
+        // machine may take a while to start them).
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let keys = loop {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}:*", e.ns))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            if !keys.is_empty() {
+                break keys;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the workers kept no state under the app's prefix"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
         let _: () = redis::cmd("DEL")
             .arg(&keys)
             .query_async(&mut conn)

@@ -1,5 +1,5 @@
 //! The dependency tracker: per-key counters kept in the publisher's memory, in commit
-//! order (the protocol of DESIGN.md, after Promiscuous/Synapse).
+//! order (the protocol of ARCHITECTURE.md and docs/wire-format.md, after Promiscuous/Synapse).
 //!
 //! For each hashed key `k`: `rw` counts operations (reads and writes), `w` is `rw` at the
 //! last write, and the sequence numbers of the last transaction that touched / wrote it.

@@ -7,7 +7,7 @@
 //!
 //! A dependency `{k, v, kind, after}` is met when `W >= after` (the sequence fallback:
 //! always sound, needs no counters), or when `rw'[k]` is known and `rw'[k] >= v` for a
-//! read, `rw'[k] >= v - 1` for a write (the version-vector rule of DESIGN.md, which lets
+//! read, `rw'[k] >= v - 1` for a write (the version-vector rule of ARCHITECTURE.md, which lets
 //! independent transactions overtake a slow one).
 //!
 //! Counters need no persistence. Applying a write of `k` at version `v` happens only

@@ -287,6 +287,7 @@ type QueueStream = std::pin::Pin<
                 Item = (
                     std::sync::Arc<str>,
                     Option<lapin::Result<lapin::message::Delivery>>,
+                    std::sync::Arc<str>,
                 ),
             > + Send
             + Sync,
@@ -359,12 +360,14 @@ impl AmqpConsumer {
                 source,
             })?;
         let name: std::sync::Arc<str> = spec.name.as_str().into();
-        self.active
-            .insert(spec.name.clone(), consumer.tag().to_string());
-        let tagged = name.clone();
+        let tag: std::sync::Arc<str> = consumer.tag().as_str().into();
+        self.active.insert(spec.name.clone(), tag.to_string());
+        let (tagged, ended) = (name.clone(), tag.clone());
         let stream = consumer
-            .map(move |d| (tagged.clone(), Some(d)))
-            .chain(futures_util::stream::once(async move { (name, None) }));
+            .map(move |d| (tagged.clone(), Some(d), tag.clone()))
+            .chain(futures_util::stream::once(
+                async move { (name, None, ended) },
+            ));
         self.streams.push(Box::pin(stream));
         Ok(())
     }
@@ -398,9 +401,11 @@ impl AmqpConsumer {
             if self.streams.is_empty() {
                 futures_util::future::pending::<()>().await;
             }
-            let (queue, item) = self.streams.next().await?;
+            let (queue, item, tag) = self.streams.next().await?;
             let Some(item) = item else {
-                if self.active.contains_key(&*queue) {
+                // The end of a consumer this side cancelled is expected, also when the
+                // queue is consumed again by now (under a new tag).
+                if self.active.get(&*queue).is_some_and(|t| **t == *tag) {
                     return None;
                 }
                 continue;

@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, watch, Mutex};
 /// pub/sub can lose one across a reconnect).
 const RECHECK: Duration = Duration::from_millis(500);
 /// A full window with nothing applied for this long hands back its highest deliveries so
-/// the lower transactions they wait for can be delivered (DESIGN.md).
+/// the lower transactions they wait for can be delivered (docs/subscriber.md).
 const HAND_BACK_AFTER: Duration = Duration::from_secs(3);
 /// A subscriber whose store has nothing of a namespace/generation, and whose lowest held
 /// transaction (above 1) has waited this long, joins the stream there: see

@@ -85,6 +85,28 @@ impl std::fmt::Debug for SqlStore {
     }
 }
 
+/// Creates the bookkeeping tables if missing. On Postgres in one transaction under an
+/// advisory lock: `CREATE TABLE IF NOT EXISTS` is not safe against itself, and worker
+/// processes started together would otherwise fail on the catalog's unique index (and
+/// retry their start). MySQL and SQLite serialize DDL themselves.
+async fn create_bookkeeping(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx::Error> {
+    if dialect != Dialect::Postgres {
+        for ddl in dialect.bookkeeping_ddl() {
+            pool.execute(AssertSqlSafe(ddl)).await?;
+        }
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    // A constant key: "kausal" in ASCII.
+    (&mut *tx)
+        .execute("SELECT pg_advisory_xact_lock(107971117115971)")
+        .await?;
+    for ddl in dialect.bookkeeping_ddl() {
+        (&mut *tx).execute(AssertSqlSafe(ddl)).await?;
+    }
+    tx.commit().await
+}
+
 impl SqlStore {
     /// Connects to `postgres://…`, `mysql://…` (MariaDB too) or `sqlite://path` (the file
     /// is created if missing) and creates the bookkeeping tables if they are missing.
@@ -154,14 +176,12 @@ impl SqlStore {
             .connect_with(options)
             .await
             .map_err(failed)?;
-        for ddl in dialect.bookkeeping_ddl() {
-            pool.execute(AssertSqlSafe(ddl))
-                .await
-                .map_err(|source| SinkError::Store {
-                    operation: "create bookkeeping tables",
-                    source,
-                })?;
-        }
+        create_bookkeeping(&pool, dialect)
+            .await
+            .map_err(|source| SinkError::Store {
+                operation: "create bookkeeping tables",
+                source,
+            })?;
         let bootstrapping = bootstrap::load_active(&pool).await?;
         Ok(SqlStore {
             inner: Arc::new(Inner {
