@@ -211,10 +211,9 @@ async fn subscribe(
 }
 
 pub(crate) fn report(error: &dyn std::error::Error) {
-    eprintln!("error: {error}");
-    let mut source = error.source();
-    while let Some(cause) = source {
+    let causes = kausal_bus::error::causes(error);
+    eprintln!("error: {}", causes[0]);
+    for cause in &causes[1..] {
         eprintln!("  caused by: {cause}");
-        source = cause.source();
     }
 }

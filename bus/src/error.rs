@@ -1,12 +1,36 @@
 //! Errors of the bus crate.
 
-/// How a caller should react to an error.
+/// How a caller should react to an error; every crate of Kausal classifies its errors
+/// with this one type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
-    /// Retry with backoff: the broker may come back (restart, network blip).
+    /// Retry with backoff: a server restarted, a connection dropped, a deadlock.
     Transient,
-    /// Retrying the same thing will fail the same way: fix configuration or input.
+    /// The same input will fail the same way: fix configuration or input (a subscriber
+    /// dead-letters such a transaction with the reason, or stops naming the fix).
     Definite,
+}
+
+/// The texts of an error and its sources, outermost first, leaving out a source whose
+/// text the ones before already contain (drivers often repeat their cause in their own
+/// message).
+pub fn causes(error: &dyn std::error::Error) -> Vec<String> {
+    let mut out = vec![error.to_string()];
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.iter().any(|t| t.contains(&text)) {
+            out.push(text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// An error with its sources on one line, `outer: cause: root cause` (what logs and
+/// dead-letter reasons carry).
+pub fn chain(error: &dyn std::error::Error) -> String {
+    causes(error).join(": ")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,5 +90,25 @@ impl BusError {
             | BusError::Unroutable { .. } => ErrorClass::Definite,
             _ => ErrorClass::Transient,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn the_chain_names_every_cause_once() {
+        let e = Outer(std::io::Error::other("disk full"));
+        assert_eq!(chain(&e), "outer: disk full");
+        #[derive(Debug, thiserror::Error)]
+        #[error("write failed: disk full")]
+        struct Repeats(#[source] std::io::Error);
+        let e = Repeats(std::io::Error::other("disk full"));
+        assert_eq!(chain(&e), "write failed: disk full");
     }
 }

@@ -14,7 +14,7 @@ pub mod bootstrap;
 pub mod contract;
 pub mod deps;
 pub mod envelope;
-mod error;
+pub mod error;
 pub mod signing;
 pub mod tls;
 
@@ -22,4 +22,4 @@ pub use envelope::{
     decode, encode, BatchWriter, Change, Column, Context, DecodeError, Dep, DepKind, Envelope, Op,
     Snapshot, TableSchema,
 };
-pub use error::{BusError, ErrorClass};
+pub use error::{chain as error_chain, BusError, ErrorClass};

@@ -183,16 +183,7 @@ pub fn hint(error_text: &str) -> Option<&'static str> {
 
 /// The error's text with its sources, and the hint when there is one.
 pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        let s_text = s.to_string();
-        if !text.contains(&s_text) {
-            text.push_str(": ");
-            text.push_str(&s_text);
-        }
-        source = s.source();
-    }
+    let text = crate::error::chain(error);
     match hint(&text) {
         Some(h) => format!("{text} ({h})"),
         None => text,

@@ -30,3 +30,12 @@ pub fn shutdown_signal() -> watch::Receiver<bool> {
     });
     rx
 }
+
+/// The file of a `sqlite://` store URL.
+pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then(|| path.into())
+}

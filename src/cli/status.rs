@@ -93,15 +93,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text += &format!(": {cause}");
-        source = cause.source();
-    }
-    text
-}
+pub use kausal_bus::error_chain as chain;
 
 pub async fn publisher(cfg: &PublisherConfig) -> PublisherView {
     let mut v = PublisherView {
@@ -270,7 +262,7 @@ async fn store_view(cfg: &SubscriberConfig, v: &mut SubscriberView) -> Result<()
     sqlx::any::install_default_drivers();
     let dialect = sql::Dialect::from_url(&cfg.store.url)
         .ok_or_else(|| "store.url: use sqlite://, postgres:// or mysql://".to_string())?;
-    if super::doctor::sqlite_file(&cfg.store.url).is_some_and(|p| !p.exists()) {
+    if super::sqlite_file(&cfg.store.url).is_some_and(|p| !p.exists()) {
         // No worker has started yet: nothing applied, nobody running.
         return Ok(());
     }

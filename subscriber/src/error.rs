@@ -1,14 +1,6 @@
 //! Errors of the subscriber, each with a class that decides what the runtime does.
 
-/// What the runtime does about an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// Retry with backoff: a server restarted, a connection dropped, a deadlock.
-    Transient,
-    /// The same input will fail the same way: dead-letter it with the reason, or stop
-    /// with a message naming the fix when it is configuration.
-    Definite,
-}
+pub use kausal_bus::ErrorClass;
 
 /// A sink (store or callback) failed to apply a transaction.
 #[derive(Debug, thiserror::Error)]

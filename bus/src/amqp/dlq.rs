@@ -6,7 +6,7 @@
 //! changes nothing, and a crash halfway through a retry loses nothing (a message is
 //! acked only after its copy is confirmed in the app's queue).
 
-use super::consumer::{REASON_HEADER, RETRY_HEADER};
+use super::headers::{REASON_HEADER, RETRY_HEADER};
 use crate::error::BusError;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -78,8 +78,8 @@ impl DeadLetterQueue {
                     _ => None,
                 });
             let headers = delivery.properties.headers().as_ref();
-            let signature = super::consumer::read_signature(headers);
-            let only = super::consumer::header_text(headers, super::consumer::ONLY_HEADER)
+            let signature = super::headers::read_signature(headers);
+            let only = super::headers::header_text(headers, super::headers::ONLY_HEADER)
                 .map(|o| o.split(',').map(str::to_string).collect());
             out.push(Letter {
                 reason,
@@ -117,7 +117,7 @@ impl DeadLetterQueue {
             .map_err(amqp("confirm.select"))?;
         let mut headers = FieldTable::default();
         headers.insert(RETRY_HEADER.into(), AMQPValue::LongString("1".into()));
-        super::consumer::add_signature(&mut headers, letter.signature.as_ref());
+        super::headers::add_signature(&mut headers, letter.signature.as_ref());
         let props = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/vnd.kausal".into())
@@ -172,12 +172,12 @@ pub async fn send_command(
             .map_err(amqp("confirm.select"))?;
         let mut headers = FieldTable::default();
         headers.insert(
-            super::consumer::CONTROL_HEADER.into(),
+            super::headers::CONTROL_HEADER.into(),
             AMQPValue::LongString(kind.into()),
         );
         if let Some(signer) = signer {
             let signature = (signer.key_id().to_string(), signer.sign(body));
-            super::consumer::add_signature(&mut headers, Some(&signature));
+            super::headers::add_signature(&mut headers, Some(&signature));
         }
         let props = BasicProperties::default()
             .with_delivery_mode(2)
@@ -211,4 +211,53 @@ pub async fn send_command(
     .await;
     let _ = conn.close(200, "bye".into()).await;
     result
+}
+
+/// A message in a dead-letter queue, with the reason Kausal recorded (when it recorded
+/// one: messages rejected by the broker's own dead-lettering carry only `x-death`).
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub reason: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// Reads up to `max` messages of a dead-letter queue without removing them (they are
+/// handed back when the channel closes).
+pub async fn peek_dead_letters(
+    url: &str,
+    queue: &str,
+    max: usize,
+) -> Result<Vec<DeadLetter>, BusError> {
+    let (conn, channel) = super::open_channel(url).await?;
+    let mut out = Vec::new();
+    while out.len() < max {
+        let got = channel
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await
+            .map_err(|source| BusError::Amqp {
+                operation: "basic.get",
+                source,
+            })?;
+        let Some(message) = got else { break };
+        let reason = message
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-kausal-reason").cloned())
+            .and_then(|v| match v {
+                AMQPValue::LongString(s) => Some(s.to_string()),
+                _ => None,
+            });
+        out.push(DeadLetter {
+            reason,
+            body: message.delivery.data.clone(),
+        });
+    }
+    let _ = channel.close(200, "bye".into()).await;
+    let _ = conn.close(200, "bye".into()).await;
+    Ok(out)
 }

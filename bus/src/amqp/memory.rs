@@ -1,10 +1,9 @@
 //! An in-process queue with a subscriber queue's behaviour — deliveries in order, acks,
 //! dead letters with their reason, hand-back to the tail — for the test kit and tests
-//! that run the real subscriber without a broker. [`Inbox`] is what a subscriber
-//! consumes: RabbitMQ or this.
+//! that run the real subscriber without a broker.
 
-use super::consumer::{Acker, AmqpConsumer, Delivery};
-use crate::error::BusError;
+use super::delivery::{Acker, Delivery, LocalAcker};
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,22 +32,22 @@ struct State {
 }
 
 /// Settles one delivery of a [`MemoryQueue`].
-pub(super) struct MemoryAcker {
+struct MemoryAcker {
     queue: MemoryQueue,
     tag: u64,
 }
 
-impl MemoryAcker {
-    pub(super) fn ack(&self) {
+impl LocalAcker for MemoryAcker {
+    fn ack(&self) {
         self.queue.settle(self.tag);
     }
 
-    pub(super) fn dead_letter(&self, body: &[u8], reason: &str) {
+    fn dead_letter(&self, body: &[u8], reason: &str) {
         self.queue.dead_letter(body.to_vec(), reason);
         self.queue.settle(self.tag);
     }
 
-    pub(super) fn requeue(&self, body: &[u8]) {
+    fn requeue(&self, body: &[u8]) {
         self.queue.publish(body.to_vec());
         self.queue.settle(self.tag);
     }
@@ -101,7 +100,7 @@ impl MemoryQueue {
         }
     }
 
-    fn dead_letter(&self, body: Vec<u8>, reason: &str) {
+    pub(super) fn dead_letter(&self, body: Vec<u8>, reason: &str) {
         self.state().dead.push((body, reason.to_string()));
     }
 
@@ -130,7 +129,7 @@ impl MemoryQueue {
         self.state().dead.clone()
     }
 
-    async fn next(&self) -> Option<Delivery> {
+    pub(super) async fn next(&self) -> Option<Delivery> {
         let (tag, body) = self.inner.rx.lock().await.recv().await?;
         Some(Delivery {
             body,
@@ -140,81 +139,17 @@ impl MemoryQueue {
             redelivered: false,
             queue: "memory".into(),
             routing_key: String::new(),
-            acker: Acker::Memory(MemoryAcker {
+            acker: Acker::Memory(Box::new(MemoryAcker {
                 queue: self.clone(),
                 tag,
-            }),
+            })),
         })
-    }
-}
-
-/// What a subscriber worker consumes: its RabbitMQ queue, or an in-process one.
-pub enum Inbox {
-    Amqp(Box<AmqpConsumer>),
-    Memory(MemoryQueue),
-}
-
-impl Inbox {
-    /// The next delivery; `None` when the consumer was cancelled.
-    pub async fn next(&mut self) -> Option<Result<Delivery, BusError>> {
-        match self {
-            Inbox::Amqp(c) => c.next().await,
-            Inbox::Memory(q) => q.next().await.map(Ok),
-        }
-    }
-
-    /// Puts `body` among the dead letters with `reason` (the caller acks the original).
-    pub async fn send_to_dead_letters(&self, body: Vec<u8>, reason: &str) -> Result<(), BusError> {
-        match self {
-            Inbox::Amqp(c) => c.send_to_dead_letters(body, reason).await,
-            Inbox::Memory(q) => {
-                q.dead_letter(body, reason);
-                Ok(())
-            }
-        }
-    }
-
-    /// A whole signed message among the dead letters, of which only the transactions
-    /// `only` were dead-lettered (see [`AmqpConsumer::send_to_dead_letters_signed`]).
-    pub async fn send_to_dead_letters_signed(
-        &self,
-        body: Vec<u8>,
-        reason: &str,
-        signature: Option<&(String, String)>,
-        only: Option<&str>,
-    ) -> Result<(), BusError> {
-        match self {
-            Inbox::Amqp(c) => {
-                c.send_to_dead_letters_signed(body, reason, signature, only)
-                    .await
-            }
-            Inbox::Memory(q) => {
-                q.dead_letter(body, reason);
-                Ok(())
-            }
-        }
-    }
-
-    /// Publishes a copy of `delivery` at the queue's tail, then acks the original.
-    pub async fn move_to_tail(&self, delivery: &Delivery) -> Result<(), BusError> {
-        match self {
-            Inbox::Amqp(c) => c.move_to_tail(delivery).await,
-            Inbox::Memory(q) => {
-                q.publish(delivery.body.clone());
-                delivery.ack().await
-            }
-        }
-    }
-
-    pub async fn close(self) {
-        if let Inbox::Amqp(c) = self {
-            (*c).close().await;
-        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::inbox::Inbox;
     use super::*;
 
     #[tokio::test]

@@ -7,18 +7,24 @@
 //! queue `<queue>.dlq`.
 
 mod consumer;
+mod delivery;
 mod dlq;
+mod headers;
+mod inbox;
 mod memory;
 mod publisher;
+mod topology;
 
-pub use consumer::{
-    declare_queue, exchange_exists, peek_dead_letters, queue_depth, queue_exists,
-    signature_headers, AmqpConsumer, DeadLetter, Delivery, Partition, QueueSpec, CONTROL_HEADER,
-    ONLY_HEADER, REASON_HEADER, RETRY_HEADER,
-};
-pub use dlq::{send_command, DeadLetterQueue, Letter};
-pub use memory::{Inbox, MemoryQueue};
+pub use consumer::AmqpConsumer;
+pub use delivery::Delivery;
+pub use dlq::{peek_dead_letters, send_command, DeadLetter, DeadLetterQueue, Letter};
+pub use headers::{signature_headers, CONTROL_HEADER, ONLY_HEADER, REASON_HEADER, RETRY_HEADER};
+pub use inbox::Inbox;
+pub use memory::MemoryQueue;
 pub use publisher::{AmqpPublisher, PendingConfirm};
+pub use topology::{
+    declare_queue, exchange_exists, queue_depth, queue_exists, Partition, QueueSpec,
+};
 
 use crate::error::BusError;
 use lapin::{Connection, ConnectionProperties};

@@ -1,8 +1,9 @@
 use super::open_channel;
+use super::topology::declare_exchange;
 use crate::error::BusError;
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+
+use lapin::{BasicProperties, Channel, Connection};
 
 /// Publishes persistent messages to the topic exchange with publisher confirms.
 ///
@@ -90,7 +91,7 @@ impl AmqpPublisher {
             .with_delivery_mode(2)
             .with_content_type("application/vnd.kausal".into());
         if let Some(signer) = &self.signer {
-            props = props.with_headers(super::consumer::signature_headers(
+            props = props.with_headers(super::headers::signature_headers(
                 signer.key_id(),
                 &signer.sign(body),
             ));
@@ -116,22 +117,4 @@ impl AmqpPublisher {
         let _ = self.channel.close(200, "bye".into()).await;
         let _ = self.conn.close(200, "bye".into()).await;
     }
-}
-
-pub(crate) async fn declare_exchange(channel: &Channel, exchange: &str) -> Result<(), BusError> {
-    channel
-        .exchange_declare(
-            exchange.into(),
-            ExchangeKind::Topic,
-            ExchangeDeclareOptions {
-                durable: true,
-                ..ExchangeDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|source| BusError::Amqp {
-            operation: "exchange.declare",
-            source,
-        })
 }

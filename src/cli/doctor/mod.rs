@@ -488,7 +488,7 @@ async fn store(cfg: &SubscriberConfig, f: &mut Findings) {
         );
         return;
     };
-    if let Some(path) = sqlite_file(&cfg.store.url) {
+    if let Some(path) = super::sqlite_file(&cfg.store.url) {
         if !path.exists() {
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
             if dir.is_none_or(|d| d.is_dir()) {
@@ -609,15 +609,6 @@ async fn redis_check(check: &str, url: &str, f: &mut Findings) {
             "check the URL, the password and ACLs (TIME, EVALSHA)",
         ),
     }
-}
-
-/// The file of a `sqlite://` store URL.
-pub fn sqlite_file(url: &str) -> Option<std::path::PathBuf> {
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))?;
-    let path = rest.split('?').next().unwrap_or(rest);
-    (!path.is_empty() && path != ":memory:").then(|| path.into())
 }
 
 fn human_bytes(n: i64) -> String {

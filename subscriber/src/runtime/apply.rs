@@ -179,13 +179,4 @@ pub async fn seed(
     Ok(())
 }
 
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut s = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
-}
+pub use kausal_bus::error_chain;
