@@ -22,6 +22,9 @@ for db in $(psql -h 127.0.0.1 -U postgres -d postgres -qAt -c \
     "SELECT datname FROM pg_database WHERE datname LIKE 't\_%'"); do
   psql -h 127.0.0.1 -U postgres -d postgres -qAt -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null || true
 done
+# Style first: formatting and lints fail the run before the (long) tests start.
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --all-features -- -D warnings
 # End-to-end tests run the example programs as worker processes; `cargo test` builds
 # examples only as test harnesses, so build the programs themselves first.
 cargo build --workspace --examples --all-features

@@ -281,6 +281,9 @@ async fn a_store_locked_for_20_seconds_keeps_worker_memory_bounded() {
     );
 }
 
+// The crash point is compiled in with `--features failpoints` (scripts/test.sh builds
+// with every feature).
+#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_crashing_between_store_commit_and_ack_lose_nothing() {
     use kausal::subscriber::sink::fault::ENV;

@@ -120,6 +120,7 @@ impl Applier {
     async fn try_group(&self, group: &[Arc<Transaction>]) -> Result<(), SinkError> {
         let started = std::time::Instant::now();
         let flags = self.store.apply_group(group, &self.callbacks).await?;
+        #[cfg(feature = "failpoints")]
         crate::sink::fault::after_commit(); // test-only crash point: docs/faults.md
         self.commits.inc();
         tracing::debug!(

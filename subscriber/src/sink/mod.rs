@@ -14,6 +14,8 @@
 //! transaction, after the rows and before the callbacks.
 
 pub mod callback;
+// Test-only crash points, compiled in only for the fault tests (`failpoints`).
+#[cfg(feature = "failpoints")]
 pub mod fault;
 #[cfg(feature = "mongo")]
 pub mod mongo;
