@@ -7,8 +7,10 @@
 
 mod apply;
 mod bootstrap;
+mod gate;
 mod ops;
 mod queue;
+mod receive;
 mod settle;
 mod subscriber;
 mod upkeep;
@@ -19,15 +21,12 @@ use subscriber::stopped;
 pub use subscriber::{run, Subscriber};
 
 use crate::config::{Coordination, SubscriberConfig};
-use crate::coord::{memory::MemoryCoord, redis::RedisCoord, Check, Coordinator, Query};
+use crate::coord::{memory::MemoryCoord, redis::RedisCoord, Coordinator};
 use crate::error::SubscriberError;
-use crate::schedule::Wait;
 use crate::sink::{Callbacks, SqlStore};
-use crate::txn::{Mapping, StagedFold, Transaction, TxId};
-use apply::{error_chain, seed, Applier, Outcome};
+use crate::txn::{Mapping, Transaction, TxId};
+use apply::{seed, Applier, Outcome};
 use kausal_bus::amqp::{Delivery, Inbox, MemoryQueue};
-use kausal_bus::deps::table_key;
-use kausal_bus::Envelope;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,14 +58,6 @@ struct Held {
     max_seq: u64,
 }
 
-struct Waiting {
-    tx: Arc<Transaction>,
-    table_keys: Vec<u32>,
-    since: Instant,
-    reported: Option<Instant>,
-    wait: Option<Wait>,
-}
-
 struct Worker {
     cfg: SubscriberConfig,
     consumer: Inbox,
@@ -81,7 +72,8 @@ struct Worker {
     held: BTreeMap<u64, Held>,
     /// Which deliveries hold envelopes of a transaction (with the count per delivery).
     owners: HashMap<TxId, Vec<(u64, usize)>>,
-    waiting: HashMap<TxId, Waiting>,
+    /// Complete transactions, waiting or being applied.
+    gate: gate::Gate,
     /// Split transactions in the gate, with their number of parts: acked once staged,
     /// so a dead letter is rebuilt from the staging table, not from the messages.
     split: HashMap<TxId, u32>,
@@ -97,8 +89,6 @@ struct Worker {
     /// Dead-lettered in this run: not admitted again (a staged split transaction would
     /// otherwise come back with every recovery scan).
     dead: HashSet<TxId>,
-    /// Transactions in a store transaction, with their commit time (for the lag).
-    applying: HashMap<TxId, i64>,
     boot: bootstrap::Boot,
     ops: Ops,
     /// Set when the app accepts signed messages only.
@@ -182,8 +172,7 @@ impl Worker {
             next_delivery: 0,
             held: BTreeMap::new(),
             owners: HashMap::new(),
-            waiting: HashMap::new(),
-            applying: HashMap::new(),
+            gate: gate::Gate::new(cfg.ordering.key_space),
             ops,
             verifier: if cfg.signing.keys.is_empty() {
                 None
@@ -317,205 +306,6 @@ impl Worker {
         result
     }
 
-    /// Takes up to [`BURST`] deliveries that are there already, without waiting.
-    async fn receive_burst(&mut self) -> Result<(), SubscriberError> {
-        use futures_util::FutureExt;
-        for _ in 0..BURST {
-            match self.consumer.next().now_or_never() {
-                Some(Some(Ok(d))) => self.receive(d).await?,
-                Some(Some(Err(e))) => return Err(e.into()),
-                Some(None) => return Err(SubscriberError::ConsumerCancelled),
-                None => break,
-            }
-            if self.boot.finished {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    async fn receive(&mut self, delivery: Delivery) -> Result<(), SubscriberError> {
-        let id = self.next_delivery;
-        self.next_delivery += 1;
-        self.ops.messages.inc();
-        if let Some(verifier) = &self.verifier {
-            // Before anything of it is read: an unsigned, forged or altered message.
-            if let Err(reason) = verifier.verify(&delivery.body, delivery.signature.as_ref()) {
-                tracing::error!(reason = %reason, "dead-lettering a message that fails its signature check");
-                self.consumer
-                    .send_to_dead_letters(delivery.body.clone(), &reason)
-                    .await?;
-                self.ops.dead_lettered.inc();
-                delivery.ack().await?;
-                return Ok(());
-            }
-        }
-        if let Some(kind) = delivery.control.clone() {
-            return self.receive_control(id, &kind, delivery).await;
-        }
-        let envelopes = match kausal_bus::decode(&delivery.body) {
-            Ok(e) => e,
-            Err(error) => {
-                let reason = format!("cannot decode the message: {}", error_chain(&error));
-                tracing::error!(reason = %reason, "dead-lettering an undecodable message");
-                let body = delivery.body.clone();
-                self.consumer.send_to_dead_letters(body, &reason).await?;
-                self.ops.dead_lettered.inc();
-                delivery.ack().await?;
-                return Ok(());
-            }
-        };
-        let retried = delivery.retried;
-        if envelopes.len() == 1 && envelopes[0].snapshot.is_some() {
-            // A bootstrap chunk: no transaction of the stream, not gated. Applied once
-            // the transactions before it are, and when no store transaction is in
-            // flight (its row versions are read once: a group committing meanwhile
-            // could be overwritten).
-            self.boot.last_chunk = Some(Instant::now());
-            let env = envelopes.into_iter().next().expect("one envelope");
-            self.boot.stash.push((env, delivery));
-            return self.take_stashed_chunks().await;
-        }
-        let max_seq = envelopes.iter().map(|e| e.seq).max().unwrap_or(0);
-        self.held.insert(
-            id,
-            Held {
-                delivery,
-                remaining: envelopes.len(),
-                received: Instant::now(),
-                max_seq,
-            },
-        );
-        for env in envelopes {
-            self.join_for_bootstrap(&env.namespace, env.generation, env.seq)
-                .await?;
-            let tx_id = TxId {
-                namespace: env.namespace.as_str().into(),
-                generation: env.generation,
-                seq: env.seq,
-            };
-            if retried && self.dead.remove(&tx_id) {
-                tracing::info!(tx = %tx_id, "an operator sent a dead-lettered transaction back");
-            }
-            if let Some(reason) = self.implausible(&tx_id).await? {
-                tracing::error!(tx = %tx_id, reason = %reason, "dead-lettering an implausible envelope");
-                let body = kausal_bus::encode(std::slice::from_ref(&env));
-                self.consumer.send_to_dead_letters(body, &reason).await?;
-                self.ops.dead_lettered.inc();
-                if let Some(h) = self.held.get_mut(&id) {
-                    h.remaining = h.remaining.saturating_sub(1);
-                }
-                continue;
-            }
-            if !(env.part == 0 && env.parts == Some(1)) {
-                // A part of a split transaction: staged in the store, where whichever
-                // worker stages the last part completes it. Once staged, this message's
-                // share is done.
-                let complete = self.store.stage_part(&env).await?;
-                if let Some(h) = self.held.get_mut(&id) {
-                    h.remaining = h.remaining.saturating_sub(1);
-                }
-                if let Some(total) = complete {
-                    self.admit_staged(tx_id, total).await?;
-                }
-                continue;
-            }
-            let owners = self.owners.entry(tx_id.clone()).or_default();
-            match owners.iter_mut().find(|(d, _)| *d == id) {
-                Some((_, n)) => *n += 1,
-                None => owners.push((id, 1)),
-            }
-            self.admit(tx_id, env).await?;
-        }
-        self.ack_finished().await
-    }
-
-    /// Whether a complete transaction is new to the gate: not waiting, applying or
-    /// dead-lettered in this run (a duplicate is settled with the one held).
-    fn arrives(&mut self, tx_id: &TxId) -> bool {
-        let stream = (tx_id.namespace.clone(), tx_id.generation);
-        let seen = self.min_seen.entry(stream.clone()).or_insert(tx_id.seq);
-        *seen = (*seen).min(tx_id.seq);
-        self.stuck_since.entry(stream).or_insert_with(Instant::now);
-        if self.waiting.contains_key(tx_id) || self.applying.contains_key(tx_id) {
-            return false;
-        }
-        if self.dead.contains(tx_id) {
-            self.release(tx_id);
-            return false;
-        }
-        true
-    }
-
-    /// A transaction of one envelope enters the gate (unless it is already in it).
-    async fn admit(&mut self, tx_id: TxId, envelope: Envelope) -> Result<(), SubscriberError> {
-        if !self.arrives(&tx_id) {
-            return Ok(());
-        }
-        match self.mapping.assemble(std::slice::from_ref(&envelope)) {
-            Ok(tx) => self.enter(tx_id, tx),
-            Err(error) => {
-                let reason = error.to_string();
-                tracing::error!(tx = %tx_id, reason = %reason, "transaction does not fit the subscription");
-                self.dead_letter(&tx_id, &[envelope], &reason).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// A split transaction whose `total` parts are all staged enters the gate. Its
-    /// parts are read from the store one at a time, for its dependencies and tables;
-    /// its changes stay staged until it is applied (part by part, too).
-    async fn admit_staged(&mut self, tx_id: TxId, total: u32) -> Result<(), SubscriberError> {
-        if !self.arrives(&tx_id) {
-            return Ok(());
-        }
-        let mut fold = StagedFold::default();
-        for part in 0..total {
-            let Some(envelope) = self.store.staged_part(&tx_id, part).await? else {
-                // Applied or dead-lettered by another worker since it was complete.
-                tracing::debug!(tx = %tx_id, part, "staged part gone, not admitted");
-                return Ok(());
-            };
-            if let Err(error) = self.mapping.stage(&mut fold, &envelope) {
-                let reason = error.to_string();
-                tracing::error!(tx = %tx_id, reason = %reason, "transaction does not fit the subscription");
-                return self.dead_letter_staged(&tx_id, total, &reason).await;
-            }
-        }
-        self.split.insert(tx_id.clone(), total);
-        let tx = self.mapping.finish_staged(fold);
-        self.enter(tx_id, tx);
-        Ok(())
-    }
-
-    fn enter(&mut self, tx_id: TxId, tx: Transaction) {
-        let table_keys = tx
-            .tables
-            .iter()
-            .map(|t| table_key(t, self.cfg.ordering.key_space))
-            .collect();
-        self.waiting.insert(
-            tx_id,
-            Waiting {
-                tx: Arc::new(tx),
-                table_keys,
-                since: Instant::now(),
-                reported: None,
-                wait: None,
-            },
-        );
-    }
-
-    /// Split transactions whose parts are all staged but which are not applied: a worker
-    /// staged the last part and stopped before applying it.
-    async fn recover_staged(&mut self) -> Result<(), SubscriberError> {
-        for (tx_id, total) in self.store.staged_complete().await? {
-            self.admit_staged(tx_id, total).await?;
-        }
-        Ok(())
-    }
-
     /// Checks every waiting transaction and hands the ready ones to appliers in groups.
     async fn dispatch(
         &mut self,
@@ -536,82 +326,44 @@ impl Worker {
         &mut self,
         groups: &mpsc::UnboundedSender<Vec<Arc<Transaction>>>,
     ) -> Result<bool, SubscriberError> {
-        if self.waiting.is_empty() {
+        if self.gate.waiting.is_empty() {
             return Ok(false);
         }
         // The appliers have a full group each waiting already: checking again now
         // would only cost a round over every waiting transaction (with Redis, a round
         // trip); their outcomes trigger the next check.
         let backlog = self.cfg.store.appliers * self.cfg.store.max_group;
-        if self.applying.len() >= backlog + self.cfg.store.max_group {
+        if self.gate.applying.len() >= backlog + self.cfg.store.max_group {
             return Ok(false);
         }
+        if matches!(*self.coord, Coordinator::Redis(_)) {
+            self.ops.coord_calls.inc();
+        }
+        // Dependent transactions chained into one store transaction save a commit per
+        // link. Not with callbacks unless `callbacks.chain`: one that reads the store
+        // through its own connection would not see the uncommitted rows of the link
+        // before it (through `Event::store` it does).
+        let (units, unknown) = self
+            .gate
+            .ready(
+                &self.coord,
+                self.cfg.ordering.mode,
+                self.chain,
+                self.cfg.store.max_group,
+            )
+            .await?;
+        // A first sight of a namespace/generation (or Redis lost its state): seed it
+        // from the store and check again.
         let mut again = false;
-        let mut ids: Vec<TxId> = self.waiting.keys().cloned().collect();
-        ids.sort();
-        let (chain, checks) = {
-            let queries: Vec<Query<'_>> = ids
-                .iter()
-                .map(|id| {
-                    let w = &self.waiting[id];
-                    Query {
-                        id,
-                        deps: &w.tx.deps,
-                        table_keys: &w.table_keys,
-                    }
-                })
-                .collect();
-            let mode = self.cfg.ordering.mode;
-            // Dependent transactions chained into one store transaction save a commit
-            // per link. Not with callbacks unless `callbacks.chain`: one that reads the
-            // store through its own connection would not see the uncommitted rows of
-            // the link before it (through `Event::store` it does).
-            if matches!(*self.coord, Coordinator::Redis(_)) {
-                self.ops.coord_calls.inc();
-            }
-            if self.chain {
-                let (chain, checks) = self
-                    .coord
-                    .plan(mode, &queries, self.cfg.store.max_group)
-                    .await?;
-                (Some(chain), checks)
-            } else {
-                (None, self.coord.check(mode, &queries).await?)
-            }
-        };
-        let mut ready = Vec::new();
-        for (id, check) in ids.iter().zip(checks) {
-            match check {
-                Check::Ready => ready.push(id.clone()),
-                Check::Waiting(w) => {
-                    if let Some(x) = self.waiting.get_mut(id) {
-                        x.wait = Some(w);
-                    }
-                }
-                Check::Unknown => {
-                    let key = (id.namespace.clone(), id.generation);
-                    if !again || !self.seeded.contains(&key) {
-                        seed(&self.store, &self.coord, &id.namespace, id.generation).await?;
-                        self.seeded.insert(key);
-                        again = true;
-                    }
-                }
+        for key in unknown {
+            if !again || !self.seeded.contains(&key) {
+                seed(&self.store, &self.coord, &key.0, key.1).await?;
+                self.seeded.insert(key);
+                again = true;
             }
         }
-        let units: Vec<Vec<TxId>> = match chain {
-            // One unit, in chain order.
-            Some(chain) => vec![chain.into_iter().map(|i| ids[i].clone()).collect()],
-            None => ready.into_iter().map(|id| vec![id]).collect(),
-        };
-        for unit in units {
-            let mut txs = Vec::with_capacity(unit.len());
-            for id in unit {
-                if let Some(w) = self.waiting.remove(&id) {
-                    self.applying.insert(id, w.tx.commit_ts_us);
-                    txs.push(w.tx);
-                }
-            }
-            if !txs.is_empty() && groups.send(txs).is_err() {
+        for txs in units {
+            if groups.send(txs).is_err() {
                 break;
             }
         }
@@ -623,23 +375,7 @@ impl Worker {
         match outcome {
             Outcome::Retry(tx) => {
                 // Its group failed before it: back to the gate.
-                let id = tx.id.clone();
-                self.applying.remove(&id);
-                let table_keys = tx
-                    .tables
-                    .iter()
-                    .map(|t| table_key(t, self.cfg.ordering.key_space))
-                    .collect();
-                self.waiting.insert(
-                    id,
-                    Waiting {
-                        tx,
-                        table_keys,
-                        since: Instant::now(),
-                        reported: None,
-                        wait: None,
-                    },
-                );
+                self.gate.enter(tx);
             }
             Outcome::Done(id) => {
                 self.ops.applied.inc();
@@ -650,12 +386,12 @@ impl Worker {
                 *top = (*top).max(id.seq);
                 self.stuck_since
                     .remove(&(id.namespace.clone(), id.generation));
-                self.applying.remove(&id);
+                self.gate.applying.remove(&id);
                 self.split.remove(&id);
                 self.release(&id);
             }
             Outcome::Rejected(id, reason) => {
-                self.applying.remove(&id);
+                self.gate.applying.remove(&id);
                 // The dead letter holds this transaction's envelopes only, taken from its
                 // staged parts or from the messages that carried it.
                 match self.split.remove(&id) {

@@ -132,10 +132,11 @@ impl Worker {
         let now_us = now_ms() * 1000;
         let mut oldest: HashMap<(Arc<str>, u64), i64> = HashMap::new();
         let held_ts = self
+            .gate
             .waiting
             .iter()
             .map(|(id, w)| (id, w.tx.commit_ts_us))
-            .chain(self.applying.iter().map(|(id, ts)| (id, *ts)));
+            .chain(self.gate.applying.iter().map(|(id, ts)| (id, *ts)));
         for (id, ts) in held_ts {
             let e = oldest
                 .entry((id.namespace.clone(), id.generation))
@@ -158,6 +159,7 @@ impl Worker {
             });
         }
         let mut waits: Vec<(&TxId, WaitingTx)> = self
+            .gate
             .waiting
             .iter()
             .map(|(id, w)| {
@@ -173,8 +175,8 @@ impl Worker {
             .collect();
         waits.sort_by(|a, b| a.0.cmp(b.0));
         let ops = &self.ops;
-        ops.waiting.set(self.waiting.len() as i64);
-        ops.in_flight.set(self.applying.len() as i64);
+        ops.waiting.set(self.gate.waiting.len() as i64);
+        ops.in_flight.set(self.gate.applying.len() as i64);
         ops.held.set(self.held.len() as i64);
         ops.lag
             .set(streams.iter().map(|s| s.lag_s).fold(0.0, f64::max));
@@ -184,8 +186,8 @@ impl Worker {
         let mut live = ops.live.lock().unwrap_or_else(|p| p.into_inner());
         live.updated_ms = now_ms();
         live.held_deliveries = self.held.len();
-        live.in_flight = self.applying.len();
-        live.waiting_count = self.waiting.len();
+        live.in_flight = self.gate.applying.len();
+        live.waiting_count = self.gate.waiting.len();
         live.waiting = waits
             .into_iter()
             .take(MAX_LISTED_WAITS)
@@ -226,7 +228,7 @@ impl Worker {
         );
         self.ops.released.inc();
         // Whatever held it is dropped: the release wins.
-        self.waiting.remove(&id);
+        self.gate.waiting.remove(&id);
         // An empty transaction: the store records it applied (or finds it applied), no
         // callback runs (callbacks run per change).
         let tx = Transaction {
@@ -242,16 +244,7 @@ impl Worker {
             staged: None,
             part: None,
         };
-        self.waiting.insert(
-            id.clone(),
-            super::Waiting {
-                tx: Arc::new(tx),
-                table_keys: Vec::new(),
-                since: Instant::now(),
-                reported: None,
-                wait: None,
-            },
-        );
+        self.gate.enter(Arc::new(tx));
         Ok(id)
     }
 

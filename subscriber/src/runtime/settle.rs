@@ -56,7 +56,7 @@ impl Worker {
             self.consumer.send_to_dead_letters(body, reason).await?;
             self.ops.dead_lettered.inc();
         }
-        self.waiting.remove(id);
+        self.gate.waiting.remove(id);
         self.dead.insert(id.clone());
         self.release(id);
         Ok(())
@@ -84,7 +84,7 @@ impl Worker {
             .unstage(&id.namespace, id.generation, id.seq)
             .await?;
         // Not through `dead_letter`: the delivery of the last part would go again.
-        self.waiting.remove(id);
+        self.gate.waiting.remove(id);
         self.dead.insert(id.clone());
         self.release(id);
         Ok(())

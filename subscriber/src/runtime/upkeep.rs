@@ -13,7 +13,7 @@ impl Worker {
     pub(super) fn report_waits(&mut self) {
         let after = Duration::from_millis(self.cfg.ordering.report_wait_ms);
         let now = Instant::now();
-        for (id, w) in self.waiting.iter_mut() {
+        for (id, w) in self.gate.waiting.iter_mut() {
             let due = match w.reported {
                 None => now.duration_since(w.since) >= after,
                 Some(at) => now.duration_since(at) >= after,
@@ -118,7 +118,8 @@ impl Worker {
         } else {
             HAND_BACK_AFTER
         };
-        if full.is_empty() || !self.applying.is_empty() || self.last_progress.elapsed() < after {
+        if full.is_empty() || !self.gate.applying.is_empty() || self.last_progress.elapsed() < after
+        {
             return Ok(());
         }
         // A stream this store has applied nothing of is joining (see `join_if_stuck`):
@@ -154,7 +155,7 @@ impl Worker {
             }
             for id in forget {
                 self.owners.remove(&id);
-                self.waiting.remove(&id);
+                self.gate.waiting.remove(&id);
             }
             self.consumer.move_to_tail(&h.delivery).await?;
         }
