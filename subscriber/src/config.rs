@@ -1,5 +1,8 @@
 //! What a subscriber app follows, where it puts it, and how it orders it.
 
+pub use crate::sink::redis::RedisSinkConfig;
+pub use crate::sink::SinkConfig;
+pub use crate::table::{is_identifier, TableMode};
 use kausal_bus::deps::DEFAULT_KEY_SPACE;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -90,55 +93,6 @@ impl Default for MaskingConfig {
             salt_file: None,
         }
     }
-}
-
-/// A sink beside the store.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
-pub enum SinkConfig {
-    /// A Redis cache: rows as hashes or JSON strings (see `sink::redis`).
-    Redis(RedisSinkConfig),
-    /// A tantivy full-text index of one table (feature `search`; see `sink::search`).
-    #[cfg(feature = "search")]
-    Search(crate::sink::search::SearchSinkConfig),
-    /// MongoDB documents, one collection per table (feature `mongo`; see `sink::mongo`).
-    #[cfg(feature = "mongo")]
-    Mongo(crate::sink::mongo::MongoSinkConfig),
-}
-
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisSinkConfig {
-    /// `redis://host:6379/db`.
-    pub url: String,
-    /// Key prefix: rows are at `<prefix>:<table>:<key>`. Default `cache`.
-    #[serde(default = "default_cache_prefix")]
-    pub prefix: String,
-    /// `hash` (default) or `json`.
-    #[serde(default)]
-    pub format: crate::sink::redis::CacheFormat,
-    /// Expiry set on every write, in seconds; 0 (default) keeps rows until deleted.
-    #[serde(default)]
-    pub ttl_seconds: u64,
-    /// Destination tables cached; default: every subscribed table.
-    #[serde(default)]
-    pub tables: Option<Vec<String>>,
-}
-
-impl std::fmt::Debug for RedisSinkConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisSinkConfig")
-            .field("url", &kausal_bus::amqp::redact_url(&self.url))
-            .field("prefix", &self.prefix)
-            .field("format", &self.format)
-            .field("ttl_seconds", &self.ttl_seconds)
-            .field("tables", &self.tables)
-            .finish()
-    }
-}
-
-fn default_cache_prefix() -> String {
-    "cache".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -304,21 +258,6 @@ impl Default for CallbackConfig {
             chain: false,
         }
     }
-}
-
-/// How a subscribed table lands in the store.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TableMode {
-    /// Kausal creates the table from the published column types and keeps it equal to
-    /// the source (plus a `_kausal_seq` column: the sequence number of the last change).
-    #[default]
-    Mirror,
-    /// Rows go into a table the application owns and created; Kausal only upserts and
-    /// deletes by key, in the subscribed columns.
-    Map,
-    /// Not stored at all: only callbacks see the changes.
-    None,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -569,13 +508,4 @@ impl SubscriberConfig {
         self.mask_salt()?;
         Ok(())
     }
-}
-
-/// Names Kausal puts into SQL it generates: plain identifiers only, so quoting can never
-/// be escaped.
-pub fn is_identifier(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && !s.starts_with(|c: char| c.is_ascii_digit())
 }

@@ -13,6 +13,13 @@ pub enum SinkError {
     },
     #[error("TLS to the store at {endpoint}: {detail}")]
     Tls { endpoint: String, detail: String },
+    /// Another worker recorded the same transaction as applied while this group ran
+    /// (transient: the retry finds it applied).
+    #[error("store record applied failed: another worker applied the same transaction")]
+    ConcurrentApply {
+        #[source]
+        source: sqlx::Error,
+    },
     #[error("store {operation} failed")]
     Store {
         operation: &'static str,
@@ -39,6 +46,9 @@ pub enum SinkError {
         sink: String,
         message: String,
         class: ErrorClass,
+        /// The driver's error, when there is one (its text is in `message` too).
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
     },
 }
 
@@ -47,11 +57,7 @@ impl SinkError {
         match self {
             SinkError::Unreachable { .. } => ErrorClass::Transient,
             // Another worker recorded the same transaction first: a retry finds it applied.
-            SinkError::Store { operation, .. }
-                if *operation == crate::sink::sql::CONCURRENT_APPLY =>
-            {
-                ErrorClass::Transient
-            }
+            SinkError::ConcurrentApply { .. } => ErrorClass::Transient,
             // Two workers creating the same table at once: one loses with "already
             // exists"; a retry finds the table.
             SinkError::Store { operation, source }

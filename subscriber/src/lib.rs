@@ -16,11 +16,13 @@ pub mod config;
 pub mod contract;
 pub mod coord;
 pub mod error;
+pub mod mapping;
 pub mod mask;
 pub mod runtime;
 pub mod schedule;
 pub mod sink;
 pub mod status;
+pub mod table;
 pub mod tls;
 pub mod txn;
 

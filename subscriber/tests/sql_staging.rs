@@ -5,9 +5,10 @@
 
 use anyhow::{bail, ensure, Result};
 use kausal_bus::{Change, Column, Context, Dep, DepKind, Envelope, Op, TableSchema};
+use kausal_subscriber::mapping::{Mapping, StagedFold};
 use kausal_subscriber::sink::sql::SqlStore;
 use kausal_subscriber::sink::{CallbackError, Callbacks, Event};
-use kausal_subscriber::txn::{Mapping, StagedFold, Transaction, TxId};
+use kausal_subscriber::txn::{Transaction, TxId};
 use kausal_subscriber::SubscriberConfig;
 use serde_json::{json, Map, Value};
 use sqlx::{AssertSqlSafe, Row};

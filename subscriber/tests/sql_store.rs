@@ -5,7 +5,7 @@
 
 use anyhow::{bail, ensure, Result};
 use kausal_subscriber::config::TableMode;
-use kausal_subscriber::sink::sql::{Dialect, SqlStore, CONCURRENT_APPLY};
+use kausal_subscriber::sink::sql::{Dialect, SqlStore};
 use kausal_subscriber::sink::{CallbackError, Callbacks};
 use kausal_subscriber::txn::TableShape;
 use kausal_subscriber::SinkError;
@@ -495,7 +495,7 @@ async fn concurrent_apply_is_detected(server: Server) -> Result<()> {
     release.notify_one();
     assert_eq!(worker_a.await??, [true]);
     match worker_b.await? {
-        Err(SinkError::Store { operation, .. }) => assert_eq!(operation, CONCURRENT_APPLY),
+        Err(SinkError::ConcurrentApply { .. }) => {}
         // B reached the store only after A's commit: it saw the transaction applied.
         Ok(flags) if flags == [false] => {}
         other => bail!("expected a concurrent-apply error, got {other:?}"),

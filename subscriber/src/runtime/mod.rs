@@ -23,8 +23,9 @@ pub use subscriber::{run, Subscriber};
 use crate::config::{Coordination, SubscriberConfig};
 use crate::coord::{memory::MemoryCoord, redis::RedisCoord, Coordinator};
 use crate::error::SubscriberError;
+use crate::mapping::Mapping;
 use crate::sink::{Callbacks, SqlStore};
-use crate::txn::{Mapping, Transaction, TxId};
+use crate::txn::{Transaction, TxId};
 use apply::{seed, Applier, Outcome};
 use kausal_bus::amqp::{Delivery, Inbox, MemoryQueue};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -110,19 +111,7 @@ impl Worker {
     ) -> Result<Worker, SubscriberError> {
         let mut sinks: Vec<Arc<dyn crate::sink::Sink>> = Vec::new();
         for sink in &cfg.sinks {
-            match sink {
-                crate::config::SinkConfig::Redis(r) => {
-                    sinks.push(Arc::new(crate::sink::redis::RedisSink::connect(r).await?))
-                }
-                #[cfg(feature = "search")]
-                crate::config::SinkConfig::Search(s) => {
-                    sinks.push(Arc::new(crate::sink::search::SearchSink::open(s)?))
-                }
-                #[cfg(feature = "mongo")]
-                crate::config::SinkConfig::Mongo(m) => {
-                    sinks.push(Arc::new(crate::sink::mongo::MongoSink::connect(m).await?))
-                }
-            }
+            sinks.push(sink.open().await?);
         }
         let store = SqlStore::connect(&cfg.store.url)
             .await?

@@ -5,7 +5,8 @@
 use super::apply::error_chain;
 use super::{Held, Worker, BURST};
 use crate::error::SubscriberError;
-use crate::txn::{StagedFold, Transaction, TxId};
+use crate::mapping::StagedFold;
+use crate::txn::{Transaction, TxId};
 use kausal_bus::amqp::Delivery;
 use kausal_bus::Envelope;
 use std::sync::Arc;

@@ -29,6 +29,7 @@ pub use sql::SqlStore;
 
 use crate::error::SinkError;
 use crate::txn::Transaction;
+use serde::Deserialize;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -127,11 +128,40 @@ pub(crate) fn connect_failed(
             sink: sink.to_string(),
             message: format!("TLS failed: {detail}"),
             class: crate::error::ErrorClass::Definite,
+            source: None,
         },
         _ => SinkError::External {
             sink: sink.to_string(),
             message: format!("cannot connect: {error}; is {server} running and sink.url right?"),
             class: crate::error::ErrorClass::Transient,
+            source: None,
         },
+    }
+}
+
+/// A sink beside the store.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum SinkConfig {
+    /// A Redis cache: rows as hashes or JSON strings (see `sink::redis`).
+    Redis(redis::RedisSinkConfig),
+    /// A tantivy full-text index of one table (feature `search`; see `sink::search`).
+    #[cfg(feature = "search")]
+    Search(search::SearchSinkConfig),
+    /// MongoDB documents, one collection per table (feature `mongo`; see `sink::mongo`).
+    #[cfg(feature = "mongo")]
+    Mongo(mongo::MongoSinkConfig),
+}
+
+impl SinkConfig {
+    /// Connects to (or opens) the sink this configures.
+    pub async fn open(&self) -> Result<Arc<dyn Sink>, SinkError> {
+        Ok(match self {
+            SinkConfig::Redis(r) => Arc::new(redis::RedisSink::connect(r).await?),
+            #[cfg(feature = "search")]
+            SinkConfig::Search(s) => Arc::new(search::SearchSink::open(s)?),
+            #[cfg(feature = "mongo")]
+            SinkConfig::Mongo(m) => Arc::new(mongo::MongoSink::connect(m).await?),
+        })
     }
 }

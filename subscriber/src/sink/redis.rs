@@ -19,12 +19,47 @@
 //! next transaction boundary (a split transaction, applied part by part, per part).
 
 use super::{Sink, SinkFuture};
-use crate::config::RedisSinkConfig;
 use crate::error::{ErrorClass, SinkError};
 use crate::txn::{RowChange, Transaction};
 use kausal_bus::Op;
 use redis::aio::ConnectionManager;
+use serde::Deserialize;
 use serde_json::{Map, Value};
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSinkConfig {
+    /// `redis://host:6379/db`.
+    pub url: String,
+    /// Key prefix: rows are at `<prefix>:<table>:<key>`. Default `cache`.
+    #[serde(default = "default_cache_prefix")]
+    pub prefix: String,
+    /// `hash` (default) or `json`.
+    #[serde(default)]
+    pub format: crate::sink::redis::CacheFormat,
+    /// Expiry set on every write, in seconds; 0 (default) keeps rows until deleted.
+    #[serde(default)]
+    pub ttl_seconds: u64,
+    /// Destination tables cached; default: every subscribed table.
+    #[serde(default)]
+    pub tables: Option<Vec<String>>,
+}
+
+impl std::fmt::Debug for RedisSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSinkConfig")
+            .field("url", &kausal_bus::amqp::redact_url(&self.url))
+            .field("prefix", &self.prefix)
+            .field("format", &self.format)
+            .field("ttl_seconds", &self.ttl_seconds)
+            .field("tables", &self.tables)
+            .finish()
+    }
+}
+
+fn default_cache_prefix() -> String {
+    "cache".into()
+}
 use std::collections::HashSet;
 
 /// KEYS: data key, versions hash, truncate floor. ARGV: row field, generation, seq, op
@@ -121,6 +156,7 @@ impl RedisSink {
                 sink: name.clone(),
                 message: e.to_string(),
                 class: ErrorClass::Definite,
+                source: None,
             },
             crate::tls::RedisClientError::Redis(e) => failed(e),
         })?;
@@ -164,6 +200,7 @@ impl RedisSink {
             } else {
                 ErrorClass::Definite
             },
+            source: Some(Box::new(e)),
         }
     }
 
@@ -227,6 +264,7 @@ impl RedisSink {
                                 change.unchanged
                             ),
                             class: ErrorClass::Definite,
+                            source: None,
                         })
                     }
                     CacheFormat::Json => script(

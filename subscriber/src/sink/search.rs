@@ -101,6 +101,7 @@ impl SearchSink {
             sink: name.clone(),
             message,
             class,
+            source: None,
         };
         std::fs::create_dir_all(&cfg.path)
             .map_err(|e| fail(ErrorClass::Definite, format!("cannot create it: {e}")))?;
@@ -150,6 +151,7 @@ impl SearchSink {
             sink: self.name.clone(),
             message: e.to_string(),
             class: ErrorClass::Transient,
+            source: None,
         }
     }
 

@@ -121,6 +121,7 @@ impl MongoSink {
             sink: name.clone(),
             message: e.to_string(),
             class: ErrorClass::Definite,
+            source: None,
         })?;
         let client = Client::with_uri_str(&cfg.url).await.map_err(failed)?;
         let db = client.database(&cfg.database);
@@ -206,6 +207,7 @@ impl MongoSink {
             } else {
                 ErrorClass::Definite
             },
+            source: Some(Box::new(e)),
         }
     }
 
@@ -383,6 +385,7 @@ impl MongoSink {
                         e.get_str("errmsg").unwrap_or_default()
                     ),
                     class: ErrorClass::Definite,
+                    source: None,
                 });
             }
             if let Ok(e) = reply.get_document("writeConcernError") {
@@ -390,6 +393,7 @@ impl MongoSink {
                     sink: self.name.clone(),
                     message: format!("{kind} in collection {coll}: write concern: {e}"),
                     class: ErrorClass::Transient,
+                    source: None,
                 });
             }
         }

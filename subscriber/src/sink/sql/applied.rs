@@ -2,7 +2,7 @@
 //! are applied (`kausal_applied` above the compacted watermark in `kausal_progress`),
 //! read for a group before it applies, written in the group's transaction.
 
-use super::{int, staging, value, Dialect, SqlStore, CONCURRENT_APPLY};
+use super::{int, staging, value, Dialect, SqlStore};
 use crate::error::SinkError;
 use crate::txn::Transaction;
 use sqlx::AnyConnection;
@@ -225,19 +225,17 @@ pub(super) async fn record_applied(
         query
     };
     let done = query.execute(conn).await.map_err(|source| {
-        let concurrent = matches!(&source, sqlx::Error::Database(db) if db.is_unique_violation());
-        SinkError::Store {
-            operation: if concurrent {
-                CONCURRENT_APPLY
-            } else {
-                "record applied"
-            },
-            source,
+        if matches!(&source, sqlx::Error::Database(db) if db.is_unique_violation()) {
+            SinkError::ConcurrentApply { source }
+        } else {
+            SinkError::Store {
+                operation: "record applied",
+                source,
+            }
         }
     })?;
     if done.rows_affected() != txs.len() as u64 {
-        return Err(SinkError::Store {
-            operation: CONCURRENT_APPLY,
+        return Err(SinkError::ConcurrentApply {
             source: sqlx::Error::RowNotFound,
         });
     }

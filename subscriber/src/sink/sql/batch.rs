@@ -210,7 +210,7 @@ fn key_text(key: &[&Value]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TableMode;
+    use crate::table::TableMode;
     use serde_json::json;
     use std::sync::Arc;
 

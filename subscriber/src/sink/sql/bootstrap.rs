@@ -534,7 +534,7 @@ impl SqlStore {
         for change in tx
             .changes
             .iter()
-            .filter(|c| c.shape.mode != crate::config::TableMode::None)
+            .filter(|c| c.shape.mode != crate::table::TableMode::None)
         {
             batch.add(change, tx.id.seq)?;
         }

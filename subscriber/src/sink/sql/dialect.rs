@@ -23,7 +23,7 @@ impl Dialect {
     }
 
     /// Quotes an identifier. Callers pass only names checked by
-    /// [`crate::config::is_identifier`] or read from the catalog; quotes are doubled
+    /// [`crate::table::is_identifier`] or read from the catalog; quotes are doubled
     /// anyway so a catalog name cannot end the quoting.
     pub fn quote(self, name: &str) -> String {
         match self {

@@ -36,19 +36,15 @@ pub use bootstrap::{ChunkApplied, Unfinished};
 pub use dialect::Dialect;
 pub use workers::{read_progress, read_statuses};
 
-use crate::config::TableMode;
 use crate::error::SinkError;
 use crate::sink::callback::{Callbacks, StoreTx};
+use crate::table::TableMode;
 use crate::txn::{Staged, Transaction};
 use kausal_bus::Op;
 use schema::{TableInfo, Tables};
 use sqlx::{AnyConnection, AnyPool};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-
-/// The `operation` of the [`SinkError::Store`] returned when another worker recorded
-/// the same transaction as applied while this group ran. Retrying finds it applied.
-pub const CONCURRENT_APPLY: &str = "record applied (concurrent apply)";
 
 /// A SQL database holding the read model and Kausal's bookkeeping. Cheap to clone.
 #[derive(Clone)]

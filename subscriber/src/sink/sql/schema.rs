@@ -3,8 +3,8 @@
 
 use super::dialect::Dialect;
 use super::value::Kind;
-use crate::config::{is_identifier, TableMode};
 use crate::error::SinkError;
+use crate::table::{is_identifier, TableMode};
 use crate::txn::TableShape;
 use sqlx::AnyPool;
 use sqlx::{AssertSqlSafe, Row};

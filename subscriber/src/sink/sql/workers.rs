@@ -110,9 +110,45 @@ pub async fn read_progress(
     Ok(out)
 }
 
+/// The table is missing (a store no worker ever ran on): by SQLSTATE on Postgres
+/// (42P01) and MySQL/MariaDB (42S02); SQLite reports only its generic error code, so
+/// there the message decides.
 fn is_missing_table(e: &sqlx::Error) -> bool {
-    let text = e.to_string().to_lowercase();
-    text.contains("no such table")
-        || text.contains("does not exist")
-        || text.contains("doesn't exist")
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    match db.code().as_deref() {
+        Some("42P01") | Some("42S02") => true,
+        Some("1") => db.message().starts_with("no such table"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_store_no_worker_ran_on_has_no_progress_and_no_workers() {
+        sqlx::any::install_default_drivers();
+        // A bare database, without the bookkeeping tables (`kausal status` pointed at a
+        // store before any worker started).
+        // One connection: each in-memory SQLite connection is a database of its own.
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .connect("sqlite::memory:")
+            .await
+            .unwrap();
+        let progress = read_progress(&pool, super::super::Dialect::Sqlite).await;
+        assert_eq!(progress.unwrap(), Vec::new());
+        assert!(read_statuses(&pool).await.unwrap().is_empty());
+        // Any other error is still an error.
+        sqlx::query("CREATE TABLE kausal_progress (x INTEGER)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        assert!(read_progress(&pool, super::super::Dialect::Sqlite)
+            .await
+            .is_err());
+    }
 }
