@@ -22,6 +22,7 @@ pub mod runtime;
 pub mod schedule;
 pub mod sink;
 pub mod status;
+pub mod store;
 pub mod table;
 pub mod tls;
 pub mod txn;

@@ -3,7 +3,8 @@
 
 use crate::coord::Coordinator;
 use crate::error::{ErrorClass, SinkError};
-use crate::sink::{Callbacks, SqlStore};
+use crate::sink::Callbacks;
+use crate::store::Store;
 use crate::txn::{Transaction, TxId};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,7 @@ pub enum Outcome {
 }
 
 pub struct Applier {
-    pub store: SqlStore,
+    pub store: Arc<dyn Store>,
     pub coord: Arc<Coordinator>,
     pub callbacks: Callbacks,
     pub attempts: u32,
@@ -145,7 +146,7 @@ impl Applier {
                 Ok(missing) => {
                     for id in &missing {
                         if let Err(error) =
-                            seed(&self.store, &self.coord, &id.namespace, id.generation).await
+                            seed(&*self.store, &self.coord, &id.namespace, id.generation).await
                         {
                             tracing::warn!(error = %error, "cannot seed coordination state; retrying");
                         }
@@ -163,7 +164,7 @@ impl Applier {
 
 /// Seeds the coordinator's state of a namespace/generation from the store.
 pub async fn seed(
-    store: &SqlStore,
+    store: &dyn Store,
     coord: &Coordinator,
     namespace: &str,
     generation: u64,

@@ -25,6 +25,7 @@ use crate::coord::{memory::MemoryCoord, redis::RedisCoord, Coordinator};
 use crate::error::SubscriberError;
 use crate::mapping::Mapping;
 use crate::sink::{Callbacks, SqlStore};
+use crate::store::Store;
 use crate::txn::{Transaction, TxId};
 use apply::{seed, Applier, Outcome};
 use kausal_bus::amqp::{Delivery, Inbox, MemoryQueue};
@@ -65,7 +66,7 @@ struct Worker {
     /// The app's queues (one, or one per partition) and the partitions consumed now.
     queues: Vec<kausal_bus::amqp::QueueSpec>,
     owned: Vec<u32>,
-    store: SqlStore,
+    store: Arc<dyn Store>,
     coord: Arc<Coordinator>,
     mapping: Mapping,
     applier: Arc<Applier>,
@@ -119,6 +120,8 @@ impl Worker {
         if matches!(cfg.coordination, Coordination::Redis { .. }) {
             store.set_shared();
         }
+        // From here on the runtime knows the store only by what it needs of it.
+        let store: Arc<dyn Store> = Arc::new(store);
         let coord = Arc::new(match &cfg.coordination {
             Coordination::Memory => Coordinator::Memory(MemoryCoord::new()),
             Coordination::Redis { url, prefix } => {
@@ -130,7 +133,7 @@ impl Worker {
         let mut queues = queue::specs(cfg, &ns);
         let consumer = match inbox {
             Some(queue) => Inbox::Memory(queue),
-            None => queue::open(cfg, &mut queues, &store).await?,
+            None => queue::open(cfg, &mut queues, &*store).await?,
         };
 
         let applier_callbacks_empty = callbacks.is_empty();
@@ -285,6 +288,18 @@ impl Worker {
                 _ = &mut deadline => break,
             }
         }
+        // The appliers are done when their outcomes ended; one still in a store
+        // transaction or retrying the coordinator past the deadline is stopped (its
+        // uncommitted group rolls back; a committed one is found applied when its
+        // messages come again).
+        for applier in appliers {
+            applier.abort();
+            if let Err(error) = applier.await {
+                if !error.is_cancelled() {
+                    tracing::warn!(error = %error, "an applier task failed");
+                }
+            }
+        }
         // Unacked deliveries go back to the queue when the channel closes.
         self.leave().await;
         self.consumer.close().await;
@@ -346,7 +361,7 @@ impl Worker {
         let mut again = false;
         for key in unknown {
             if !again || !self.seeded.contains(&key) {
-                seed(&self.store, &self.coord, &key.0, key.1).await?;
+                seed(&*self.store, &self.coord, &key.0, key.1).await?;
                 self.seeded.insert(key);
                 again = true;
             }

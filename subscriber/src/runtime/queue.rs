@@ -6,7 +6,7 @@ use super::Worker;
 use crate::config::{Coordination, SubscriberConfig};
 use crate::coord::Coordinator;
 use crate::error::SubscriberError;
-use crate::sink::sql::SqlStore;
+use crate::store::Store;
 use kausal_bus::amqp::{AmqpConsumer, Inbox, QueueSpec};
 use std::collections::BTreeSet;
 
@@ -38,7 +38,7 @@ pub(super) fn specs(cfg: &SubscriberConfig, namespaces: &[&str]) -> Vec<QueueSpe
 pub(super) async fn open(
     cfg: &SubscriberConfig,
     specs: &mut [QueueSpec],
-    store: &SqlStore,
+    store: &dyn Store,
 ) -> Result<Inbox, SubscriberError> {
     let expires_ms = cfg
         .broker

@@ -120,7 +120,7 @@ impl Worker {
         // finishes them).
         for (ns, generation) in self.store.finishing_bootstraps().await? {
             if self.store.has_joined(&ns, generation).await? {
-                super::apply::seed(&self.store, &self.coord, &ns, generation).await?;
+                super::apply::seed(&*self.store, &self.coord, &ns, generation).await?;
                 self.seeded.insert((ns.into(), generation));
             }
         }
@@ -334,7 +334,7 @@ impl Worker {
         }
         let mut watermark = self.coord.watermark(&ns, generation).await?;
         if watermark.is_none() {
-            super::apply::seed(&self.store, &self.coord, &ns, generation).await?;
+            super::apply::seed(&*self.store, &self.coord, &ns, generation).await?;
             self.seeded.insert((ns.as_str().into(), generation));
             watermark = self.coord.watermark(&ns, generation).await?;
         }
@@ -467,7 +467,7 @@ impl Worker {
         }
         // The store first: a later seeding of the gate from the store agrees with it.
         self.store.compact(namespace, generation, seq - 1).await?;
-        super::apply::seed(&self.store, &self.coord, namespace, generation).await?;
+        super::apply::seed(&*self.store, &self.coord, namespace, generation).await?;
         self.seeded.insert((namespace.into(), generation));
         self.coord.join(namespace, generation, seq - 1).await?;
         tracing::info!(
@@ -514,7 +514,7 @@ impl Worker {
             // Joined before (an earlier run): the gate state comes from the store, and
             // the upkeep that finishes the bootstrap needs it even if no transaction
             // ever comes.
-            super::apply::seed(&self.store, &self.coord, namespace, generation).await?;
+            super::apply::seed(&*self.store, &self.coord, namespace, generation).await?;
             self.seeded.insert((namespace.into(), generation));
             return Ok(());
         }
@@ -522,7 +522,7 @@ impl Worker {
         // request; the join is still recorded (a watermark of 0), so that the bootstrap
         // can finish on a quiet stream and a later chunk cannot move the join point.
         self.store.compact(namespace, generation, after).await?;
-        super::apply::seed(&self.store, &self.coord, namespace, generation).await?;
+        super::apply::seed(&*self.store, &self.coord, namespace, generation).await?;
         self.seeded.insert((namespace.into(), generation));
         self.coord.join(namespace, generation, after).await?;
         tracing::info!(
