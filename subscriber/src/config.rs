@@ -1,5 +1,6 @@
 //! What a subscriber app follows, where it puts it, and how it orders it.
 
+pub use crate::error::ConfigError;
 pub use crate::sink::redis::RedisSinkConfig;
 pub use crate::sink::SinkConfig;
 pub use crate::table::{is_identifier, TableMode};
@@ -122,15 +123,12 @@ pub struct BrokerConfig {
 
 impl BrokerConfig {
     /// `queue_expires` in milliseconds.
-    pub fn queue_expires_ms(&self) -> Result<Option<u32>, String> {
+    pub fn queue_expires_ms(&self) -> Result<Option<u32>, ConfigError> {
         let Some(text) = &self.queue_expires else {
             return Ok(None);
         };
-        let bad = || {
-            format!(
-                "broker.queue_expires = \"{text}\": write a number and a unit: \"90m\", \
-                 \"12h\", \"7d\" (at most 49 days)"
-            )
+        let bad = || ConfigError::QueueExpires {
+            given: text.clone(),
         };
         let t = text.trim();
         let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
@@ -333,7 +331,7 @@ impl SubscriberConfig {
 
     /// The salt of `hash` masks: `None` when no column is hashed; an error naming the
     /// fix when one is and no usable salt is configured.
-    pub fn mask_salt(&self) -> Result<Option<Vec<u8>>, String> {
+    pub fn mask_salt(&self) -> Result<Option<Vec<u8>>, ConfigError> {
         let hashed = self.tables.iter().find_map(|t| {
             t.mask
                 .iter()
@@ -345,31 +343,31 @@ impl SubscriberConfig {
         let salt = match &self.masking.salt_file {
             Some(path) => std::fs::read(path)
                 .map_err(|e| {
-                    format!(
+                    ConfigError::MaskSalt(format!(
                         "{what} is masked with hash, but masking.salt_file {} cannot be read \
                          ({e})",
                         path.display()
-                    )
+                    ))
                 })?
                 .trim_ascii_end()
                 .to_vec(),
             None => std::env::var(&self.masking.salt_env)
                 .map(String::into_bytes)
                 .map_err(|_| {
-                    format!(
+                    ConfigError::MaskSalt(format!(
                         "{what} is masked with hash, which needs a secret salt: set {} (at \
                          least {min} characters, the same for every worker, kept secret) or \
                          masking.salt_file",
                         self.masking.salt_env
-                    )
+                    ))
                 })?,
         };
         if salt.len() < min {
-            return Err(format!(
+            return Err(ConfigError::MaskSalt(format!(
                 "the salt of hash masks is {} bytes long; use at least {min} (a short salt \
                  can be guessed together with the values)",
                 salt.len()
-            ));
+            )));
         }
         Ok(Some(salt))
     }
@@ -450,58 +448,53 @@ impl SubscriberConfig {
         v
     }
 
-    pub fn validate(&self) -> Result<(), String> {
-        kausal_bus::signing::Verifier::new(&self.signing.keys).map_err(|e| e.to_string())?;
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        kausal_bus::signing::Verifier::new(&self.signing.keys)?;
         if self.app.is_empty()
             || !self
                 .app
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
-            return Err(format!(
-                "app `{}` must be non-empty letters, digits, `_` or `-`",
-                self.app
-            ));
+            return Err(ConfigError::App {
+                app: self.app.clone(),
+            });
         }
         if self.tables.is_empty() {
-            return Err("no [[table]] subscribed: add at least one".into());
+            return Err(ConfigError::NoTables);
         }
         if !self.ordering.key_space.is_power_of_two() {
-            return Err("ordering.key_space must be a power of two".into());
+            return Err(ConfigError::KeySpace);
         }
         if let Some(p) = self.broker.partitions {
             if p == 0 || p > kausal_bus::amqp::SLOTS {
-                return Err(format!(
-                    "broker.partitions is {p}: give 1 to {} (the publisher's slots)",
-                    kausal_bus::amqp::SLOTS
-                ));
+                return Err(ConfigError::Partitions {
+                    given: p,
+                    slots: kausal_bus::amqp::SLOTS,
+                });
             }
         }
         if self.store.max_group == 0 || self.store.appliers == 0 || self.broker.prefetch == 0 {
-            return Err("store.max_group, store.appliers and broker.prefetch must be > 0".into());
+            return Err(ConfigError::Zero);
         }
         let mut seen = std::collections::BTreeSet::new();
         for t in &self.tables {
+            let table = format!("{}.{}", t.namespace, t.name);
             if !seen.insert((t.namespace.clone(), t.name.clone())) {
-                return Err(format!(
-                    "table {}.{} is subscribed twice",
-                    t.namespace, t.name
-                ));
+                return Err(ConfigError::SubscribedTwice { table });
             }
             let into = t.into.as_deref().unwrap_or(&t.name);
             if !is_identifier(into) {
-                return Err(format!(
-                    "table {}.{}: destination `{into}` must be letters, digits and `_`",
-                    t.namespace, t.name
-                ));
+                return Err(ConfigError::Destination {
+                    table,
+                    name: into.to_string(),
+                });
             }
-            for dest in t.rename.values() {
-                if !is_identifier(dest) {
-                    return Err(format!(
-                        "table {}.{}: column name `{dest}` must be letters, digits and `_`",
-                        t.namespace, t.name
-                    ));
-                }
+            if let Some(dest) = t.rename.values().find(|d| !is_identifier(d)) {
+                return Err(ConfigError::Column {
+                    table,
+                    name: dest.clone(),
+                });
             }
         }
         self.broker.queue_expires_ms()?;

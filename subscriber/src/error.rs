@@ -196,7 +196,7 @@ pub enum CoordError {
 #[derive(Debug, thiserror::Error)]
 pub enum SubscriberError {
     #[error("invalid subscriber configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Bus(#[from] kausal_bus::BusError),
     #[error(transparent)]
@@ -227,4 +227,46 @@ impl SubscriberError {
             SubscriberError::Coord(_) | SubscriberError::ConsumerCancelled => ErrorClass::Transient,
         }
     }
+}
+
+/// A subscriber configuration that cannot run, with the fix in the message.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Signing(#[from] kausal_bus::signing::SigningError),
+    #[error("app `{app}` must be non-empty letters, digits, `_` or `-`")]
+    App { app: String },
+    #[error("no [[table]] subscribed: add at least one")]
+    NoTables,
+    #[error("ordering.key_space must be a power of two")]
+    KeySpace,
+    #[error("broker.partitions is {given}: give 1 to {slots} (the publisher's slots)")]
+    Partitions { given: u32, slots: u32 },
+    #[error("store.max_group, store.appliers and broker.prefetch must be > 0")]
+    Zero,
+    #[error("table {table} is subscribed twice")]
+    SubscribedTwice { table: String },
+    #[error("table {table}: destination `{name}` must be letters, digits and `_`")]
+    Destination { table: String, name: String },
+    #[error("table {table}: column name `{name}` must be letters, digits and `_`")]
+    Column { table: String, name: String },
+    #[error(
+        "broker.queue_expires = \"{given}\": write a number and a unit: \"90m\", \
+         \"12h\", \"7d\" (at most 49 days)"
+    )]
+    QueueExpires { given: String },
+    /// A `hash` mask without a usable salt (the message names the column and the fix).
+    #[error("{0}")]
+    MaskSalt(String),
+    #[error(
+        "cannot bootstrap {table}: this configuration does not subscribe it (it subscribes \
+         {subscribed})"
+    )]
+    NotSubscribed { table: String, subscribed: String },
+    #[error(
+        "a bootstrap asks the publisher over the broker: it cannot run on an in-process queue"
+    )]
+    BootstrapInProcess,
+    #[error("metrics.listen: {0}")]
+    Metrics(#[source] kausal_ops::HttpError),
 }

@@ -343,7 +343,7 @@ async fn broker(url: &str, exchange: &str, f: &mut Findings) {
 
 async fn subscriber(cfg: &SubscriberConfig, path: &std::path::Path, f: &mut Findings) {
     if let Err(e) = cfg.validate() {
-        f.fail("config", e, "edit the configuration file");
+        f.fail("config", e.to_string(), "edit the configuration file");
         return;
     }
     f.ok(

@@ -171,7 +171,7 @@ impl Worker {
             } else {
                 Some(
                     kausal_bus::signing::Verifier::new(&cfg.signing.keys)
-                        .map_err(|e| SubscriberError::Config(e.to_string()))?,
+                        .map_err(crate::error::ConfigError::from)?,
                 )
             },
             highest: HashMap::new(),

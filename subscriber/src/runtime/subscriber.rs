@@ -63,13 +63,9 @@ impl Subscriber {
     /// Runs until `shutdown` turns true: then stops taking deliveries, lets the store
     /// transactions in flight finish, acks what they applied and hands the rest back.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), SubscriberError> {
-        self.cfg.validate().map_err(SubscriberError::Config)?;
+        self.cfg.validate()?;
         if self.inbox.is_some() && self.bootstrap.is_some() {
-            return Err(SubscriberError::Config(
-                "a bootstrap asks the publisher over the broker: it cannot run on an \
-                 in-process queue"
-                    .into(),
-            ));
+            return Err(crate::error::ConfigError::BootstrapInProcess.into());
         }
         let mut backoff = Duration::from_millis(250);
         // The plan is handed to workers until one has recorded it in the store; after
@@ -87,7 +83,7 @@ impl Subscriber {
                 };
                 let (_, task) = kausal_ops::serve(addr, endpoint)
                     .await
-                    .map_err(|e| SubscriberError::Config(e.to_string()))?;
+                    .map_err(crate::error::ConfigError::Metrics)?;
                 Some(AbortOnDrop(task))
             }
             None => None,

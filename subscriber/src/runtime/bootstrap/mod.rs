@@ -164,13 +164,11 @@ impl Worker {
                 if !subscribed.contains(t) {
                     let list: Vec<String> =
                         subscribed.iter().map(|(n, t)| format!("{n}.{t}")).collect();
-                    return Err(SubscriberError::Config(format!(
-                        "cannot bootstrap {}.{}: this configuration does not subscribe it \
-                         (it subscribes {})",
-                        t.0,
-                        t.1,
-                        list.join(", ")
-                    )));
+                    return Err(crate::error::ConfigError::NotSubscribed {
+                        table: format!("{}.{}", t.0, t.1),
+                        subscribed: list.join(", "),
+                    }
+                    .into());
                 }
             }
             plan.tables.clone()
