@@ -1,10 +1,16 @@
 //! The RabbitMQ side: topology, confirmed publishing and consuming.
 //!
-//! Topology: one durable topic exchange (default `kausal`) that publishers send to with
-//! routing keys `<namespace>.<kind>`; one durable queue per subscriber app bound with
-//! `<namespace>.#` for each namespace it follows; a dead-letter exchange `<exchange>.dlx`
-//! (direct) into which a subscriber's rejected messages go, routed by queue name into the
-//! queue `<queue>.dlq`.
+//! Topology: one durable topic exchange (default `kausal`) that publishers send change
+//! messages to with routing keys `<namespace>.changes.<slot>` ([`SLOTS`] slots); per
+//! subscriber app one durable queue bound with `<namespace>.#`, or several partition
+//! queues each bound to its share of the slots ([`Partition`]); a dead-letter exchange
+//! `<exchange>.dlx` (direct) into which a subscriber's rejected messages go, routed by
+//! the app's queue name into the queue `<queue>.dlq`.
+//!
+//! Modules: [`topology`] (queues, bindings, passive checks), [`publisher`] (confirmed
+//! publishing), [`consumer`] (consuming an app's queues), [`delivery`] (a received
+//! message and its settling), [`headers`], [`dlq`] (dead letters and operator commands),
+//! [`memory`] (an in-process queue) and [`inbox`] (either of the two, for a worker).
 
 mod consumer;
 mod delivery;
