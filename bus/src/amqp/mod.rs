@@ -7,10 +7,10 @@
 //! `<exchange>.dlx` (direct) into which a subscriber's rejected messages go, routed by
 //! the app's queue name into the queue `<queue>.dlq`.
 //!
-//! Modules: [`topology`] (queues, bindings, passive checks), [`publisher`] (confirmed
-//! publishing), [`consumer`] (consuming an app's queues), [`delivery`] (a received
-//! message and its settling), [`headers`], [`dlq`] (dead letters and operator commands),
-//! [`memory`] (an in-process queue) and [`inbox`] (either of the two, for a worker).
+//! Modules: `topology` (queues, bindings, passive checks), `publisher` (confirmed
+//! publishing), `consumer` (consuming an app's queues), `delivery` (a received message
+//! and its settling), `headers`, `dlq` (dead letters and operator commands), `memory`
+//! (an in-process queue) and `inbox` (either of the two, for a worker).
 
 mod consumer;
 mod delivery;
