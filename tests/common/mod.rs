@@ -19,6 +19,7 @@ pub mod e2e;
 pub mod faults;
 pub mod my_workload;
 pub mod mysql;
+pub mod order;
 pub mod source;
 pub mod sub;
 pub mod workload;
