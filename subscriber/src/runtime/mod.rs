@@ -8,6 +8,7 @@
 mod apply;
 mod bootstrap;
 mod gate;
+mod held;
 mod ops;
 mod queue;
 mod receive;
@@ -28,8 +29,8 @@ use crate::sink::{Callbacks, SqlStore};
 use crate::store::Store;
 use crate::txn::{Transaction, TxId};
 use apply::{seed, Applier, Outcome};
-use kausal_bus::amqp::{Delivery, Inbox, MemoryQueue};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use kausal_bus::amqp::{Inbox, MemoryQueue};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Mutex};
@@ -51,15 +52,6 @@ const COMPACT_EVERY: Duration = Duration::from_secs(5);
 /// Recheck ticks between two writes of the worker's live status.
 const STATUS_TICKS: u32 = (crate::status::STATUS_EVERY_MS as u32) / (RECHECK.as_millis() as u32);
 
-struct Held {
-    delivery: Delivery,
-    /// Envelopes of this delivery not yet applied or dead-lettered.
-    remaining: usize,
-    received: Instant,
-    /// Highest sequence number in it: hand-back order.
-    max_seq: u64,
-}
-
 struct Worker {
     cfg: SubscriberConfig,
     consumer: Inbox,
@@ -70,10 +62,8 @@ struct Worker {
     coord: Arc<Coordinator>,
     mapping: Mapping,
     applier: Arc<Applier>,
-    next_delivery: u64,
-    held: BTreeMap<u64, Held>,
-    /// Which deliveries hold envelopes of a transaction (with the count per delivery).
-    owners: HashMap<TxId, Vec<(u64, usize)>>,
+    /// What this worker holds unacked.
+    deliveries: held::Deliveries,
     /// Complete transactions, waiting or being applied.
     gate: gate::Gate,
     /// Split transactions in the gate, with their number of parts: acked once staged,
@@ -161,9 +151,7 @@ impl Worker {
             chain: applier_callbacks_empty || cfg.callbacks.chain,
             split: HashMap::new(),
             applier,
-            next_delivery: 0,
-            held: BTreeMap::new(),
-            owners: HashMap::new(),
+            deliveries: held::Deliveries::default(),
             gate: gate::Gate::new(cfg.ordering.key_space),
             ops,
             verifier: if cfg.signing.keys.is_empty() {

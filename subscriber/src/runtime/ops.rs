@@ -177,7 +177,7 @@ impl Worker {
         let ops = &self.ops;
         ops.waiting.set(self.gate.waiting.len() as i64);
         ops.in_flight.set(self.gate.applying.len() as i64);
-        ops.held.set(self.held.len() as i64);
+        ops.held.set(self.deliveries.held.len() as i64);
         ops.lag
             .set(streams.iter().map(|s| s.lag_s).fold(0.0, f64::max));
         if let Some(s) = streams.iter().max_by_key(|s| s.generation) {
@@ -185,7 +185,7 @@ impl Worker {
         }
         let mut live = ops.live.lock().unwrap_or_else(|p| p.into_inner());
         live.updated_ms = now_ms();
-        live.held_deliveries = self.held.len();
+        live.held_deliveries = self.deliveries.held.len();
         live.in_flight = self.gate.applying.len();
         live.waiting_count = self.gate.waiting.len();
         live.waiting = waits

@@ -3,7 +3,7 @@
 //! cannot be read goes to the dead letters with the reason.
 
 use super::apply::error_chain;
-use super::{Held, Worker, BURST};
+use super::{Worker, BURST};
 use crate::error::SubscriberError;
 use crate::mapping::StagedFold;
 use crate::txn::{Transaction, TxId};
@@ -31,8 +31,7 @@ impl Worker {
     }
 
     pub(super) async fn receive(&mut self, delivery: Delivery) -> Result<(), SubscriberError> {
-        let id = self.next_delivery;
-        self.next_delivery += 1;
+        let id = self.deliveries.number();
         self.ops.messages.inc();
         if let Some(verifier) = &self.verifier {
             // Before anything of it is read: an unsigned, forged or altered message.
@@ -73,15 +72,7 @@ impl Worker {
             return self.take_stashed_chunks().await;
         }
         let max_seq = envelopes.iter().map(|e| e.seq).max().unwrap_or(0);
-        self.held.insert(
-            id,
-            Held {
-                delivery,
-                remaining: envelopes.len(),
-                received: Instant::now(),
-                max_seq,
-            },
-        );
+        self.deliveries.hold(id, delivery, envelopes.len(), max_seq);
         for env in envelopes {
             self.join_for_bootstrap(&env.namespace, env.generation, env.seq)
                 .await?;
@@ -98,9 +89,7 @@ impl Worker {
                 let body = kausal_bus::encode(std::slice::from_ref(&env));
                 self.consumer.send_to_dead_letters(body, &reason).await?;
                 self.ops.dead_lettered.inc();
-                if let Some(h) = self.held.get_mut(&id) {
-                    h.remaining = h.remaining.saturating_sub(1);
-                }
+                self.deliveries.settle_one(id);
                 continue;
             }
             if !(env.part == 0 && env.parts == Some(1)) {
@@ -108,19 +97,13 @@ impl Worker {
                 // worker stages the last part completes it. Once staged, this message's
                 // share is done.
                 let complete = self.store.stage_part(&env).await?;
-                if let Some(h) = self.held.get_mut(&id) {
-                    h.remaining = h.remaining.saturating_sub(1);
-                }
+                self.deliveries.settle_one(id);
                 if let Some(total) = complete {
                     self.admit_staged(tx_id, total).await?;
                 }
                 continue;
             }
-            let owners = self.owners.entry(tx_id.clone()).or_default();
-            match owners.iter_mut().find(|(d, _)| *d == id) {
-                Some((_, n)) => *n += 1,
-                None => owners.push((id, 1)),
-            }
+            self.deliveries.own(tx_id.clone(), id);
             self.admit(tx_id, env).await?;
         }
         self.ack_finished().await

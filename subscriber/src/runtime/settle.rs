@@ -2,30 +2,15 @@
 //! be), operator commands, the live status row, and acks once every envelope of a
 //! delivery is done.
 
-use super::{Held, Worker};
+use super::Worker;
 use crate::error::SubscriberError;
 use crate::txn::TxId;
 use kausal_bus::amqp::Delivery;
 use kausal_bus::Envelope;
-use std::time::Instant;
 
 impl Worker {
     pub(super) fn envelopes_of(&self, id: &TxId) -> Vec<Envelope> {
-        let mut out = Vec::new();
-        for (d, _) in self.owners.get(id).into_iter().flatten() {
-            if let Some(h) = self.held.get(d) {
-                if let Ok(envs) = kausal_bus::decode(&h.delivery.body) {
-                    out.extend(envs.into_iter().filter(|e| {
-                        *e.namespace == *id.namespace
-                            && e.generation == id.generation
-                            && e.seq == id.seq
-                    }));
-                }
-            }
-        }
-        out.sort_by_key(|e| e.part);
-        out.dedup_by_key(|e| e.part);
-        out
+        self.deliveries.envelopes_of(id)
     }
 
     /// Sends a transaction's envelopes to the dead-letter queue with the reason; its
@@ -39,13 +24,7 @@ impl Worker {
         // A transaction of one signed message: the message goes whole, with its
         // signature, so a retry still verifies (its other transactions are duplicates
         // by then).
-        let signed = match self.owners.get(id).map(Vec::as_slice) {
-            Some([(d, _)]) => self
-                .held
-                .get(d)
-                .and_then(|h| Some((h.delivery.body.clone(), h.delivery.signature.clone()?))),
-            _ => None,
-        };
+        let signed = self.deliveries.signed_alone(id);
         if let Some((body, signature)) = signed {
             self.consumer
                 .send_to_dead_letters_signed(body, reason, Some(&signature), Some(&id.to_string()))
@@ -92,11 +71,7 @@ impl Worker {
 
     /// The transaction is settled: its envelopes no longer keep deliveries unacked.
     pub(super) fn release(&mut self, id: &TxId) {
-        for (d, n) in self.owners.remove(id).unwrap_or_default() {
-            if let Some(h) = self.held.get_mut(&d) {
-                h.remaining = h.remaining.saturating_sub(n);
-            }
-        }
+        self.deliveries.release(id);
     }
 
     /// An operator's command: acted on, and its delivery held until what it asked is
@@ -109,16 +84,8 @@ impl Worker {
     ) -> Result<(), SubscriberError> {
         match self.control(kind, &delivery.body) {
             Ok(tx_id) => {
-                self.owners.entry(tx_id).or_default().push((id, 1));
-                self.held.insert(
-                    id,
-                    Held {
-                        delivery,
-                        remaining: 1,
-                        received: Instant::now(),
-                        max_seq: 0,
-                    },
-                );
+                self.deliveries.own(tx_id, id);
+                self.deliveries.hold(id, delivery, 1, 0);
                 Ok(())
             }
             Err(reason) => {
@@ -147,16 +114,8 @@ impl Worker {
     }
 
     pub(super) async fn ack_finished(&mut self) -> Result<(), SubscriberError> {
-        let done: Vec<u64> = self
-            .held
-            .iter()
-            .filter(|(_, h)| h.remaining == 0)
-            .map(|(d, _)| *d)
-            .collect();
-        for d in done {
-            if let Some(h) = self.held.remove(&d) {
-                h.delivery.ack().await?;
-            }
+        for h in self.deliveries.take_finished() {
+            h.delivery.ack().await?;
         }
         Ok(())
     }

@@ -101,10 +101,11 @@ impl Worker {
         // Per queue: each partition queue has a window of its own.
         let window = usize::from(super::queue::window(&self.cfg));
         let mut per_queue: HashMap<&str, usize> = HashMap::new();
-        for h in self.held.values() {
+        for h in self.deliveries.held.values() {
             *per_queue.entry(&h.delivery.queue).or_default() += 1;
         }
         let full: HashSet<Arc<str>> = self
+            .deliveries
             .held
             .values()
             .filter(|h| per_queue[&*h.delivery.queue] >= window)
@@ -131,6 +132,7 @@ impl Worker {
             }
         }
         let mut candidates: Vec<(u64, u64)> = self
+            .deliveries
             .held
             .iter()
             .filter(|(_, h)| h.received.elapsed() >= after && full.contains(&h.delivery.queue))
@@ -142,19 +144,11 @@ impl Worker {
         candidates.drain(..keep);
         let given = candidates.len();
         for (_, d) in candidates {
-            let Some(h) = self.held.remove(&d) else {
+            // Forget what this delivery contributed; it comes back whole.
+            let Some((h, gone)) = self.deliveries.give_back(d) else {
                 continue;
             };
-            // Forget what this delivery contributed; it comes back whole.
-            let mut forget = Vec::new();
-            for (id, owners) in self.owners.iter_mut() {
-                owners.retain(|(o, _)| *o != d);
-                if owners.is_empty() {
-                    forget.push(id.clone());
-                }
-            }
-            for id in forget {
-                self.owners.remove(&id);
+            for id in gone {
                 self.gate.waiting.remove(&id);
             }
             self.consumer.move_to_tail(&h.delivery).await?;
