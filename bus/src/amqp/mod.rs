@@ -116,11 +116,11 @@ async fn connect(url: &str) -> Result<Connection, BusError> {
     Connection::connect_with_config(&url, props, config, runtime)
         .await
         .map_err(|source| {
+            // RabbitMQ refuses a login with the connection-level ACCESS_REFUSED (403).
             let refused = matches!(
                 source.kind(),
-                lapin::ErrorKind::ProtocolError(e)
-                    if e.get_id() == 403
-            ) || source.to_string().contains("ACCESS_REFUSED");
+                lapin::ErrorKind::ProtocolError(e) if e.get_id() == 403
+            );
             if refused {
                 return BusError::AccessRefused { endpoint, source };
             }
