@@ -152,3 +152,79 @@ async fn a_chain_planned_in_redis_equals_the_chain_planned_in_process() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_redis_that_forgot_its_scripts_is_given_them_again() {
+    let prefix = format!("kausal_test_scripts_{}", std::process::id());
+    let coord = RedisCoord::connect(REDIS, &prefix, "app").await.unwrap();
+    coord.init("shop", 1, 0, &[]).await.unwrap();
+    let id = |seq| TxId {
+        namespace: Arc::from("shop"),
+        generation: 1,
+        seq,
+    };
+    let write = |v, after| Dep {
+        k: 7,
+        v,
+        kind: DepKind::Write,
+        after,
+    };
+    // What a Redis restart does to the script cache (its keys we keep here).
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (first, second) = (id(1), id(2));
+    let (d1, d2) = ([write(1, 0)], [write(2, 1)]);
+    let queries = [
+        Query {
+            id: &first,
+            deps: &d1,
+            table_keys: &[],
+        },
+        Query {
+            id: &second,
+            deps: &d2,
+            table_keys: &[],
+        },
+    ];
+    let checks = coord.check(Mode::Causal, &queries).await.unwrap();
+    assert_eq!(checks[0], Check::Ready);
+    assert!(matches!(checks[1], Check::Waiting(_)));
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(coord
+        .applied(&[(&first, Some(&d1))])
+        .await
+        .unwrap()
+        .is_empty());
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (chain, _) = coord.plan(Mode::Causal, &queries[1..], 8).await.unwrap();
+    assert_eq!(
+        chain,
+        vec![0],
+        "the second write follows the first, applied"
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}

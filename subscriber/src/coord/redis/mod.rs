@@ -36,6 +36,25 @@ pub struct RedisCoord {
     base: String,
     channel: String,
     pub(crate) wake: Arc<Notify>,
+    /// The scripts run on every check and apply, sent by hash (`EVALSHA`): the text of
+    /// `PLAN` alone is 2 KB, which every call would otherwise carry.
+    hot: Arc<Hot>,
+}
+
+struct Hot {
+    check: redis::Script,
+    plan: redis::Script,
+    applied: redis::Script,
+}
+
+impl Hot {
+    fn new() -> Hot {
+        Hot {
+            check: redis::Script::new(CHECK),
+            plan: redis::Script::new(PLAN),
+            applied: redis::Script::new(APPLIED),
+        }
+    }
 }
 
 impl RedisCoord {
@@ -69,7 +88,35 @@ impl RedisCoord {
             base: format!("{prefix}:{app}"),
             channel,
             wake,
+            hot: Arc::new(Hot::new()),
         })
+    }
+
+    /// Runs a pipeline of `EVALSHA`s; when Redis does not know a script (it restarted,
+    /// or `SCRIPT FLUSH`), loads the scripts and runs it once more. Every script is safe
+    /// to run again.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+        operation: &'static str,
+    ) -> Result<T, CoordError> {
+        let failed = |source| CoordError::Redis { operation, source };
+        match pipe.query_async(&mut self.conn.clone()).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                for code in [CHECK, PLAN, APPLIED] {
+                    let _: String = redis::cmd("SCRIPT")
+                        .arg("LOAD")
+                        .arg(code)
+                        .query_async(&mut self.conn.clone())
+                        .await
+                        .map_err(failed)?;
+                }
+                pipe.query_async(&mut self.conn.clone())
+                    .await
+                    .map_err(failed)
+            }
+            other => other.map_err(failed),
+        }
     }
 
     fn keys(&self, namespace: &str, generation: u64) -> [String; 4] {
@@ -97,8 +144,8 @@ impl RedisCoord {
                 .copied()
                 .collect();
             let cmd = pipe
-                .cmd("EVAL")
-                .arg(CHECK)
+                .cmd("EVALSHA")
+                .arg(self.hot.check.get_hash())
                 .arg(4)
                 .arg(i)
                 .arg(w)
@@ -111,13 +158,7 @@ impl RedisCoord {
             }
             relevant_deps.push(deps);
         }
-        let answers: Vec<i64> =
-            pipe.query_async(&mut self.conn.clone())
-                .await
-                .map_err(|source| CoordError::Redis {
-                    operation: "check",
-                    source,
-                })?;
+        let answers: Vec<i64> = self.run(&pipe, "check").await?;
         Ok(answers
             .into_iter()
             .zip(queries.iter().zip(&relevant_deps))
@@ -172,8 +213,8 @@ impl RedisCoord {
             let first = &queries[r.start];
             let [i, w, a, c] = self.keys(&first.id.namespace, first.id.generation);
             let cmd = pipe
-                .cmd("EVAL")
-                .arg(PLAN)
+                .cmd("EVALSHA")
+                .arg(self.hot.plan.get_hash())
                 .arg(4)
                 .arg(i)
                 .arg(w)
@@ -193,13 +234,7 @@ impl RedisCoord {
                 }
             }
         }
-        let answers: Vec<Vec<i64>> =
-            pipe.query_async(&mut self.conn.clone())
-                .await
-                .map_err(|source| CoordError::Redis {
-                    operation: "plan",
-                    source,
-                })?;
+        let answers: Vec<Vec<i64>> = self.run(&pipe, "plan").await?;
         let mut chain = Vec::new();
         let mut checks = Vec::with_capacity(queries.len());
         for (r, codes) in streams.iter().zip(answers) {
@@ -275,8 +310,8 @@ impl RedisCoord {
         for (id, deps) in done {
             let [i, w, a, c] = self.keys(&id.namespace, id.generation);
             let cmd = pipe
-                .cmd("EVAL")
-                .arg(APPLIED)
+                .cmd("EVALSHA")
+                .arg(self.hot.applied.get_hash())
                 .arg(4)
                 .arg(i)
                 .arg(w)
@@ -288,13 +323,7 @@ impl RedisCoord {
             }
         }
         pipe.cmd("PUBLISH").arg(&self.channel).arg(1).ignore();
-        let answers: Vec<i64> =
-            pipe.query_async(&mut self.conn.clone())
-                .await
-                .map_err(|source| CoordError::Redis {
-                    operation: "applied",
-                    source,
-                })?;
+        let answers: Vec<i64> = self.run(&pipe, "applied").await?;
         self.wake.notify_waiters();
         Ok(answers
             .into_iter()
