@@ -52,6 +52,24 @@ const COMPACT_EVERY: Duration = Duration::from_secs(5);
 /// Recheck ticks between two writes of the worker's live status.
 const STATUS_TICKS: u32 = (crate::status::STATUS_EVERY_MS as u32) / (RECHECK.as_millis() as u32);
 
+type Stream = (Arc<str>, u64);
+
+/// What a worker knows of each stream (namespace, generation) it has seen.
+#[derive(Default)]
+struct Streams {
+    /// The lowest sequence number received since start: where a subscriber joining a
+    /// running stream joins.
+    min_seen: HashMap<Stream, u64>,
+    /// Since when transactions have been held with none of the stream applied
+    /// (cleared by each apply); hand-backs do not reset it.
+    stuck_since: HashMap<Stream, Instant>,
+    /// The highest sequence number known applied: the base of the implausible-number
+    /// check.
+    highest: HashMap<Stream, u64>,
+    /// Streams whose gate state this worker seeded from the store.
+    seeded: HashSet<Stream>,
+}
+
 struct Worker {
     cfg: SubscriberConfig,
     consumer: Inbox,
@@ -69,12 +87,8 @@ struct Worker {
     /// Split transactions in the gate, with their number of parts: acked once staged,
     /// so a dead letter is rebuilt from the staging table, not from the messages.
     split: HashMap<TxId, u32>,
-    /// The lowest sequence number received per namespace/generation since start: where
-    /// a subscriber joining a running stream joins.
-    min_seen: HashMap<(Arc<str>, u64), u64>,
-    /// Since when transactions of a namespace/generation have been held with none of
-    /// it applied (cleared by each apply); hand-backs do not reset it.
-    stuck_since: HashMap<(Arc<str>, u64), Instant>,
+    /// What this worker knows of each stream (namespace, generation).
+    streams: Streams,
     /// Chain dependent transactions into one store transaction (no callbacks, or
     /// `callbacks.chain`).
     chain: bool,
@@ -85,11 +99,7 @@ struct Worker {
     ops: Ops,
     /// Set when the app accepts signed messages only.
     verifier: Option<kausal_bus::signing::Verifier>,
-    /// The highest sequence number known applied per namespace/generation: the base of
-    /// the implausible-number check.
-    highest: HashMap<(Arc<str>, u64), u64>,
     ticks: u32,
-    seeded: HashSet<(Arc<str>, u64)>,
     last_progress: Instant,
 }
 
@@ -146,8 +156,7 @@ impl Worker {
             store,
             coord,
             dead: HashSet::new(),
-            min_seen: HashMap::new(),
-            stuck_since: HashMap::new(),
+            streams: Streams::default(),
             chain: applier_callbacks_empty || cfg.callbacks.chain,
             split: HashMap::new(),
             applier,
@@ -162,9 +171,7 @@ impl Worker {
                         .map_err(crate::error::ConfigError::from)?,
                 )
             },
-            highest: HashMap::new(),
             ticks: 0,
-            seeded: HashSet::new(),
             last_progress: Instant::now(),
             boot: bootstrap::Boot::default(),
         })
@@ -348,9 +355,9 @@ impl Worker {
         // from the store and check again.
         let mut again = false;
         for key in unknown {
-            if !again || !self.seeded.contains(&key) {
+            if !again || !self.streams.seeded.contains(&key) {
                 seed(&*self.store, &self.coord, &key.0, key.1).await?;
-                self.seeded.insert(key);
+                self.streams.seeded.insert(key);
                 again = true;
             }
         }
@@ -372,11 +379,13 @@ impl Worker {
             Outcome::Done(id) => {
                 self.ops.applied.inc();
                 let top = self
+                    .streams
                     .highest
                     .entry((id.namespace.clone(), id.generation))
                     .or_insert(0);
                 *top = (*top).max(id.seq);
-                self.stuck_since
+                self.streams
+                    .stuck_since
                     .remove(&(id.namespace.clone(), id.generation));
                 self.gate.applying.remove(&id);
                 self.split.remove(&id);

@@ -144,7 +144,7 @@ impl Worker {
             *e = (*e).min(ts);
         }
         let mut streams = Vec::new();
-        let mut keys: Vec<(Arc<str>, u64)> = self.seeded.iter().cloned().collect();
+        let mut keys: Vec<(Arc<str>, u64)> = self.streams.seeded.iter().cloned().collect();
         keys.sort();
         for (ns, generation) in keys {
             let through = self.coord.watermark(&ns, generation).await?.unwrap_or(0);
@@ -256,11 +256,11 @@ impl Worker {
     ) -> Result<Option<String>, SubscriberError> {
         let limit = self.cfg.ordering.max_seq_ahead;
         let key = (id.namespace.clone(), id.generation);
-        let mut top = match self.highest.get(&key) {
+        let mut top = match self.streams.highest.get(&key) {
             Some(t) => *t,
             None => {
                 let t = self.applied_through(&id.namespace, id.generation).await?;
-                self.highest.insert(key.clone(), t);
+                self.streams.highest.insert(key.clone(), t);
                 t
             }
         };
@@ -270,7 +270,7 @@ impl Worker {
         }
         // Other workers may have gone far ahead meanwhile.
         top = top.max(self.applied_through(&id.namespace, id.generation).await?);
-        self.highest.insert(key, top);
+        self.streams.highest.insert(key, top);
         if id.seq <= top.saturating_add(limit) {
             return Ok(None);
         }

@@ -113,9 +113,16 @@ impl Worker {
     /// dead-lettered in this run (a duplicate is settled with the one held).
     pub(super) fn arrives(&mut self, tx_id: &TxId) -> bool {
         let stream = (tx_id.namespace.clone(), tx_id.generation);
-        let seen = self.min_seen.entry(stream.clone()).or_insert(tx_id.seq);
+        let seen = self
+            .streams
+            .min_seen
+            .entry(stream.clone())
+            .or_insert(tx_id.seq);
         *seen = (*seen).min(tx_id.seq);
-        self.stuck_since.entry(stream).or_insert_with(Instant::now);
+        self.streams
+            .stuck_since
+            .entry(stream)
+            .or_insert_with(Instant::now);
         if self.gate.holds(tx_id) {
             return false;
         }

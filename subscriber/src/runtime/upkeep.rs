@@ -54,12 +54,14 @@ impl Worker {
             return Ok(());
         }
         let stuck: Vec<((Arc<str>, u64), Instant)> = self
+            .streams
             .stuck_since
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
         for ((ns, generation), since) in stuck {
             let seq = self
+                .streams
                 .min_seen
                 .get(&(ns.clone(), generation))
                 .copied()
@@ -125,7 +127,7 @@ impl Worker {
         }
         // A stream this store has applied nothing of is joining (see `join_if_stuck`):
         // moving its first messages away would lose the join point.
-        for (ns, generation) in self.stuck_since.keys().cloned().collect::<Vec<_>>() {
+        for (ns, generation) in self.streams.stuck_since.keys().cloned().collect::<Vec<_>>() {
             let (through, applied) = self.store.progress(&ns, generation).await?;
             if through == 0 && applied.is_empty() {
                 return Ok(());
@@ -163,7 +165,7 @@ impl Worker {
     }
 
     pub(super) async fn compact(&mut self) {
-        let keys: Vec<(Arc<str>, u64)> = self.seeded.iter().cloned().collect();
+        let keys: Vec<(Arc<str>, u64)> = self.streams.seeded.iter().cloned().collect();
         for (ns, generation) in keys {
             match self.coord.watermark(&ns, generation).await {
                 Ok(Some(w)) => {

@@ -121,7 +121,7 @@ impl Worker {
         for (ns, generation) in self.store.finishing_bootstraps().await? {
             if self.store.has_joined(&ns, generation).await? {
                 super::apply::seed(&*self.store, &self.coord, &ns, generation).await?;
-                self.seeded.insert((ns.into(), generation));
+                self.streams.seeded.insert((ns.into(), generation));
             }
         }
         let mut resumed: BTreeMap<String, Vec<TableRequest>> = BTreeMap::new();
@@ -333,7 +333,7 @@ impl Worker {
         let mut watermark = self.coord.watermark(&ns, generation).await?;
         if watermark.is_none() {
             super::apply::seed(&*self.store, &self.coord, &ns, generation).await?;
-            self.seeded.insert((ns.as_str().into(), generation));
+            self.streams.seeded.insert((ns.as_str().into(), generation));
             watermark = self.coord.watermark(&ns, generation).await?;
         }
         let due = watermark.is_some_and(|w| w >= version);
@@ -466,7 +466,7 @@ impl Worker {
         // The store first: a later seeding of the gate from the store agrees with it.
         self.store.compact(namespace, generation, seq - 1).await?;
         super::apply::seed(&*self.store, &self.coord, namespace, generation).await?;
-        self.seeded.insert((namespace.into(), generation));
+        self.streams.seeded.insert((namespace.into(), generation));
         self.coord.join(namespace, generation, seq - 1).await?;
         tracing::info!(
             namespace,
@@ -513,7 +513,7 @@ impl Worker {
             // the upkeep that finishes the bootstrap needs it even if no transaction
             // ever comes.
             super::apply::seed(&*self.store, &self.coord, namespace, generation).await?;
-            self.seeded.insert((namespace.into(), generation));
+            self.streams.seeded.insert((namespace.into(), generation));
             return Ok(());
         }
         // `after` 0: the publisher had published nothing of this generation before the
@@ -521,7 +521,7 @@ impl Worker {
         // can finish on a quiet stream and a later chunk cannot move the join point.
         self.store.compact(namespace, generation, after).await?;
         super::apply::seed(&*self.store, &self.coord, namespace, generation).await?;
-        self.seeded.insert((namespace.into(), generation));
+        self.streams.seeded.insert((namespace.into(), generation));
         self.coord.join(namespace, generation, after).await?;
         tracing::info!(
             namespace,
