@@ -2,8 +2,11 @@
 //!
 //! Layout:
 //! - [`config`]: what is published (tables, column allowlist, renames, references).
+//! - [`source::change`]: the row-change vocabulary both sources decode into.
 //! - [`source::postgres`]: logical replication (`pgoutput`) and catalog checks.
 //! - [`source::mysql`]: the MySQL / MariaDB binlog and `information_schema` checks.
+//! - `source::driver`: the stream loop both sources share (start or resume a
+//!   generation, checkpoint markers, confirms, shutdown).
 //! - [`source::assemble`]: row changes of either source into envelopes.
 //! - [`tracker`]: dependency counters, in memory, in commit order.
 //! - [`checkpoint`]: position + counters, saved once RabbitMQ confirmed everything
@@ -133,7 +136,7 @@ async fn run_once(
         .await?
         .with_signer(signer);
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
-    let (durable_tx, durable_rx) = watch::channel(0u64);
+    let (durable_tx, durable) = watch::channel(0u64);
     let publisher = PublishLoop {
         bus,
         routing_keys: (0..SLOTS)
@@ -146,6 +149,12 @@ async fn run_once(
         stats,
     };
     let publishing = tokio::spawn(publisher.run(rx));
+    let wiring = source::driver::Wiring {
+        checkpoint_path: path,
+        tx,
+        durable,
+        shutdown,
+    };
     let streamed = match &cfg.source {
         SourceConfig::Postgres(pg) => {
             // Bootstrap requests are answered while the stream runs: chunks go out when
@@ -158,7 +167,7 @@ async fn run_once(
                 windows.clone(),
             ));
             let streamed = tokio::select! {
-                s = source::postgres::stream(cfg, pg, checkpoint, &path, tx, durable_rx, shutdown, &windows) => s,
+                s = source::postgres::stream(cfg, pg, checkpoint, wiring, &windows) => s,
                 served = &mut serving => match served {
                     Ok(Err(e)) => Err(e),
                     _ => Err(SourceError::PublisherGone.into()),
@@ -167,9 +176,7 @@ async fn run_once(
             serving.abort();
             streamed
         }
-        SourceConfig::Mysql(my) => {
-            source::mysql::stream(cfg, my, checkpoint, &path, tx, shutdown).await
-        }
+        SourceConfig::Mysql(my) => source::mysql::stream(cfg, my, checkpoint, wiring).await,
     };
     let published = publishing.await.expect("publish loop does not panic");
     match (streamed, published) {

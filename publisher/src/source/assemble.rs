@@ -1,11 +1,15 @@
-//! Turns decoded pgoutput messages into envelopes: column allowlist and renames, value
-//! conversion, keys, dependencies, context, and splitting of large transactions.
+//! Turns row changes in the shared vocabulary ([`super::change`]) into envelopes: column
+//! allowlist and renames, value conversion, keys, dependencies, context, and splitting of
+//! large transactions.
 //!
 //! Pure and synchronous: the stream loop resolves catalog facts (types, keys, foreign
 //! keys) before handing a relation over, so the same input always gives the same
 //! envelopes — which is what makes replays after a crash byte-identical.
 
-pub use super::postgres::pgoutput::{Datum, Message, OldKind};
+use super::change::RowChange;
+/// The vocabulary under the names callers outside this crate build changes with
+/// (`kausal-testkit`); `Message` was its name while it lived in pgoutput's decoder.
+pub use super::change::{Datum, OldKind, RowChange as Message};
 use super::values::Conv;
 use crate::error::SourceError;
 use crate::tracker::Tracker;
@@ -14,8 +18,6 @@ use kausal_bus::{Change, Column, Context, Envelope, Op, TableSchema};
 use serde_json::{Map, Value};
 use std::collections::{BTreeSet, HashMap};
 
-/// Offset between the Postgres epoch (2000-01-01) and the Unix epoch, in microseconds.
-const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 /// A part is also cut when its values reach this many bytes, so wide rows keep messages
 /// (and subscriber memory) bounded too.
 pub const MAX_PART_BYTES: usize = 4 * 1024 * 1024;
@@ -123,15 +125,6 @@ impl Assembler {
         self.tables.insert(oid, table);
     }
 
-    /// A Postgres transaction begins (commit time on the Postgres epoch).
-    pub fn begin(&mut self, final_lsn: &str, xid: u32, commit_time_pg_us: i64) {
-        self.begin_at(
-            format!("pg:{final_lsn}"),
-            xid.to_string(),
-            commit_time_pg_us.saturating_add(PG_EPOCH_OFFSET_US),
-        );
-    }
-
     /// A transaction begins: its position in the source's log (as envelopes show it),
     /// its id at the source, and its commit time in microseconds since the Unix epoch.
     pub fn begin_at(&mut self, position: String, txid: String, commit_ts_us: i64) {
@@ -232,20 +225,17 @@ impl Assembler {
     }
 
     /// Adds a row change; returns a full part when the transaction must be split.
-    pub fn change(&mut self, msg: Message<'_>) -> Result<Option<Envelope>, SourceError> {
-        if matches!(msg, Message::Relation(_) | Message::Ignored(_)) {
-            return Ok(None);
-        }
+    pub fn change(&mut self, msg: RowChange<'_>) -> Result<Option<Envelope>, SourceError> {
         // A full part is cut only when another change follows, so the commit closes
         // the last full part instead of sending an empty one.
         let full = (self.changes.len() >= self.max_part_changes
             || self.part_bytes >= MAX_PART_BYTES)
             .then(|| self.cut(false));
         match msg {
-            Message::Insert { rel, new } => self.row(rel, Op::Insert, None, Some(new))?,
-            Message::Update { rel, old, new } => self.row(rel, Op::Update, old, Some(new))?,
-            Message::Delete { rel, old } => self.row(rel, Op::Delete, Some(old), None)?,
-            Message::Truncate { rels } => {
+            RowChange::Insert { rel, new } => self.row(rel, Op::Insert, None, Some(new))?,
+            RowChange::Update { rel, old, new } => self.row(rel, Op::Update, old, Some(new))?,
+            RowChange::Delete { rel, old } => self.row(rel, Op::Delete, Some(old), None)?,
+            RowChange::Truncate { rels } => {
                 for rel in rels {
                     let Some(t) = self.tables.get(&rel) else {
                         continue;
@@ -265,7 +255,6 @@ impl Assembler {
                     });
                 }
             }
-            Message::Relation(_) | Message::Ignored(_) => {}
         }
         Ok(full)
     }

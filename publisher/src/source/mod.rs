@@ -1,9 +1,15 @@
-//! Sources of row changes. Each source turns its log into the same row-change
-//! vocabulary (pgoutput's: text values, full or key-only old rows) and hands it to the
-//! shared [`assemble::Assembler`], so every source publishes identical envelopes and
-//! dependencies for the same logical changes.
+//! Sources of row changes. Each source decodes its log into the same row-change
+//! vocabulary ([`change`]) and feeds it to the shared [`assemble::Assembler`], so every
+//! source publishes identical envelopes and dependencies for the same logical changes.
+//!
+//! - [`change`]: the vocabulary, shared by all sources; no source imports another.
+//! - `driver`: the one stream loop — checkpoint and generation, markers, confirms,
+//!   shutdown — run for every source through its `ChangeLog` implementation.
+//! - [`postgres`], [`mysql`]: each source's connection, catalog checks and decoding.
 
 pub mod assemble;
+pub mod change;
+pub(crate) mod driver;
 pub mod mysql;
 pub mod postgres;
 pub mod tls;
@@ -11,7 +17,7 @@ pub mod values;
 
 use crate::config::TableConfig;
 use crate::error::SourceError;
-use postgres::catalog::TableMeta;
+use change::TableMeta;
 
 /// Checks a published table's configuration against its catalog facts, the same way
 /// for every source: listed columns exist, the key is published, references name

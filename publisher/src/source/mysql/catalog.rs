@@ -4,7 +4,7 @@
 
 use crate::config::{MysqlSource, PublisherConfig, TableConfig};
 use crate::error::SourceError;
-use crate::source::postgres::catalog::TableMeta;
+use crate::source::change::TableMeta;
 use crate::source::tls::{SourceTls, TlsMode};
 use mysql_async::prelude::Queryable;
 use mysql_async::{Conn, Opts, OptsBuilder, SslOpts};

@@ -1,31 +1,182 @@
-//! What the stream does with table maps, rows and truncates of published tables.
+//! The binlog's event-group state and what each event does to it: groups open and
+//! commit, statements, table maps, rows and truncates of published tables, all turned
+//! into the shared row-change vocabulary for the assembler.
 
-use super::catalog::{self, qualified, table_qualified};
+use super::catalog::{self, qualified, table_qualified, ConnInfo};
+use super::position::Resume;
 use super::rows::{self, MyTable};
-use super::{send, Mapped, Stream};
+use crate::config::{MysqlSource, PublisherConfig, DEFAULT_CONTEXT_TABLE};
 use crate::error::{PublisherError, SourceError};
 use crate::publish::Item;
-use crate::source::assemble::{resolve_refs, Datum, Message, OldKind, RefSpec};
-use mysql_async::binlog::events::RowsEventData;
+use crate::source::assemble::{resolve_refs, RefSpec};
+use crate::source::change::{Datum, OldKind, RowChange, TableMeta};
+use crate::source::driver::Feed;
+use mysql_async::binlog::events::{RowsEventData, TableMapEvent};
 use mysql_async::prelude::Queryable;
+use std::collections::HashMap;
 
-impl Stream<'_> {
-    /// A `TRUNCATE` of a published table: a truncate change, ordered like on Postgres
-    /// through the table's key.
-    pub(super) async fn truncate(
+/// What a table-map event's table is to this publisher.
+pub(super) enum Mapped {
+    /// A published table: its relation id in the assembler and its binlog columns.
+    Published(u32, MyTable),
+    /// The context table: its rows carry context JSON.
+    Context(MyTable),
+    Ignored,
+}
+
+/// The open event group.
+struct Group {
+    /// MariaDB GTID `(domain, server, seq)`.
+    gtid: Option<(u32, u32, u64)>,
+    /// Inside `BEGIN` … `COMMIT`/XID; otherwise the group is one statement.
+    begun: bool,
+}
+
+/// Everything the binlog's events are read against: table maps, catalog facts, the open
+/// group and the position.
+pub(super) struct Decoder<'a> {
+    cfg: &'a PublisherConfig,
+    info: ConnInfo,
+    mariadb: bool,
+    context_table: (String, String),
+    metas: HashMap<(String, String), TableMeta>,
+    metas_stale: bool,
+    pub tables: HashMap<u64, Mapped>,
+    group: Option<Group>,
+    /// Where a checkpoint resumes: moved by each commit.
+    pub resume: Resume,
+    /// Binlog file being read and the offset after the last event.
+    pub file: String,
+    pub next_pos: u64,
+}
+
+impl<'a> Decoder<'a> {
+    pub(super) fn new(
+        cfg: &'a PublisherConfig,
+        my: &MysqlSource,
+        info: ConnInfo,
+        mariadb: bool,
+        metas: HashMap<(String, String), TableMeta>,
+        resume: Resume,
+    ) -> Self {
+        let (file, next_pos) = match &resume {
+            Resume::File { file, pos } => (file.clone(), *pos),
+            Resume::Gtid(_) => (String::new(), 4),
+        };
+        let context_table = qualified(
+            my.context_table.as_deref().unwrap_or(DEFAULT_CONTEXT_TABLE),
+            &info.database,
+        );
+        Decoder {
+            cfg,
+            info,
+            mariadb,
+            context_table,
+            metas,
+            metas_stale: false,
+            tables: HashMap::new(),
+            group: None,
+            resume,
+            file,
+            next_pos,
+        }
+    }
+}
+
+impl Decoder<'_> {
+    pub(super) fn open_group(
+        &mut self,
+        feed: &mut Feed,
+        gtid: Option<(u32, u32, u64)>,
+        begun: bool,
+        commit_ts_us: i64,
+    ) {
+        let (position, txid) = match gtid {
+            Some((d, sv, n)) => (format!("mysql:{d}-{sv}-{n}"), format!("{d}-{sv}-{n}")),
+            None => {
+                let at = format!("{}:{}", self.file, self.next_pos);
+                (format!("mysql:{at}"), at)
+            }
+        };
+        feed.asm.begin_at(position, txid, commit_ts_us);
+        self.group = Some(Group { gtid, begun });
+    }
+
+    /// Ends the open group: publishes what it changed and moves the resume position.
+    pub(super) async fn commit(&mut self, feed: &mut Feed) -> Result<(), PublisherError> {
+        let Some(group) = self.group.take() else {
+            return Ok(());
+        };
+        if let Some(last) = feed.asm.commit() {
+            feed.send(Item::Envelope(last)).await?;
+        }
+        match (&mut self.resume, group.gtid) {
+            (Resume::Gtid(state), Some((d, sv, n))) => {
+                state.insert(d, (sv, n));
+            }
+            (Resume::File { file, pos }, _) => {
+                *file = self.file.clone();
+                *pos = self.next_pos;
+            }
+            (Resume::Gtid(_), None) => {}
+        }
+        Ok(())
+    }
+
+    /// A statement event: `BEGIN`, `COMMIT`, or DDL (or a statement-logged change), which
+    /// ends a group of its own unless inside `BEGIN`. Returns whether a group ended.
+    pub(super) async fn statement(
         &mut self,
         sql: &mut mysql_async::Conn,
+        feed: &mut Feed,
+        stmt: &str,
+        schema: &str,
+        timestamp: u32,
+    ) -> Result<bool, PublisherError> {
+        if stmt.eq_ignore_ascii_case("BEGIN") {
+            if self.group.is_none() {
+                self.open_group(feed, None, true, i64::from(timestamp) * 1_000_000);
+            }
+            if let Some(g) = self.group.as_mut() {
+                g.begun = true;
+            }
+            return Ok(false);
+        }
+        if stmt.eq_ignore_ascii_case("COMMIT") {
+            self.commit(feed).await?;
+            return Ok(true);
+        }
+        // DDL (or a statement-logged change we cannot see row by row): forget table maps
+        // and re-read keys and foreign keys.
+        self.tables.clear();
+        self.metas_stale = true;
+        if let Some(name) = truncated_table(stmt, schema) {
+            self.truncate(sql, feed, name, timestamp).await?;
+        }
+        if !self.group.as_ref().is_some_and(|g| g.begun) {
+            self.commit(feed).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// A `TRUNCATE` of a published table: a truncate change, ordered like on Postgres
+    /// through the table's key.
+    async fn truncate(
+        &mut self,
+        sql: &mut mysql_async::Conn,
+        feed: &mut Feed,
         name: (String, String),
         timestamp: u32,
     ) -> Result<(), PublisherError> {
-        let Mapped::Published(rel, _) = self.map_from_catalog(sql, &name).await? else {
+        let Mapped::Published(rel, _) = self.map_from_catalog(sql, feed, &name).await? else {
             return Ok(());
         };
         if self.group.is_none() {
-            self.open_group(None, false, i64::from(timestamp) * 1_000_000);
+            self.open_group(feed, None, false, i64::from(timestamp) * 1_000_000);
         }
-        if let Some(part) = self.asm.change(Message::Truncate { rels: vec![rel] })? {
-            send(&self.tx, Item::Envelope(part)).await?;
+        if let Some(part) = feed.asm.change(RowChange::Truncate { rels: vec![rel] })? {
+            feed.send(Item::Envelope(part)).await?;
         }
         Ok(())
     }
@@ -34,7 +185,8 @@ impl Stream<'_> {
     pub(super) async fn map_table(
         &mut self,
         sql: &mut mysql_async::Conn,
-        tme: &mysql_async::binlog::events::TableMapEvent<'_>,
+        feed: &mut Feed,
+        tme: &TableMapEvent<'_>,
     ) -> Result<Mapped, PublisherError> {
         let name = (
             tme.database_name().into_owned(),
@@ -59,7 +211,7 @@ impl Stream<'_> {
             return Ok(Mapped::Ignored);
         }
         let table = MyTable::from_event(tme).map_err(decode_error)?;
-        self.register(sql, table).await
+        self.register(sql, feed, table).await
     }
 
     /// A published table's columns from the catalog, for statements without a
@@ -67,6 +219,7 @@ impl Stream<'_> {
     async fn map_from_catalog(
         &mut self,
         sql: &mut mysql_async::Conn,
+        feed: &mut Feed,
         name: &(String, String),
     ) -> Result<Mapped, PublisherError> {
         let probe = format!(
@@ -83,14 +236,15 @@ impl Stream<'_> {
             })?;
         let columns = result.columns().map(|c| c.to_vec()).unwrap_or_default();
         drop(result);
-        self.register(sql, MyTable::from_columns(&name.0, &name.1, &columns))
-            .await
+        let table = MyTable::from_columns(&name.0, &name.1, &columns);
+        self.register(sql, feed, table).await
     }
 
     /// Registers a published table's runtime description with the assembler.
     async fn register(
         &mut self,
         sql: &mut mysql_async::Conn,
+        feed: &mut Feed,
         mut table: MyTable,
     ) -> Result<Mapped, PublisherError> {
         let name = (table.database.clone(), table.table.clone());
@@ -164,14 +318,17 @@ impl Stream<'_> {
         // The relation id is the table's place in the configuration: stable across
         // restarts, so replayed envelopes list their schemas in the same order.
         let rel = index as u32;
-        self.asm.relation(rel, rt);
+        feed.asm.relation(rel, rt);
         Ok(Mapped::Published(rel, table))
     }
 
+    /// A rows event: row changes of a published table, or context from the context
+    /// table.
     pub(super) async fn rows(
         &mut self,
+        feed: &mut Feed,
         re: &RowsEventData<'_>,
-        tme: &mysql_async::binlog::events::TableMapEvent<'_>,
+        tme: &TableMapEvent<'_>,
     ) -> Result<(), PublisherError> {
         let (rel, table, context) = match self.tables.get(&re.table_id()) {
             Some(Mapped::Published(rel, t)) => (*rel, t, false),
@@ -181,7 +338,7 @@ impl Stream<'_> {
         let table = table.clone();
         if self.group.is_none() {
             // A rows event outside any group: treat it as its own transaction.
-            self.open_group(None, false, 0);
+            self.open_group(feed, None, false, 0);
         }
         let name = format!("{}.{}", table.database, table.table);
         let decode = |detail: String| SourceError::BinlogDecode {
@@ -203,28 +360,28 @@ impl Stream<'_> {
                     .index_of("data")
                     .and_then(|i| after.as_ref()?.get(i)?.as_deref());
                 if let Some(json) = data {
-                    self.asm.context_message(json);
+                    feed.asm.context_message(json);
                 }
                 continue;
             }
             let msg = match (&before, &after) {
-                (None, Some(new)) => Message::Insert {
+                (None, Some(new)) => RowChange::Insert {
                     rel,
                     new: datums(new),
                 },
-                (Some(old), Some(new)) => Message::Update {
+                (Some(old), Some(new)) => RowChange::Update {
                     rel,
                     old: Some((OldKind::Full, datums(old))),
                     new: datums(new),
                 },
-                (Some(old), None) => Message::Delete {
+                (Some(old), None) => RowChange::Delete {
                     rel,
                     old: (OldKind::Full, datums(old)),
                 },
                 (None, None) => continue,
             };
-            if let Some(part) = self.asm.change(msg)? {
-                send(&self.tx, Item::Envelope(part)).await?;
+            if let Some(part) = feed.asm.change(msg)? {
+                feed.send(Item::Envelope(part)).await?;
             }
         }
         Ok(())
@@ -263,7 +420,7 @@ fn datums(values: &[Option<Vec<u8>>]) -> Vec<Datum<'_>> {
 
 /// The table of a `TRUNCATE [TABLE] [db.]name` statement; `default_db` is the
 /// statement's current database.
-pub(super) fn truncated_table(stmt: &str, default_db: &str) -> Option<(String, String)> {
+fn truncated_table(stmt: &str, default_db: &str) -> Option<(String, String)> {
     let mut words = stmt.split_whitespace();
     if !words.next()?.eq_ignore_ascii_case("truncate") {
         return None;

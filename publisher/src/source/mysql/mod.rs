@@ -1,6 +1,7 @@
 //! The MySQL / MariaDB source: the binlog, read as a replica through `mysql_async`'s
-//! binlog stream, turned into the same envelopes as the Postgres source by the shared
-//! [`crate::source::assemble::Assembler`].
+//! binlog stream. `events` decodes it into the shared vocabulary
+//! ([`crate::source::change`]); the shared `source::driver` does the rest, exactly as
+//! for Postgres.
 //!
 //! A transaction is a binlog event group: a GTID event (or `BEGIN`), table-map and rows
 //! events, and an XID event (or `COMMIT`, or the single statement of a standalone group
@@ -16,24 +17,17 @@ pub mod position;
 pub mod rows;
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{MysqlSource, PublisherConfig, DEFAULT_CONTEXT_TABLE};
+use crate::config::{MysqlSource, PublisherConfig};
 use crate::error::{PublisherError, SourceError};
-use crate::publish::Item;
-use crate::source::assemble::Assembler;
-use crate::source::postgres::catalog::TableMeta;
-use crate::tracker::{Tracker, TrackerState};
-use catalog::{qualified, table_qualified, ConnInfo, Server};
-use events::truncated_table;
+use crate::source::driver::{self, ChangeLog, Feed, Start, Step, Wiring};
+use catalog::{table_qualified, ConnInfo, Server};
+use events::Decoder;
 use futures_util::StreamExt;
-use mysql_async::binlog::events::EventData;
+use mysql_async::binlog::events::{Event, EventData};
 use mysql_async::prelude::Queryable;
 use mysql_async::BinlogStreamRequest;
 use position::{clean_binlog_name, parse_mariadb_gtid, Resume, MARIADB_GTID_EVENT};
-use rows::MyTable;
-use std::collections::HashMap;
-use std::path::Path;
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, watch};
+use std::time::Duration;
 
 /// Heartbeat the server sends on an idle stream; a stream silent for
 /// [`SILENCE_LIMIT`] is dead (a half-open TCP connection) and is reopened.
@@ -66,259 +60,179 @@ pub async fn check(cfg: &PublisherConfig, my: &MysqlSource) -> Result<(), Source
     Ok(())
 }
 
-/// What a table-map event's table is to this publisher.
-enum Mapped {
-    /// A published table: its relation id in the assembler and its binlog columns.
-    Published(u32, MyTable),
-    /// The context table: its rows carry context JSON.
-    Context(MyTable),
-    Ignored,
-}
-
-/// The open event group.
-struct Group {
-    /// MariaDB GTID `(domain, server, seq)`.
-    gtid: Option<(u32, u32, u64)>,
-    /// Inside `BEGIN` … `COMMIT`/XID; otherwise the group is one statement.
-    begun: bool,
-}
-
-struct Stream<'a> {
-    cfg: &'a PublisherConfig,
-    info: ConnInfo,
-    mariadb: bool,
-    context_table: (String, String),
-    metas: HashMap<(String, String), TableMeta>,
-    metas_stale: bool,
-    tables: HashMap<u64, Mapped>,
-    asm: Assembler,
-    group: Option<Group>,
-    resume: Resume,
-    /// Binlog file being read and the offset after the last event.
-    file: String,
-    next_pos: u64,
-    tx: mpsc::Sender<Item>,
-}
-
 /// Checks the server, then streams the binlog from the checkpoint (or from the server's
 /// current position, starting a new generation) until shutdown or an error.
-pub async fn stream(
+pub(crate) async fn stream(
     cfg: &PublisherConfig,
     my: &MysqlSource,
     checkpoint: Option<Checkpoint>,
-    checkpoint_path: &Path,
-    tx: mpsc::Sender<Item>,
-    mut shutdown: watch::Receiver<bool>,
+    wiring: Wiring,
 ) -> Result<(), PublisherError> {
     let info = ConnInfo::parse(my)?;
     let mut sql = info.connect().await?;
     let server = catalog::check_server(&mut sql, &info.user).await?;
     let metas = catalog::check_tables(&mut sql, &server, cfg, &info.user, &info.database).await?;
-    let (state, resume) = match checkpoint {
-        Some(cp) if cp.state.key_space != cfg.tuning.key_space => {
-            return Err(SourceError::KeySpaceChanged {
-                configured: cfg.tuning.key_space,
-                checkpointed: cp.state.key_space,
-                checkpoint: checkpoint_path.display().to_string(),
-            }
-            .into())
-        }
-        Some(cp) => {
+    let path = &wiring.checkpoint_path;
+    let (state, resume) = match Start::decide(cfg, checkpoint, path)? {
+        Start::Resume(cp) => {
             let resume =
                 Resume::parse(&cp.resume).ok_or_else(|| SourceError::ForeignCheckpoint {
-                    checkpoint: checkpoint_path.display().to_string(),
+                    checkpoint: path.display().to_string(),
                 })?;
             (cp.state, resume)
         }
-        None => {
+        Start::Begin => {
+            // From the server's current binlog position.
             let token = catalog::current_position(&mut sql, &server).await?;
             let resume = Resume::parse(&token).ok_or_else(|| SourceError::BinlogDecode {
                 table: "-".into(),
                 detail: format!("unexpected server position {token:?}"),
             })?;
-            // From the server's current binlog position.
-            let state = TrackerState::new_generation(cfg.tuning.key_space, checkpoint_path);
-            // The binlog has no slot holding this position for us: write it down before
-            // streaming, or a publisher stopped before its first transaction would start
-            // the next time from a later position and skip what was committed between.
-            let first = Checkpoint {
-                position: 0,
-                resume: resume.to_string(),
-                state: state.clone(),
-            };
-            crate::checkpoint::persist(checkpoint_path, first).await?;
+            let state = driver::new_generation(cfg, path, 0, resume.to_string()).await?;
             (state, resume)
         }
     };
+    let server_id = server_id(cfg, my);
     tracing::info!(server = %server.version, resume = %resume, generation = state.generation,
-        next_seq = state.next_seq, server_id = server_id(cfg, my), "starting binlog stream");
+        next_seq = state.next_seq, server_id, "starting binlog stream");
 
-    let key_columns = cfg
-        .tables
-        .iter()
-        .filter_map(|t| {
-            let meta = metas.get(&table_qualified(t, &info.database))?;
-            Some((
-                t.published_name(),
-                meta.key.iter().map(|k| t.published_column(k)).collect(),
-            ))
-        })
-        .collect();
-    let asm = Assembler::new(
-        &cfg.namespace,
-        cfg.tuning.key_space,
-        cfg.tuning.max_part_changes,
-        Tracker::new(state),
-        key_columns,
-    );
-    let (file, next_pos) = match &resume {
-        Resume::File { file, pos } => (file.clone(), *pos),
-        Resume::Gtid(_) => (String::new(), 4),
+    let key_columns = driver::key_columns(cfg, &metas, |t| table_qualified(t, &info.database));
+    let binlog = open_binlog(&info, &server, &resume, server_id).await?;
+    let log = Binlog {
+        decoder: Decoder::new(cfg, my, info, server.mariadb, metas, resume),
+        sql,
+        binlog,
+        first: true,
     };
-    let context_table = qualified(
-        my.context_table.as_deref().unwrap_or(DEFAULT_CONTEXT_TABLE),
-        &info.database,
-    );
-    let mut s = Stream {
-        cfg,
-        info,
-        mariadb: server.mariadb,
-        context_table,
-        metas,
-        metas_stale: false,
-        tables: HashMap::new(),
-        asm,
-        group: None,
-        resume,
-        file,
-        next_pos,
-        tx,
-    };
+    driver::run(cfg, log, state, key_columns, wiring).await
+}
 
-    let mut binlog = open_binlog(&s.info, &server, &s.resume, server_id(cfg, my)).await?;
-    let interval = Duration::from_millis(cfg.checkpoint.interval_ms);
-    let mut tick = tokio::time::interval(interval.max(Duration::from_millis(100)));
-    let mut last_marker = Instant::now();
-    let mut dirty = false;
-    let mut first = true;
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.changed() => {
-                if s.group.is_none() && dirty {
-                    let _ = s.tx.send(s.marker()).await;
+/// The open binlog stream, the SQL connection for catalog reads between its events, and
+/// the decoder's state.
+struct Binlog<'a> {
+    decoder: Decoder<'a>,
+    sql: mysql_async::Conn,
+    binlog: mysql_async::BinlogStream,
+    /// Nothing read yet: a "purged" error now means the start position is gone.
+    first: bool,
+}
+
+impl ChangeLog for Binlog<'_> {
+    type Event = Event;
+
+    async fn recv(&mut self) -> Result<Option<Event>, PublisherError> {
+        let event = match tokio::time::timeout(SILENCE_LIMIT, self.binlog.next()).await {
+            Err(_) => {
+                return Err(SourceError::BinlogSilent {
+                    seconds: SILENCE_LIMIT.as_secs(),
                 }
-                drop(binlog);
-                let _ = sql.disconnect().await;
-                return Ok(());
+                .into())
             }
-            _ = tick.tick() => {
-                if dirty && s.group.is_none() && last_marker.elapsed() >= interval {
-                    send(&s.tx, s.marker()).await?;
-                    dirty = false;
-                    last_marker = Instant::now();
-                }
+            Ok(None) => {
+                return Err(SourceError::Binlog(mysql_async::Error::Other(
+                    "the server closed the binlog stream".into(),
+                ))
+                .into())
             }
-            event = tokio::time::timeout(SILENCE_LIMIT, binlog.next()) => {
-                let event = match event {
-                    Err(_) => return Err(SourceError::BinlogSilent { seconds: SILENCE_LIMIT.as_secs() }.into()),
-                    Ok(None) => return Err(SourceError::Binlog(mysql_async::Error::Other(
-                        "the server closed the binlog stream".into())).into()),
-                    Ok(Some(Err(mysql_async::Error::Server(e)))) if first && e.code == 1236 => {
-                        return Err(SourceError::BinlogPurged {
-                            position: s.resume.to_string(),
-                            detail: e.message,
-                        }.into());
-                    }
-                    Ok(Some(Err(e))) => return Err(SourceError::Binlog(e).into()),
-                    Ok(Some(Ok(event))) => event,
-                };
-                first = false;
-                let header = event.header();
-                if header.log_pos() != 0 {
-                    s.next_pos = u64::from(header.log_pos());
+            Ok(Some(Err(mysql_async::Error::Server(e)))) if self.first && e.code == 1236 => {
+                return Err(SourceError::BinlogPurged {
+                    position: self.decoder.resume.to_string(),
+                    detail: e.message,
                 }
-                if header.event_type_raw() == MARIADB_GTID_EVENT {
-                    let gtid = parse_mariadb_gtid(event.data()).ok_or_else(|| SourceError::BinlogDecode {
-                        table: "-".into(),
-                        detail: "truncated MariaDB GTID event".into(),
-                    })?;
-                    let id = (gtid.domain, header.server_id(), gtid.seq);
-                    s.open_group(Some(id), !gtid.standalone, i64::from(header.timestamp()) * 1_000_000);
-                    continue;
-                }
-                let data = event.read_data().map_err(|e| SourceError::BinlogDecode {
-                    table: "-".into(),
-                    detail: e.to_string(),
-                })?;
-                match data {
-                    Some(EventData::RotateEvent(r)) => {
-                        s.file = clean_binlog_name(r.name_raw());
-                        s.next_pos = r.position();
-                    }
-                    Some(EventData::GtidEvent(g)) => {
-                        // MySQL: positions stay file/offset (see docs/publisher.md); the
-                        // GTID event carries the commit time in microseconds.
-                        let ts = g.immediate_commit_timestamp();
-                        let ts = if ts > 0 { ts as i64 } else { i64::from(header.timestamp()) * 1_000_000 };
-                        s.open_group(None, false, ts);
-                    }
-                    Some(EventData::QueryEvent(q)) => {
-                        let text = q.query();
-                        let stmt = text.trim();
-                        if stmt.eq_ignore_ascii_case("BEGIN") {
-                            if s.group.is_none() {
-                                s.open_group(None, true, i64::from(header.timestamp()) * 1_000_000);
-                            }
-                            if let Some(g) = s.group.as_mut() {
-                                g.begun = true;
-                            }
-                        } else if stmt.eq_ignore_ascii_case("COMMIT") {
-                            s.commit().await?;
-                            dirty = true;
-                        } else {
-                            // DDL (or a statement-logged change we cannot see row by row):
-                            // forget table maps and re-read keys and foreign keys.
-                            s.tables.clear();
-                            s.metas_stale = true;
-                            if let Some(name) = truncated_table(stmt, &q.schema()) {
-                                s.truncate(&mut sql, name, header.timestamp()).await?;
-                            }
-                            if !s.group.as_ref().is_some_and(|g| g.begun) {
-                                s.commit().await?;
-                                dirty = true;
-                            }
-                        }
-                    }
-                    Some(EventData::TableMapEvent(tme)) => {
-                        let id = tme.table_id();
-                        if !s.tables.contains_key(&id) {
-                            let mapped = s.map_table(&mut sql, &tme).await?;
-                            s.tables.insert(id, mapped);
-                        }
-                    }
-                    Some(EventData::RowsEvent(re)) => {
-                        let Some(tme) = binlog.get_tme(re.table_id()) else {
-                            return Err(SourceError::BinlogDecode {
-                                table: "-".into(),
-                                detail: format!("rows for unknown table id {}", re.table_id()),
-                            }.into());
-                        };
-                        s.rows(&re, tme).await?;
-                    }
-                    Some(EventData::XidEvent(_)) => {
-                        s.commit().await?;
-                        dirty = true;
-                    }
-                    _ => {}
-                }
-                if dirty && s.group.is_none() && last_marker.elapsed() >= interval {
-                    send(&s.tx, s.marker()).await?;
-                    dirty = false;
-                    last_marker = Instant::now();
-                }
+                .into());
             }
+            Ok(Some(Err(e))) => return Err(SourceError::Binlog(e).into()),
+            Ok(Some(Ok(event))) => event,
+        };
+        self.first = false;
+        Ok(Some(event))
+    }
+
+    async fn apply(&mut self, event: Event, feed: &mut Feed) -> Result<Step, PublisherError> {
+        let d = &mut self.decoder;
+        let header = event.header();
+        if header.log_pos() != 0 {
+            d.next_pos = u64::from(header.log_pos());
         }
+        let header_ts_us = i64::from(header.timestamp()) * 1_000_000;
+        if header.event_type_raw() == MARIADB_GTID_EVENT {
+            let gtid =
+                parse_mariadb_gtid(event.data()).ok_or_else(|| SourceError::BinlogDecode {
+                    table: "-".into(),
+                    detail: "truncated MariaDB GTID event".into(),
+                })?;
+            let id = (gtid.domain, header.server_id(), gtid.seq);
+            d.open_group(feed, Some(id), !gtid.standalone, header_ts_us);
+            return Ok(Step::Continue);
+        }
+        let data = event.read_data().map_err(|e| SourceError::BinlogDecode {
+            table: "-".into(),
+            detail: e.to_string(),
+        })?;
+        let committed = match data {
+            Some(EventData::RotateEvent(r)) => {
+                d.file = clean_binlog_name(r.name_raw());
+                d.next_pos = r.position();
+                false
+            }
+            Some(EventData::GtidEvent(g)) => {
+                // MySQL: positions stay file/offset (see docs/publisher.md); the GTID
+                // event carries the commit time in microseconds.
+                let ts = g.immediate_commit_timestamp();
+                let ts = if ts > 0 { ts as i64 } else { header_ts_us };
+                d.open_group(feed, None, false, ts);
+                false
+            }
+            Some(EventData::QueryEvent(q)) => {
+                let text = q.query();
+                let (stmt, schema) = (text.trim(), q.schema());
+                d.statement(&mut self.sql, feed, stmt, &schema, header.timestamp())
+                    .await?
+            }
+            Some(EventData::TableMapEvent(tme)) => {
+                let id = tme.table_id();
+                if !d.tables.contains_key(&id) {
+                    let mapped = d.map_table(&mut self.sql, feed, &tme).await?;
+                    d.tables.insert(id, mapped);
+                }
+                false
+            }
+            Some(EventData::RowsEvent(re)) => {
+                let Some(tme) = self.binlog.get_tme(re.table_id()) else {
+                    return Err(SourceError::BinlogDecode {
+                        table: "-".into(),
+                        detail: format!("rows for unknown table id {}", re.table_id()),
+                    }
+                    .into());
+                };
+                d.rows(feed, &re, tme).await?;
+                false
+            }
+            Some(EventData::XidEvent(_)) => {
+                d.commit(feed).await?;
+                true
+            }
+            _ => false,
+        };
+        // Every group's end is checkpointed, even one that published nothing: the
+        // checkpoint is the only record of how far the binlog was read.
+        Ok(if committed {
+            Step::Committed
+        } else {
+            Step::Continue
+        })
+    }
+
+    fn position(&self) -> (u64, String) {
+        (0, self.decoder.resume.to_string())
+    }
+
+    /// A binlog has no slot: there is nothing to confirm to the server.
+    fn confirm(&mut self, _position: u64) {}
+
+    async fn close(self) {
+        drop(self.binlog);
+        let _ = self.sql.disconnect().await;
     }
 }
 
@@ -361,54 +275,4 @@ async fn open_binlog(
         },
         e => SourceError::Binlog(e),
     })
-}
-
-async fn send(tx: &mpsc::Sender<Item>, item: Item) -> Result<(), PublisherError> {
-    // The publish loop only goes away when it failed; its error is the one reported.
-    tx.send(item)
-        .await
-        .map_err(|_| SourceError::PublisherGone.into())
-}
-
-impl Stream<'_> {
-    fn marker(&self) -> Item {
-        Item::Marker(Box::new(Checkpoint {
-            position: 0,
-            resume: self.resume.to_string(),
-            state: self.asm.tracker.state.clone(),
-        }))
-    }
-
-    fn open_group(&mut self, gtid: Option<(u32, u32, u64)>, begun: bool, commit_ts_us: i64) {
-        let (position, txid) = match gtid {
-            Some((d, sv, n)) => (format!("mysql:{d}-{sv}-{n}"), format!("{d}-{sv}-{n}")),
-            None => {
-                let at = format!("{}:{}", self.file, self.next_pos);
-                (format!("mysql:{at}"), at)
-            }
-        };
-        self.asm.begin_at(position, txid, commit_ts_us);
-        self.group = Some(Group { gtid, begun });
-    }
-
-    /// Ends the open group: publishes what it changed and moves the resume position.
-    async fn commit(&mut self) -> Result<(), PublisherError> {
-        let Some(group) = self.group.take() else {
-            return Ok(());
-        };
-        if let Some(last) = self.asm.commit() {
-            send(&self.tx, Item::Envelope(last)).await?;
-        }
-        match (&mut self.resume, group.gtid) {
-            (Resume::Gtid(state), Some((d, sv, n))) => {
-                state.insert(d, (sv, n));
-            }
-            (Resume::File { file, pos }, _) => {
-                *file = self.file.clone();
-                *pos = self.next_pos;
-            }
-            (Resume::Gtid(_), None) => {}
-        }
-        Ok(())
-    }
 }

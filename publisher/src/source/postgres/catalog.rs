@@ -4,6 +4,7 @@
 
 use crate::config::{split_name, PublisherConfig};
 use crate::error::SourceError;
+use crate::source::change::TableMeta;
 use crate::source::tls::SourceTls;
 use crate::source::values::Conv;
 use std::collections::HashMap;
@@ -133,23 +134,6 @@ impl ConnInfo {
             }
         }
     }
-}
-
-/// Keys and references of one published table.
-#[derive(Debug, Clone, Default)]
-pub struct TableMeta {
-    pub oid: u32,
-    /// Primary key (or replica identity index) columns in key order.
-    pub key: Vec<String>,
-    pub replica_identity: String,
-    /// Declared foreign keys: (local columns, referenced schema, table, referenced columns).
-    pub foreign_keys: Vec<(Vec<String>, String, String, Vec<String>)>,
-    pub columns: Vec<String>,
-    /// Text columns that hold JSON (MariaDB's `JSON` is `LONGTEXT` with a `json_valid`
-    /// check): published as JSON values.
-    pub json_columns: Vec<String>,
-    /// MySQL `BOOLEAN` columns (`tinyint(1)`): published as booleans.
-    pub bool_columns: Vec<String>,
 }
 
 pub async fn table_meta(

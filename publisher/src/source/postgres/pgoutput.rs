@@ -1,9 +1,12 @@
 //! Decoder for the `pgoutput` logical replication messages that `pgwire-replication`
 //! hands us raw (protocol version 1): Relation, Type, Origin, Insert, Update, Delete and
-//! Truncate. Begin, Commit and Message are decoded by the crate itself.
+//! Truncate. Begin, Commit and Message are decoded by the crate itself. Row changes come
+//! out in the shared vocabulary ([`crate::source::change`]); only Relation is ours.
 //!
 //! Format: PostgreSQL manual, "Logical Replication Message Formats". Every read is
 //! bounds-checked; malformed input is a [`ProtocolError`], never a panic.
+
+use crate::source::change::{Datum, OldKind, RowChange};
 
 /// A malformed pgoutput message.
 #[derive(Debug, thiserror::Error)]
@@ -11,16 +14,6 @@
 pub struct ProtocolError {
     pub what: &'static str,
     pub detail: String,
-}
-
-/// One column value of a tuple, borrowed from the message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Datum<'a> {
-    Null,
-    /// An unchanged out-of-line (TOASTed) value the server did not send.
-    Unchanged,
-    /// Text representation (binary output is not requested).
-    Text(&'a [u8]),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,34 +35,11 @@ pub struct Relation {
     pub columns: Vec<RelationColumn>,
 }
 
-/// Which old tuple an update or delete carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OldKind {
-    /// Only the replica identity key columns (the rest are null).
-    Key,
-    /// The whole old row (`REPLICA IDENTITY FULL`).
-    Full,
-}
-
+/// One decoded pgoutput message.
 #[derive(Debug)]
 pub enum Message<'a> {
     Relation(Relation),
-    Insert {
-        rel: u32,
-        new: Vec<Datum<'a>>,
-    },
-    Update {
-        rel: u32,
-        old: Option<(OldKind, Vec<Datum<'a>>)>,
-        new: Vec<Datum<'a>>,
-    },
-    Delete {
-        rel: u32,
-        old: (OldKind, Vec<Datum<'a>>),
-    },
-    Truncate {
-        rels: Vec<u32>,
-    },
+    Row(RowChange<'a>),
     /// Type, Origin, and anything a later protocol adds: nothing we act on.
     Ignored(u8),
 }
@@ -195,10 +165,10 @@ pub fn decode(data: &[u8]) -> Result<Message<'_>, ProtocolError> {
         b'I' => {
             let rel = r.u32()?;
             match r.u8()? {
-                b'N' => Message::Insert {
+                b'N' => Message::Row(RowChange::Insert {
                     rel,
                     new: r.tuple()?,
-                },
+                }),
                 other => return Err(r.err(format!("expected N, got {other:#x}"))),
             }
         }
@@ -213,19 +183,19 @@ pub fn decode(data: &[u8]) -> Result<Message<'_>, ProtocolError> {
             if tag != b'N' {
                 return Err(r.err(format!("expected N, got {tag:#x}")));
             }
-            Message::Update {
+            Message::Row(RowChange::Update {
                 rel,
                 old,
                 new: r.tuple()?,
-            }
+            })
         }
         b'D' => {
             let rel = r.u32()?;
             let tag = r.u8()?;
-            Message::Delete {
+            Message::Row(RowChange::Delete {
                 rel,
                 old: r.old_tuple(tag)?,
-            }
+            })
         }
         b'T' => {
             let n = r.i32()?;
@@ -237,7 +207,7 @@ pub fn decode(data: &[u8]) -> Result<Message<'_>, ProtocolError> {
             for _ in 0..n {
                 rels.push(r.u32()?);
             }
-            Message::Truncate { rels }
+            Message::Row(RowChange::Truncate { rels })
         }
         _ => unreachable!("tags filtered above"),
     })
@@ -271,7 +241,7 @@ mod tests {
         msg.extend(tuple(&[Some("1"), Some("long")]));
         msg.push(b'N');
         msg.extend(tuple(&[Some("1"), Some("\u{0}u")]));
-        let Message::Update { rel, old, new } = decode(&msg).unwrap() else {
+        let Message::Row(RowChange::Update { rel, old, new }) = decode(&msg).unwrap() else {
             panic!("not an update")
         };
         assert_eq!(rel, 16384);
