@@ -81,7 +81,7 @@ async fn workers_joining_leaving_and_redis_losing_its_state_keep_order_and_lose_
         .unwrap();
     let inserts = writing.await.unwrap();
     workload::converge(&e.db.url, &store, Duration::from_secs(300)).await;
-    observer_saw_every_message_after_its_user(&lines, inserts).await;
+    observer_saw_every_message_after_its_user_despite_a_kill(&lines, inserts).await;
     let (rows, distinct): (i64, i64) =
         sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT message_id) FROM notified")
             .fetch_one(&store)

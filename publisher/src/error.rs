@@ -205,11 +205,25 @@ impl SourceError {
             MysqlUnreachable { .. } | BinlogSilent { .. } => ErrorClass::Transient,
             MysqlQuery { source, .. } | Binlog(source) => mysql_class(source),
             Replication(e) if e.is_transient() || e.is_io() => ErrorClass::Transient,
-            Replication(e) if e.is_server() && !e.to_string().contains("does not exist") => {
-                ErrorClass::Transient
-            }
+            Replication(e) if e.is_server() => replication_server_class(&e.to_string()),
             _ => ErrorClass::Definite,
         }
+    }
+}
+
+/// A server error on the replication connection, by its SQLSTATE (pgwire-replication
+/// gives the error as text ending in `(SQLSTATE xxxxx)`): a missing or wrong object
+/// (slot, publication: class 42), refused credentials (28), a missing database (3D) or
+/// an unsupported feature (0A) will not cure themselves; anything else (a slot held by
+/// another connection 55006, a shutdown 57P01, no code at all) is retried.
+fn replication_server_class(text: &str) -> ErrorClass {
+    let code = text
+        .rsplit_once("SQLSTATE ")
+        .map(|(_, rest)| rest.trim_end_matches(')'))
+        .unwrap_or("");
+    match code.get(..2) {
+        Some("42" | "28" | "3D" | "0A") => ErrorClass::Definite,
+        _ => ErrorClass::Transient,
     }
 }
 
@@ -250,6 +264,41 @@ impl PublisherError {
             PublisherError::Config(_)
             | PublisherError::Checkpoint(_)
             | PublisherError::Endpoint(_) => ErrorClass::Definite,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replication_server_errors_are_classified_by_sqlstate() {
+        let definite = [
+            "replication slot \"x\" does not exist (SQLSTATE 42704)",
+            "publication \"p\" does not exist (SQLSTATE 42704)",
+            "password authentication failed (SQLSTATE 28P01)",
+            "database \"d\" does not exist (SQLSTATE 3D000)",
+        ];
+        for text in definite {
+            assert_eq!(
+                replication_server_class(text),
+                ErrorClass::Definite,
+                "{text}"
+            );
+        }
+        let transient = [
+            "replication slot \"x\" is active for PID 7 (SQLSTATE 55006)",
+            "terminating connection due to administrator command (SQLSTATE 57P01)",
+            "sorry, too many clients already (SQLSTATE 53300)",
+            "something without a code",
+        ];
+        for text in transient {
+            assert_eq!(
+                replication_server_class(text),
+                ErrorClass::Transient,
+                "{text}"
+            );
         }
     }
 }

@@ -155,8 +155,13 @@ async fn a_chain_planned_in_redis_equals_the_chain_planned_in_process() {
 
 #[tokio::test]
 async fn a_redis_that_forgot_its_scripts_is_given_them_again() {
-    let prefix = format!("kausal_test_scripts_{}", std::process::id());
-    let coord = RedisCoord::connect(REDIS, &prefix, "app").await.unwrap();
+    // A Redis of this test's own: `SCRIPT FLUSH` empties the cache of the whole server,
+    // which the other tests of this binary use at the same time.
+    let server = OwnRedis::start();
+    let url = server.url();
+    let coord = RedisCoord::connect(&url, "kausal_test_scripts", "app")
+        .await
+        .unwrap();
     coord.init("shop", 1, 0, &[]).await.unwrap();
     let id = |seq| TxId {
         namespace: Arc::from("shop"),
@@ -170,7 +175,7 @@ async fn a_redis_that_forgot_its_scripts_is_given_them_again() {
         after,
     };
     // What a Redis restart does to the script cache (its keys we keep here).
-    let client = redis::Client::open(REDIS).unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
@@ -215,16 +220,45 @@ async fn a_redis_that_forgot_its_scripts_is_given_them_again() {
         vec![0],
         "the second write follows the first, applied"
     );
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}:*"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(&keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+}
+
+/// A `redis-server` on a free port, killed when dropped; it keeps nothing on disk.
+struct OwnRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let mut child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (run scripts/setup.sh)");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return OwnRedis { port, child };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("redis-server did not listen on {port}");
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -247,6 +247,44 @@ async fn progress_follows_applied_and_compaction(server: Server) -> Result<()> {
     Ok(())
 }
 
+/// A coordinator is seeded from `progress` while other workers compact: every answer
+/// must cover every applied seq, by the watermark or by the list.
+async fn progress_read_during_compaction_covers_every_applied_seq(server: Server) -> Result<()> {
+    const N: u64 = 300;
+    let db = TestDb::create(server).await?;
+    let store = Arc::new(db.store().await?);
+    let none = Callbacks::default();
+    for chunk in (1..=N).collect::<Vec<_>>().chunks(100) {
+        let group: Vec<_> = chunk.iter().map(|s| tx(*s, vec![])).collect();
+        store.apply_group(&group, &none).await?;
+    }
+    let compacting = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            for through in 1..=N {
+                store.compact("app", 1, through).await?;
+            }
+            anyhow::Ok(())
+        })
+    };
+    let mut reads = 0;
+    while !compacting.is_finished() || reads == 0 {
+        let (through, applied) = store.progress("app", 1).await?;
+        let missing: Vec<u64> = (through + 1..=N)
+            .filter(|s| applied.binary_search(s).is_err())
+            .collect();
+        ensure!(
+            missing.is_empty(),
+            "read {reads}: watermark {through} and the list miss {} applied seqs, from {}",
+            missing.len(),
+            missing[0]
+        );
+        reads += 1;
+    }
+    compacting.await??;
+    Ok(())
+}
+
 fn accounts(server: Server, extra: &[(&'static str, &'static str)]) -> Arc<TableShape> {
     let mut columns = vec![
         ("id", "int8"),
@@ -533,6 +571,11 @@ scenario_tests!(progress_follows_applied_and_compaction:
     progress_reflects_applied_seqs_and_compaction_on_postgres => Server::Postgres,
     progress_reflects_applied_seqs_and_compaction_on_mariadb => Server::MariaDb,
     progress_reflects_applied_seqs_and_compaction_on_sqlite => Server::Sqlite,
+);
+scenario_tests!(progress_read_during_compaction_covers_every_applied_seq:
+    progress_read_during_compaction_covers_every_applied_seq_on_postgres => Server::Postgres,
+    progress_read_during_compaction_covers_every_applied_seq_on_mariadb => Server::MariaDb,
+    progress_read_during_compaction_covers_every_applied_seq_on_sqlite => Server::Sqlite,
 );
 scenario_tests!(map_mode_writes_into_the_user_table:
     map_mode_writes_into_a_user_table_on_postgres => Server::Postgres,

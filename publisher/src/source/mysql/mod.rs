@@ -103,6 +103,7 @@ pub(crate) async fn stream(
         sql,
         binlog,
         first: true,
+        heard: tokio::time::Instant::now(),
     };
     driver::run(cfg, log, state, key_columns, wiring).await
 }
@@ -115,13 +116,18 @@ struct Binlog<'a> {
     binlog: mysql_async::BinlogStream,
     /// Nothing read yet: a "purged" error now means the start position is gone.
     first: bool,
+    /// When the stream last delivered something. The silence limit counts from here,
+    /// not from each `recv`: the driver's loop drops a pending `recv` whenever one of
+    /// its timers fires first, which would restart a per-call timeout forever.
+    heard: tokio::time::Instant,
 }
 
 impl ChangeLog for Binlog<'_> {
     type Event = Event;
 
     async fn recv(&mut self) -> Result<Option<Event>, PublisherError> {
-        let event = match tokio::time::timeout(SILENCE_LIMIT, self.binlog.next()).await {
+        let deadline = self.heard + SILENCE_LIMIT;
+        let event = match tokio::time::timeout_at(deadline, self.binlog.next()).await {
             Err(_) => {
                 return Err(SourceError::BinlogSilent {
                     seconds: SILENCE_LIMIT.as_secs(),
@@ -145,6 +151,7 @@ impl ChangeLog for Binlog<'_> {
             Ok(Some(Ok(event))) => event,
         };
         self.first = false;
+        self.heard = tokio::time::Instant::now();
         Ok(Some(event))
     }
 

@@ -93,30 +93,42 @@ impl RedisCoord {
     }
 
     /// Runs a pipeline of `EVALSHA`s; when Redis does not know a script (it restarted,
-    /// or `SCRIPT FLUSH`), loads the scripts and runs it once more. Every script is safe
-    /// to run again.
+    /// or `SCRIPT FLUSH`), loads the scripts and runs it again. Every script is safe to
+    /// run again. A few rounds: Redis may forget the scripts again between the load and
+    /// the next run (a restart loop, an operator's flush).
     async fn run<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
         operation: &'static str,
     ) -> Result<T, CoordError> {
-        let failed = |source| CoordError::Redis { operation, source };
-        match pipe.query_async(&mut self.conn.clone()).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                for code in [CHECK, PLAN, APPLIED] {
-                    let _: String = redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(code)
-                        .query_async(&mut self.conn.clone())
-                        .await
-                        .map_err(failed)?;
+        let mut round = 0;
+        loop {
+            match pipe.query_async(&mut self.conn.clone()).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+                        && round < 5 =>
+                {
+                    round += 1;
+                    for code in [CHECK, PLAN, APPLIED] {
+                        let _: String = self
+                            .query(redis::cmd("SCRIPT").arg("LOAD").arg(code), operation)
+                            .await?;
+                    }
                 }
-                pipe.query_async(&mut self.conn.clone())
-                    .await
-                    .map_err(failed)
+                other => return other.map_err(|source| CoordError::Redis { operation, source }),
             }
-            other => other.map_err(failed),
         }
+    }
+
+    /// Runs one command on the shared connection; a failure names the operation.
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+        operation: &'static str,
+    ) -> Result<T, CoordError> {
+        cmd.query_async(&mut self.conn.clone())
+            .await
+            .map_err(|source| CoordError::Redis { operation, source })
     }
 
     fn keys(&self, namespace: &str, generation: u64) -> [String; 4] {
@@ -291,13 +303,7 @@ impl RedisCoord {
         for s in applied {
             cmd.arg(*s);
         }
-        let _: i64 = cmd
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(|source| CoordError::Redis {
-                operation: "init",
-                source,
-            })?;
+        let _: i64 = self.query(&cmd, "init").await?;
         self.wake.notify_waiters();
         Ok(())
     }
@@ -340,19 +346,18 @@ impl RedisCoord {
         through: u64,
     ) -> Result<(), CoordError> {
         let [i, w, a, _] = self.keys(namespace, generation);
-        let _: i64 = redis::cmd("EVAL")
-            .arg(JOIN)
-            .arg(3)
-            .arg(i)
-            .arg(w)
-            .arg(a)
-            .arg(through)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(|source| CoordError::Redis {
-                operation: "join",
-                source,
-            })?;
+        let _: i64 = self
+            .query(
+                redis::cmd("EVAL")
+                    .arg(JOIN)
+                    .arg(3)
+                    .arg(i)
+                    .arg(w)
+                    .arg(a)
+                    .arg(through),
+                "join",
+            )
+            .await?;
         self.wake_others().await;
         self.wake.notify_waiters();
         Ok(())
@@ -371,18 +376,17 @@ impl RedisCoord {
     /// ones whose last mark is younger than `ttl_ms` (by Redis's clock, so hosts'
     /// clocks do not matter). Key `<prefix>:<app>:members`, a sorted set by last mark.
     pub async fn members(&self, worker: &str, ttl_ms: u64) -> Result<Vec<String>, CoordError> {
-        let mut members: Vec<String> = redis::cmd("EVAL")
-            .arg(MEMBERS)
-            .arg(1)
-            .arg(format!("{}:members", self.base))
-            .arg(worker)
-            .arg(ttl_ms)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(|source| CoordError::Redis {
-                operation: "members",
-                source,
-            })?;
+        let mut members: Vec<String> = self
+            .query(
+                redis::cmd("EVAL")
+                    .arg(MEMBERS)
+                    .arg(1)
+                    .arg(format!("{}:members", self.base))
+                    .arg(worker)
+                    .arg(ttl_ms),
+                "members",
+            )
+            .await?;
         members.sort();
         Ok(members)
     }
@@ -390,15 +394,14 @@ impl RedisCoord {
     /// Removes `worker` from the live workers (a clean stop): its partitions move at
     /// the others' next heartbeat instead of after the expiry.
     pub async fn leave(&self, worker: &str) -> Result<(), CoordError> {
-        let _: i64 = redis::cmd("ZREM")
-            .arg(format!("{}:members", self.base))
-            .arg(worker)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(|source| CoordError::Redis {
-                operation: "leave",
-                source,
-            })?;
+        let _: i64 = self
+            .query(
+                redis::cmd("ZREM")
+                    .arg(format!("{}:members", self.base))
+                    .arg(worker),
+                "leave",
+            )
+            .await?;
         self.wake_others().await;
         Ok(())
     }
@@ -406,18 +409,17 @@ impl RedisCoord {
     /// Takes the app's lock `name` for `worker`, or renews it if `worker` holds it;
     /// false while another worker holds it. It expires `ttl_ms` after the last renewal.
     pub async fn hold(&self, name: &str, worker: &str, ttl_ms: u64) -> Result<bool, CoordError> {
-        let held: i64 = redis::cmd("EVAL")
-            .arg(HOLD)
-            .arg(1)
-            .arg(format!("{}:lock:{name}", self.base))
-            .arg(worker)
-            .arg(ttl_ms)
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(|source| CoordError::Redis {
-                operation: "lock",
-                source,
-            })?;
+        let held: i64 = self
+            .query(
+                redis::cmd("EVAL")
+                    .arg(HOLD)
+                    .arg(1)
+                    .arg(format!("{}:lock:{name}", self.base))
+                    .arg(worker)
+                    .arg(ttl_ms),
+                "lock",
+            )
+            .await?;
         Ok(held == 1)
     }
 

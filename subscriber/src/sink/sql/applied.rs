@@ -13,6 +13,14 @@ use std::sync::Arc;
 impl SqlStore {
     /// The compacted watermark of (namespace, generation) (0 if none) and the seqs
     /// applied above it, ascending.
+    ///
+    /// Two reads that a compaction may run between: the watermark is read again after
+    /// the seqs, and that second value is answered. Read once, a compaction in between
+    /// would lose the seqs it folded (above the first watermark, deleted before the
+    /// second read), and a coordinator seeded from the answer would wait for them for
+    /// ever. Compaction only raises the watermark and deletes seqs at or below it, so
+    /// every seq above the second watermark applied before the seqs were read is in
+    /// them.
     pub async fn progress(
         &self,
         namespace: &str,
@@ -23,22 +31,7 @@ impl SqlStore {
             operation: "read progress",
             source,
         };
-        let sql = format!(
-            "SELECT {} FROM kausal_progress WHERE namespace = {} AND generation = {}",
-            d.quote("through"),
-            d.placeholder(1),
-            d.placeholder(2)
-        );
-        let through: i64 = sqlx::query(AssertSqlSafe(sql))
-            .bind(namespace)
-            .bind(int(generation))
-            .fetch_optional(&self.inner.pool)
-            .await
-            .map_err(store)?
-            .map(|row| row.try_get(0))
-            .transpose()
-            .map_err(store)?
-            .unwrap_or(0);
+        let first = self.watermark(namespace, generation).await?;
         let sql = format!(
             "SELECT seq FROM kausal_applied WHERE namespace = {} AND generation = {} \
              AND seq > {} ORDER BY seq",
@@ -49,16 +42,41 @@ impl SqlStore {
         let rows = sqlx::query(AssertSqlSafe(sql))
             .bind(namespace)
             .bind(int(generation))
-            .bind(through)
+            .bind(int(first))
             .fetch_all(&self.inner.pool)
             .await
             .map_err(store)?;
-        let applied = rows
-            .iter()
-            .map(|row| row.try_get::<i64, _>(0).map(|s| s as u64))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(store)?;
-        Ok((through as u64, applied))
+        let through = self.watermark(namespace, generation).await?;
+        let mut applied = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let seq = row.try_get::<i64, _>(0).map_err(store)? as u64;
+            if seq > through {
+                applied.push(seq);
+            }
+        }
+        Ok((through, applied))
+    }
+
+    /// The compacted watermark of (namespace, generation), 0 if none.
+    async fn watermark(&self, namespace: &str, generation: u64) -> Result<u64, SinkError> {
+        let d = self.inner.dialect;
+        let sql = format!(
+            "SELECT {} FROM kausal_progress WHERE namespace = {} AND generation = {}",
+            d.quote("through"),
+            d.placeholder(1),
+            d.placeholder(2)
+        );
+        let through: Option<i64> = sqlx::query(AssertSqlSafe(sql))
+            .bind(namespace)
+            .bind(int(generation))
+            .fetch_optional(&self.inner.pool)
+            .await
+            .and_then(|row| row.map(|r| r.try_get(0)).transpose())
+            .map_err(|source| SinkError::Store {
+                operation: "read progress",
+                source,
+            })?;
+        Ok(through.unwrap_or(0) as u64)
     }
 
     /// Raises the compacted watermark of (namespace, generation) to `through` (never
