@@ -52,6 +52,32 @@ async fn chained_callbacks_reading_through_the_event_never_miss_the_user() {
     e.finish().await;
 }
 
+/// Subscribers read both wire formats: a publisher told to write format 1 (for
+/// subscribers built before format 2) feeds today's worker to the same end as the
+/// default format 2 does in the other tests.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_writing_the_old_wire_format_feeds_a_subscriber_to_the_same_end() {
+    let e = e2e_with("format1", "[tuning]\nwire_format = 1\n").await;
+    let mut tap = Tap::new(&e.ns).await;
+    let text = sub_config_text(&e.ns, &e.store_url, &workload::subscribed(&e.ns));
+    let config = write_config(&text, &format!("{}.sub", e.ns));
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let mut worker = Process::example("observer", &config, lines.clone());
+    let inserts = workload::run(&e.db.url, 2_000, 4, 29).await;
+    let store = e.store().await;
+    workload::converge(&e.db.url, &store, Duration::from_secs(240)).await;
+    observer_saw_every_message_after_its_user(&lines, inserts).await;
+    tap.until(Duration::from_secs(30), |r| !r.is_empty()).await;
+    assert_eq!(
+        tap.formats,
+        std::collections::BTreeSet::from([1]),
+        "the publisher wrote format 1 only"
+    );
+    worker.kill();
+    tap.delete().await;
+    e.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn random_workload_of_20000_transactions_ends_equal_to_the_source() {
     let e = e2e("random").await;

@@ -19,7 +19,7 @@ pub mod signing;
 pub mod tls;
 
 pub use envelope::{
-    decode, encode, BatchWriter, Change, Column, Context, DecodeError, Dep, DepKind, Envelope, Op,
-    Snapshot, TableSchema,
+    decode, encode, encode_as, BatchWriter, Change, Column, Context, DecodeError, Dep, DepKind,
+    Envelope, Op, Snapshot, TableSchema,
 };
 pub use error::{chain as error_chain, BusError, ErrorClass};

@@ -237,6 +237,9 @@ pub struct Tuning {
     pub max_batch_envelopes: usize,
     pub max_batch_bytes: usize,
     pub max_in_flight: usize,
+    /// Wire format major version written (1 or 2). 2 carries each table schema once
+    /// per message; 1 is for subscribers built before format 2 (they refuse it).
+    pub wire_format: u8,
 }
 
 impl Default for Tuning {
@@ -247,6 +250,7 @@ impl Default for Tuning {
             max_batch_envelopes: DEFAULT_MAX_BATCH_ENVELOPES,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            wire_format: kausal_bus::envelope::FORMAT_MAJOR,
         }
     }
 }
@@ -328,6 +332,11 @@ pub enum ConfigError {
     BadKeySpace(u32),
     #[error("tuning.{name} must be at least 1")]
     ZeroTuning { name: &'static str },
+    #[error(
+        "tuning.wire_format = {0} is not a format this publisher writes: 2 (the default), or 1 \
+         while subscribers built before format 2 read the namespace"
+    )]
+    BadWireFormat(u8),
     #[error("cannot read the password file {path}: {source}")]
     PasswordFile {
         path: PathBuf,
@@ -365,6 +374,9 @@ impl PublisherConfig {
         let ks = self.tuning.key_space;
         if !ks.is_power_of_two() || !(1 << 8..=1 << 30).contains(&ks) {
             return Err(ConfigError::BadKeySpace(ks));
+        }
+        if !(1..=kausal_bus::envelope::FORMAT_MAJOR).contains(&self.tuning.wire_format) {
+            return Err(ConfigError::BadWireFormat(self.tuning.wire_format));
         }
         for (name, v) in [
             ("max_part_changes", self.tuning.max_part_changes),

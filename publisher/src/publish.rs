@@ -94,7 +94,10 @@ impl PublishLoop {
                             inflight.push_back(Box::pin(async move { Ok(Some(cp)) }));
                         }
                         Some(Item::Direct { queue, envelope }) => {
-                            let body = kausal_bus::encode(std::slice::from_ref(&*envelope));
+                            let body = kausal_bus::encode_as(
+                                self.tuning.wire_format,
+                                std::slice::from_ref(&*envelope),
+                            );
                             let confirm = self.bus.publish_to_queue(&queue, &body).await?;
                             pending.push_back(0);
                             inflight.push_back(Box::pin(async move {
@@ -104,7 +107,7 @@ impl PublishLoop {
                         }
                         Some(Item::Envelope(first)) => {
                             pending.push_back(first.commit_ts_us.max(1));
-                            let mut batch = BatchWriter::new();
+                            let mut batch = BatchWriter::with_format(self.tuning.wire_format);
                             let last_seq = self.fill(&mut batch, first, &mut rx, &mut held);
                             let body = batch.finish();
                             let slot = self.router.finish() as usize;

@@ -5,7 +5,7 @@
 use kausal::bus::amqp::{AmqpConsumer, QueueSpec};
 use kausal::bus::{decode, Envelope};
 use kausal::publisher::PublisherConfig;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
@@ -176,6 +176,8 @@ pub struct Tap {
     consumer: Option<AmqpConsumer>,
     /// Envelopes received, in arrival order, duplicates included.
     pub received: Vec<Envelope>,
+    /// The wire format versions of the messages received.
+    pub formats: BTreeSet<u8>,
 }
 
 impl Tap {
@@ -189,6 +191,7 @@ impl Tap {
             spec,
             consumer: Some(consumer),
             received: Vec::new(),
+            formats: BTreeSet::new(),
         }
     }
 
@@ -219,6 +222,7 @@ impl Tap {
                 Ok(Some(Ok(d))) => {
                     let envelopes = decode(&d.body).expect("publisher sent an undecodable message");
                     self.received.extend(envelopes);
+                    self.formats.insert(d.body[3]);
                     if d.ack().await.is_err() {
                         self.consumer = None;
                     }

@@ -35,66 +35,53 @@ pub(super) enum Acker {
     Memory(Box<dyn LocalAcker>),
 }
 
+/// How a delivery is settled.
+enum Settle {
+    Ack,
+    DeadLetter,
+    Requeue,
+}
+
 impl Delivery {
     pub async fn ack(&self) -> Result<(), BusError> {
-        let acker = match &self.acker {
-            Acker::Amqp(a) => a,
-            Acker::Memory(m) => {
-                m.ack();
-                return Ok(());
-            }
-        };
-        acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(|_| ())
-            .map_err(|source| BusError::Amqp {
-                operation: "basic.ack",
-                source,
-            })
+        self.settle(Settle::Ack).await
     }
 
     /// Sends the message to the dead-letter queue (no requeue).
     pub async fn dead_letter(&self) -> Result<(), BusError> {
-        let acker = match &self.acker {
-            Acker::Amqp(a) => a,
-            Acker::Memory(m) => {
-                m.dead_letter(&self.body, "dead-lettered by the subscriber");
-                return Ok(());
-            }
-        };
-        acker
-            .nack(BasicNackOptions {
-                requeue: false,
-                multiple: false,
-            })
-            .await
-            .map(|_| ())
-            .map_err(|source| BusError::Amqp {
-                operation: "basic.nack",
-                source,
-            })
+        self.settle(Settle::DeadLetter).await
     }
 
     /// Hands the message back to the queue so it is delivered again.
     pub async fn requeue(&self) -> Result<(), BusError> {
+        self.settle(Settle::Requeue).await
+    }
+
+    async fn settle(&self, how: Settle) -> Result<(), BusError> {
         let acker = match &self.acker {
             Acker::Amqp(a) => a,
             Acker::Memory(m) => {
-                m.requeue(&self.body);
+                match how {
+                    Settle::Ack => m.ack(),
+                    Settle::DeadLetter => {
+                        m.dead_letter(&self.body, "dead-lettered by the subscriber")
+                    }
+                    Settle::Requeue => m.requeue(&self.body),
+                }
                 return Ok(());
             }
         };
-        acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                multiple: false,
-            })
-            .await
-            .map(|_| ())
-            .map_err(|source| BusError::Amqp {
-                operation: "basic.nack",
-                source,
-            })
+        let (operation, sent) = match how {
+            Settle::Ack => ("basic.ack", acker.ack(BasicAckOptions::default()).await),
+            Settle::DeadLetter | Settle::Requeue => {
+                let options = BasicNackOptions {
+                    requeue: matches!(how, Settle::Requeue),
+                    multiple: false,
+                };
+                ("basic.nack", acker.nack(options).await)
+            }
+        };
+        sent.map(|_| ())
+            .map_err(|source| BusError::Amqp { operation, source })
     }
 }
