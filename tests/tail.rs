@@ -121,3 +121,73 @@ fn a_malformed_filter_is_refused_with_the_form_to_use() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("COLUMN=VALUE"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_count_reports_the_messages_and_bytes_it_received() {
+    logs();
+    let ns = unique("tailcount");
+    let db = TestDb::new(&ns, workload::SCHEMA).await;
+    let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
+        .args(["tail", "--count", "--namespace", &ns])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start kausal tail");
+    let queue = format!("kausal.tail.{ns}.{}", child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !queues().contains(&queue) {
+        assert!(Instant::now() < deadline, "tail never declared {queue}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for id in 1..=3 {
+        db.client
+            .batch_execute(&format!("INSERT INTO users VALUES ({id}, 'u', 'u@x')"))
+            .await
+            .unwrap();
+    }
+    let stdout = child.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // "… (M messages, B bytes in all)", once a second: the same nonzero totals twice
+    // in a row mean everything published has arrived.
+    let totals = |line: &str| -> (u64, u64) {
+        let numbers: Vec<u64> = line
+            .rsplit_once('(')
+            .map_or("", |(_, t)| t)
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        (numbers[0], numbers[1])
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (0, 0);
+    let (messages, bytes) = loop {
+        let line = line_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("tail --count prints a line a second");
+        let now = totals(&line);
+        if now.0 > 0 && now == last {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "tail counted nothing: {line}");
+        last = now;
+    };
+    // Three transactions, in one to three messages, each more than its 4-byte header.
+    assert!((1..=3).contains(&messages), "{messages} messages");
+    assert!(bytes > messages * 4, "{bytes} bytes in {messages} messages");
+    let _ = child.kill();
+    let _ = child.wait();
+    publisher.stop().await;
+    db.drop().await;
+}

@@ -34,6 +34,7 @@ pub struct PublisherStatus {
 struct Published {
     envelopes: Counter,
     messages: Counter,
+    bytes: Counter,
     changes: Counter,
     confirmed_seq: Gauge,
     rate: FloatGauge,
@@ -61,6 +62,10 @@ pub fn track(
             "publisher_messages_published",
             "AMQP messages published (one carries up to tuning.max_batch_envelopes envelopes).",
         ),
+        bytes: m.counter(
+            "publisher_bytes_published",
+            "Message body bytes published to RabbitMQ (the stream, not bootstrap chunks).",
+        ),
         changes: m.counter("publisher_changes_published", "Row changes published."),
         confirmed_seq: m.gauge(
             "publisher_confirmed_seq",
@@ -86,12 +91,15 @@ pub fn track(
     let task = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         let mut window: VecDeque<u64> = VecDeque::new();
-        let (mut seen_env, mut seen_msg, mut seen_chg) = (0u64, 0u64, 0u64);
+        let (mut seen_env, mut seen_msg, mut seen_chg, mut seen_bytes) = (0u64, 0u64, 0u64, 0u64);
         loop {
             tick.tick().await;
             let env = stats.envelopes.load(Ordering::Relaxed);
             let msg = stats.messages.load(Ordering::Relaxed);
             let chg = stats.changes.load(Ordering::Relaxed);
+            let bytes = stats.bytes.load(Ordering::Relaxed);
+            p.bytes.inc_by(bytes.saturating_sub(seen_bytes));
+            seen_bytes = bytes;
             p.envelopes.inc_by(env.saturating_sub(seen_env));
             p.messages.inc_by(msg.saturating_sub(seen_msg));
             p.changes.inc_by(chg.saturating_sub(seen_chg));

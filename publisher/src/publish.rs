@@ -36,6 +36,8 @@ pub enum Item {
 pub struct Stats {
     pub envelopes: AtomicU64,
     pub messages: AtomicU64,
+    /// Message body bytes published (stream messages, not bootstrap chunks).
+    pub bytes: AtomicU64,
     pub changes: AtomicU64,
     pub confirmed_seq: AtomicU64,
     pub checkpointed_position: AtomicU64,
@@ -113,6 +115,9 @@ impl PublishLoop {
                             let slot = self.router.finish() as usize;
                             let confirm = self.bus.publish(&self.routing_keys[slot], &body).await?;
                             self.stats.messages.fetch_add(1, Ordering::Relaxed);
+                            self.stats
+                                .bytes
+                                .fetch_add(body.len() as u64, Ordering::Relaxed);
                             let stats = self.stats.clone();
                             inflight.push_back(Box::pin(async move {
                                 confirm.wait().await?;

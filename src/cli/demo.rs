@@ -126,6 +126,7 @@ rename = {{ body = "text" }}
             table: None,
             filters: Vec::new(),
             json: false,
+            count: false,
         };
         tokio::spawn(super::tail::run(tail, stop_rx.clone()))
     });

@@ -30,6 +30,10 @@ pub struct TailArgs {
     /// One JSON envelope per line instead of the human format.
     #[arg(long)]
     pub json: bool,
+    /// Only count: one line per second with the messages and bytes received, nothing
+    /// decoded (a throughput probe that costs the broker's delivery and little else).
+    #[arg(long, conflicts_with_all = ["json", "table", "filters"])]
+    pub count: bool,
 }
 
 fn parse_filter(s: &str) -> Result<(String, String), String> {
@@ -68,11 +72,23 @@ pub async fn run(args: TailArgs, mut shutdown: watch::Receiver<bool>) -> anyhow:
     };
     let mut consumer = AmqpConsumer::connect(&args.broker, &args.exchange, &spec).await?;
     eprintln!("following namespace {:?} (Ctrl-C to stop)", args.namespace);
+    let mut tally = Tally::default();
+    let mut second = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         let delivery = tokio::select! {
             _ = shutdown.changed() => break,
+            _ = second.tick(), if args.count => {
+                tally.print();
+                continue;
+            }
             d = consumer.next() => match d { Some(d) => d?, None => break },
         };
+        if args.count {
+            tally.messages += 1;
+            tally.bytes += delivery.body.len() as u64;
+            delivery.ack().await?;
+            continue;
+        }
         match decode(&delivery.body) {
             Ok(envelopes) => {
                 for e in envelopes {
@@ -85,6 +101,28 @@ pub async fn run(args: TailArgs, mut shutdown: watch::Receiver<bool>) -> anyhow:
     }
     consumer.close().await;
     Ok(())
+}
+
+/// What `--count` has received: in all, and at the last print.
+#[derive(Default)]
+struct Tally {
+    messages: u64,
+    bytes: u64,
+    printed: (u64, u64),
+}
+
+impl Tally {
+    fn print(&mut self) {
+        let (m, b) = self.printed;
+        println!(
+            "{} messages/s, {} bytes/s ({} messages, {} bytes in all)",
+            self.messages - m,
+            self.bytes - b,
+            self.messages,
+            self.bytes
+        );
+        self.printed = (self.messages, self.bytes);
+    }
 }
 
 fn print_envelope(e: &Envelope, args: &TailArgs) {
