@@ -94,7 +94,8 @@ wait_confirmed() {
 metric() { curl -s "http://$1/metrics" | awk -v m="$2" '$1 == m {print $2}'; }
 # A consumer, as subscribers are: RabbitMQ stores and delivers every message. It only
 # counts (decoding is the subscribers' work, on their own hosts).
-$BIN tail --namespace bench --count > /dev/null 2>&1 & TAIL=$!
+# One worker thread: the probe takes less of the cores the publisher needs.
+TOKIO_WORKER_THREADS=1 $BIN tail --namespace bench --count > /dev/null 2>&1 & TAIL=$!
 sleep 1
 # catch_up <config> <slot> <metrics address>: sets SECS, RSS, BYTES, CHANGES.
 catch_up() {
