@@ -66,6 +66,8 @@ pub fn load<T: DeserializeOwned>(
             // the line may hold a password.
             message: e.message().to_string() + &location(&text, e.span()),
         })?;
+    // Which variable set which key, to name it when the value is refused.
+    let mut from_env: Vec<(String, String, String)> = Vec::new();
     for (name, raw) in vars {
         let Some(rest) = name.strip_prefix("KAUSAL_") else {
             continue;
@@ -81,13 +83,42 @@ pub fn load<T: DeserializeOwned>(
             _ => None,
         };
         if let Some((table, key)) = target {
+            let shown = match rest.split_once('_') {
+                Some((section, k)) if !keys.contains(&rest.as_str()) => format!("{section}.{k}"),
+                _ => rest.clone(),
+            };
+            from_env.push((name.clone(), shown, key.clone()));
             table.insert(key, scalar(&raw));
         }
     }
     T::deserialize(toml::Value::Table(value)).map_err(|e| LoadError::Invalid {
         path: path.to_path_buf(),
-        message: e.message().to_string(),
+        message: blame_env(e.message(), &from_env),
     })
+}
+
+/// The deserializer's message, with the environment variable named when the refused
+/// field came from one (a variable meant for another command, e.g. the subscriber's
+/// `KAUSAL_BROKER_PREFETCH` in a shared environment), and the variables applied listed
+/// otherwise: the file alone may be fine.
+fn blame_env(message: &str, from_env: &[(String, String, String)]) -> String {
+    if let Some((var, shown, _)) = from_env
+        .iter()
+        .find(|(_, _, key)| message.contains(&format!("unknown field `{key}`")))
+    {
+        return format!(
+            "{message}; `{shown}` comes from the environment variable {var}, not from the \
+             file: this command has no such setting, unset {var} for it"
+        );
+    }
+    if from_env.is_empty() {
+        return message.to_string();
+    }
+    let vars: Vec<String> = from_env
+        .iter()
+        .map(|(var, shown, _)| format!("{var} → {shown}"))
+        .collect();
+    format!("{message} (set from the environment: {})", vars.join(", "))
 }
 
 fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
@@ -189,6 +220,43 @@ columns = ["id", "name"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("intervall_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_variable_meant_for_another_command_is_named_as_the_source() {
+        // One environment for both processes: the subscriber's prefetch reaches the
+        // publisher, whose file is fine.
+        let path = write(FILE);
+        let err = load::<PublisherConfig>(
+            &path,
+            [("KAUSAL_BROKER_PREFETCH".to_string(), "512".to_string())],
+            PUBLISHER_SECTIONS,
+            PUBLISHER_KEYS,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field `prefetch`"), "{err}");
+        assert!(
+            err.contains("environment variable KAUSAL_BROKER_PREFETCH"),
+            "{err}"
+        );
+        assert!(err.contains("`broker.prefetch`"), "{err}");
+        // A value of the wrong type from the environment: the variables are listed.
+        let err = load::<PublisherConfig>(
+            &path,
+            [(
+                "KAUSAL_TUNING_MAX_IN_FLIGHT".to_string(),
+                "many".to_string(),
+            )],
+            PUBLISHER_SECTIONS,
+            PUBLISHER_KEYS,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("KAUSAL_TUNING_MAX_IN_FLIGHT → tuning.max_in_flight"),
+            "{err}"
+        );
     }
 
     #[test]
