@@ -142,3 +142,39 @@ async fn a_dropped_slot_stops_the_publisher_with_the_recovery_steps() {
     tap.delete().await;
     db.drop().await;
 }
+
+/// A publisher refused at its checks declares nothing on the broker: no control queue
+/// for bootstrap requests, no dead-letter queue of it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_refused_at_preflight_leaves_no_queue_behind() {
+    let ns = unique("refused");
+    let db = TestDb::new(&ns, "CREATE TABLE nokey (a text);").await;
+    let cfg = config(
+        &ns,
+        &db.url,
+        "[[table]]\nname = \"nokey\"\ncolumns = [\"*\"]\n",
+    );
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        kausal::publisher::run(cfg, shutdown),
+    )
+    .await
+    .expect("the publisher stops by itself")
+    .expect_err("the publisher must refuse a table without a key")
+    .to_string();
+    assert!(err.contains("has no primary key"), "{err}");
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "name"])
+        .output()
+        .expect("rabbitmqctl");
+    let queues = String::from_utf8_lossy(&out.stdout);
+    let control = kausal::bus::bootstrap::control_queue(&ns);
+    let left: Vec<&str> = queues
+        .lines()
+        .map(str::trim)
+        .filter(|q| q.starts_with(&control))
+        .collect();
+    assert!(left.is_empty(), "declared although refused: {left:?}");
+    db.drop().await;
+}

@@ -52,10 +52,13 @@ pub async fn serve(
     conn: ConnInfo,
     windows: Arc<Windows>,
 ) -> Result<(), PublisherError> {
+    // Nothing is declared before the stream passed its checks: a publisher refused at
+    // preflight (a table without a key, say) leaves no control queue behind. Requests
+    // sent meanwhile wait in the queue if it exists, and subscribers ask again otherwise.
+    windows.until_stream_started().await;
     let spec = control_queue_spec(&cfg.namespace);
     let mut consumer = AmqpConsumer::connect(&cfg.broker.url, &cfg.broker.exchange, &spec).await?;
     let client = conn.connect().await?;
-    windows.until_stream_started().await;
     let mut reported: std::collections::HashMap<String, std::time::Instant> = Default::default();
     loop {
         // Between requests, tell the stream which transaction ids every later chunk's
