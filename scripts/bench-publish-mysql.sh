@@ -91,7 +91,8 @@ RAW=$(echo "$t1 - $t0" | bc -l)
 
 # Kausal: start on the backlog, time until its checkpoint (written only after RabbitMQ
 # confirmed everything before it) reaches the backlog's last transaction.
-$BIN tail --namespace bench-my --json > /dev/null 2>&1 & TAIL=$!
+# A counting consumer on one worker thread, as in bench-publish.sh.
+TOKIO_WORKER_THREADS=1 $BIN tail --namespace bench-my --count > /dev/null 2>&1 & TAIL=$!
 sleep 1
 t0=$(date +%s.%N)
 RUST_LOG=warn $BIN publish --config "$WORK/bench.toml" & PUB=$!
