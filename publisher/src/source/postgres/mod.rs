@@ -12,12 +12,12 @@ use crate::config::{split_name, PostgresSource, PublisherConfig};
 use crate::error::{PublisherError, SourceError};
 use crate::publish::Item;
 use crate::source::assemble::{resolve_refs, schema_of, ColumnRt, RefSpec, TableRt};
-use crate::source::change::TableMeta;
+use crate::source::change::{RowChange, TableMeta};
 use crate::source::driver::{self, ChangeLog, Feed, Start, Step, Wiring};
 use catalog::{ConnInfo, TypeCache};
 use pgoutput::Message;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// Offset between the Postgres epoch (2000-01-01) and the Unix epoch, in microseconds.
@@ -125,6 +125,7 @@ pub(crate) async fn stream(
         types: TypeCache::default(),
         client,
         position: start,
+        unpublished: HashSet::new(),
     };
     driver::run(cfg, log, state, key_columns, wiring).await
 }
@@ -141,6 +142,10 @@ struct Replication<'a> {
     client: ReplicationClient,
     /// End of the last commit (at first, the start): a checkpoint resumes there.
     position: u64,
+    /// Relations the stream described that this publisher does not publish. Their changes
+    /// still come when the publication listed them at the time (a table taken out of the
+    /// configuration, then the WAL replayed from the checkpoint): skipped, not an error.
+    unpublished: HashSet<u32>,
 }
 
 impl ChangeLog for Replication<'_> {
@@ -170,11 +175,20 @@ impl ChangeLog for Replication<'_> {
             }
             ReplicationEvent::XLogData { data, .. } => {
                 match pgoutput::decode(&data).map_err(SourceError::from)? {
-                    Message::Relation(rel) => {
-                        if let Some(table) = self.relation(&rel).await? {
+                    Message::Relation(rel) => match self.relation(&rel).await? {
+                        Some(table) => {
+                            self.unpublished.remove(&rel.oid);
                             feed.asm.relation(rel.oid, table);
                         }
-                    }
+                        None => {
+                            self.unpublished.insert(rel.oid);
+                        }
+                    },
+                    Message::Row(
+                        RowChange::Insert { rel, .. }
+                        | RowChange::Update { rel, .. }
+                        | RowChange::Delete { rel, .. },
+                    ) if self.unpublished.contains(&rel) => {}
                     Message::Row(change) => {
                         if let Some(part) = feed.asm.change(change)? {
                             self.windows.record(&part.changes);

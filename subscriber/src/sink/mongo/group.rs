@@ -90,6 +90,23 @@ pub(super) fn id_text(id: &Bson) -> String {
     id.to_string()
 }
 
+/// `ops` cut where the table changes, in order. Without a transaction a reader sees
+/// each bulk command as it lands, and the commands of one run go collection by
+/// collection: a message inserted after its user (and so depending on it) could land
+/// first when an earlier change of the group touched `messages` (seen in the CI's
+/// MongoDB test). Cut at every change of table, no change lands before one that came
+/// before it in another collection; the rows of one table still go in bulk.
+pub(super) fn table_runs(ops: Vec<RowOp>) -> Vec<Vec<RowOp>> {
+    let mut runs: Vec<Vec<RowOp>> = Vec::new();
+    for op in ops {
+        match runs.last_mut() {
+            Some(run) if run[0].table == op.table => run.push(op),
+            _ => runs.push(vec![op]),
+        }
+    }
+    runs
+}
+
 /// The net writes of a run, in the order the rows were first touched.
 pub(super) fn coalesce(ops: Vec<RowOp>, stored: &StoredMax) -> Vec<Net> {
     let mut out: Vec<Net> = Vec::new();
@@ -260,5 +277,30 @@ mod tests {
         );
         assert_eq!(net[1].upsert, Some(replace("nine")));
         assert_eq!(net[1].v, "0009");
+    }
+
+    #[test]
+    fn runs_are_cut_where_the_table_changes_and_keep_their_order() {
+        let at = |table: &str, id: i64| RowOp {
+            table: table.into(),
+            ..op(id, 1, replace("x"))
+        };
+        let ops = vec![
+            at("messages", 1),
+            at("users", 118),
+            at("messages", 2),
+            at("messages", 3),
+            at("users", 119),
+        ];
+        let runs: Vec<Vec<(String, Bson)>> = table_runs(ops)
+            .into_iter()
+            .map(|r| r.into_iter().map(|o| (o.table, o.id)).collect())
+            .collect();
+        let m = |id: i64| ("messages".to_string(), Bson::Int64(id));
+        let u = |id: i64| ("users".to_string(), Bson::Int64(id));
+        assert_eq!(
+            runs,
+            vec![vec![m(1)], vec![u(118)], vec![m(2), m(3)], vec![u(119)]]
+        );
     }
 }

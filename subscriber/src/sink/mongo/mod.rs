@@ -295,7 +295,13 @@ impl MongoSink {
     ) -> Result<(), SinkError> {
         for item in items {
             match item {
-                Item::Rows(ops) => self.write_rows(ops, session).await?,
+                // In a transaction the reader sees the whole flush at once.
+                Item::Rows(ops) if session.is_some() => self.write_rows(ops, session).await?,
+                Item::Rows(ops) => {
+                    for run in group::table_runs(ops) {
+                        self.write_rows(run, session).await?;
+                    }
+                }
                 Item::Truncate { table, v } => {
                     let floor = doc! {"_id": self.floor_id(&table)};
                     let set = doc! {"$set": {"v": &v}};
