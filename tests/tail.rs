@@ -18,15 +18,19 @@ fn queues() -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tail_prints_only_the_matching_changes_and_leaves_no_queue_behind() {
-    logs();
-    let ns = unique("tail");
-    let db = TestDb::new(&ns, workload::SCHEMA).await;
-    let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
+/// `kausal tail <args>` for `ns`, once its queue exists; its stdout lines arrive on the
+/// receiver. Also answers the queue's name.
+async fn start_tail(
+    ns: &str,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    String,
+    std::sync::mpsc::Receiver<String>,
+) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
-        .args(["tail", "--json", "--namespace", &ns, "--table", "messages"])
-        .args(["--where", "user_id=2", "--where", "seen=false"])
+        .args(["tail", "--namespace", ns])
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -38,17 +42,6 @@ async fn tail_prints_only_the_matching_changes_and_leaves_no_queue_behind() {
         assert!(Instant::now() < deadline, "tail never declared {queue}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    db.client
-        .batch_execute(
-            "INSERT INTO users VALUES (1, 'ann', 'a@x'), (2, 'bob', 'b@x');
-             INSERT INTO messages (id, user_id, text) VALUES (10, 1, 'from ann'), (11, 2, 'from bob');
-             INSERT INTO messages (id, user_id, text, seen) VALUES (12, 2, 'seen', true);
-             UPDATE messages SET text = 'edited' WHERE id = 11;",
-        )
-        .await
-        .unwrap();
-    // One transaction (a multi-statement query runs as one): one line, with only the
-    // matching changes in it.
     let stdout = child.stdout.take().unwrap();
     let (line_tx, line_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -61,6 +54,39 @@ async fn tail_prints_only_the_matching_changes_and_leaves_no_queue_behind() {
             }
         }
     });
+    (child, queue, line_rx)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tail_prints_only_the_matching_changes_and_leaves_no_queue_behind() {
+    logs();
+    let ns = unique("tail");
+    let db = TestDb::new(&ns, workload::SCHEMA).await;
+    let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
+    let (mut child, queue, line_rx) = start_tail(
+        &ns,
+        &[
+            "--json",
+            "--table",
+            "messages",
+            "--where",
+            "user_id=2",
+            "--where",
+            "seen=false",
+        ],
+    )
+    .await;
+    db.client
+        .batch_execute(
+            "INSERT INTO users VALUES (1, 'ann', 'a@x'), (2, 'bob', 'b@x');
+             INSERT INTO messages (id, user_id, text) VALUES (10, 1, 'from ann'), (11, 2, 'from bob');
+             INSERT INTO messages (id, user_id, text, seen) VALUES (12, 2, 'seen', true);
+             UPDATE messages SET text = 'edited' WHERE id = 11;",
+        )
+        .await
+        .unwrap();
+    // One transaction (a multi-statement query runs as one): one line, with only the
+    // matching changes in it.
     let line = match line_rx.recv_timeout(Duration::from_secs(30)) {
         Ok(line) => line,
         Err(_) => {
@@ -128,37 +154,13 @@ async fn tail_count_reports_the_messages_and_bytes_it_received() {
     let ns = unique("tailcount");
     let db = TestDb::new(&ns, workload::SCHEMA).await;
     let publisher = start(config(&ns, &db.url, workload::PUBLISHED), &db).await;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
-        .args(["tail", "--count", "--namespace", &ns])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start kausal tail");
-    let queue = format!("kausal.tail.{ns}.{}", child.id());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !queues().contains(&queue) {
-        assert!(Instant::now() < deadline, "tail never declared {queue}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let (mut child, _queue, line_rx) = start_tail(&ns, &["--count"]).await;
     for id in 1..=3 {
         db.client
             .batch_execute(&format!("INSERT INTO users VALUES ({id}, 'u', 'u@x')"))
             .await
             .unwrap();
     }
-    let stdout = child.stdout.take().unwrap();
-    let (line_tx, line_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
     // "… (M messages, B bytes in all)", once a second: the same nonzero totals twice
     // in a row mean everything published has arrived.
     let totals = |line: &str| -> (u64, u64) {
