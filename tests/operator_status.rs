@@ -4,35 +4,11 @@
 
 mod common;
 
-use common::cli::{free_port, kausal};
+use common::cli::{free_port, kausal, status, status_until};
 use common::sub::*;
 use common::*;
 use serde_json::Value;
-use std::path::Path;
 use std::time::Duration;
-
-fn status(configs: &[&Path]) -> Value {
-    let mut args = vec!["status", "--json"];
-    for c in configs {
-        args.push("--config");
-        args.push(c.to_str().unwrap());
-    }
-    let (_, out, err) = kausal(&args);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out} {err}"))
-}
-
-/// Polls `kausal status` until `ok` holds (up to `secs`), returning the last report.
-async fn status_until(configs: &[&Path], secs: u64, ok: impl Fn(&Value) -> bool) -> Value {
-    let mut last = Value::Null;
-    for _ in 0..secs * 4 {
-        last = status(configs);
-        if ok(&last) {
-            return last;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("status never got there in {secs} s: {last:#}");
-}
 
 /// The value of an unlabelled metric in Prometheus text.
 fn metric(text: &str, name: &str) -> f64 {

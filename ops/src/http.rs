@@ -28,6 +28,17 @@ pub enum HttpError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "`[metrics] listen = \"{addr}\"` is not an address: write host:port \
+         (\"127.0.0.1:9464\"), host:0 for any free port, or a range host:first-last \
+         (\"127.0.0.1:9464-9471\") for several processes on one host"
+    )]
+    Address { addr: String },
+    #[error(
+        "every port of {addr} is in use for the metrics endpoint: widen the range of \
+         `[metrics] listen` (one port per process on this host)"
+    )]
+    RangeFull { addr: String },
     #[error("cannot reach the status endpoint at {addr}: is the process running with `[metrics] listen = \"{addr}\"`?")]
     Unreachable {
         addr: String,
@@ -47,18 +58,61 @@ pub struct Endpoint {
     pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
-/// Binds `addr` and serves the endpoint until the returned task is aborted. Binding
-/// happens before this returns, so a taken port is an error at start, not a log line.
+/// Ports a range may span: more processes than this on one host is a configuration
+/// mistake (and a client scanning the range for a publisher stays quick).
+const MAX_RANGE: u16 = 256;
+
+/// The addresses `listen` stands for: itself, or each port of `host:first-last`, in
+/// order. Several processes given the same configuration on one host each take the
+/// first free port of a range.
+pub fn addresses(listen: &str) -> Result<Vec<String>, HttpError> {
+    let bad = || HttpError::Address {
+        addr: listen.to_string(),
+    };
+    let (host, ports) = listen.rsplit_once(':').ok_or_else(bad)?;
+    let Some((first, last)) = ports.split_once('-') else {
+        ports.parse::<u16>().map_err(|_| bad())?;
+        return Ok(vec![listen.to_string()]);
+    };
+    let first: u16 = first.trim().parse().map_err(|_| bad())?;
+    let last: u16 = last.trim().parse().map_err(|_| bad())?;
+    if host.is_empty() || first == 0 || last < first || last - first >= MAX_RANGE {
+        return Err(bad());
+    }
+    Ok((first..=last)
+        .map(|port| format!("{host}:{port}"))
+        .collect())
+}
+
+/// Binds `addr` (or the first free port of a range, see [`addresses`]) and serves the
+/// endpoint until the returned task is aborted. Binding happens before this returns,
+/// so a taken port is an error at start, not a log line. The bound address is logged
+/// and returned (the status shows it: with a range or port 0 only the process knows).
 pub async fn serve(
     addr: &str,
     endpoint: Endpoint,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), HttpError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let candidates = addresses(addr)?;
+    let ranged = candidates.len() > 1;
+    let mut bound = None;
+    for candidate in &candidates {
+        match TcpListener::bind(candidate).await {
+            Ok(listener) => {
+                bound = Some(listener);
+                break;
+            }
+            Err(e) if ranged && e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(source) => {
+                return Err(HttpError::Bind {
+                    addr: candidate.clone(),
+                    source,
+                })
+            }
+        }
+    }
+    let listener = bound.ok_or_else(|| HttpError::RangeFull {
+        addr: addr.to_string(),
+    })?;
     let local = listener.local_addr().map_err(|source| HttpError::Bind {
         addr: addr.to_string(),
         source,
@@ -191,5 +245,56 @@ mod tests {
         };
         let err = serve(&addr, endpoint).await.unwrap_err();
         assert!(err.to_string().contains("[metrics] listen"), "{err}");
+    }
+
+    fn endpoint() -> Endpoint {
+        Endpoint {
+            metrics: Metrics::default(),
+            status: Arc::new(|| serde_json::Value::Null),
+        }
+    }
+
+    #[tokio::test]
+    async fn processes_sharing_a_range_each_take_the_next_free_port() {
+        // Two ports next to each other, the lower one taken by someone else.
+        let (held, port) = loop {
+            let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = held.local_addr().unwrap().port();
+            if port < u16::MAX - 2
+                && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok()
+                && std::net::TcpListener::bind(("127.0.0.1", port + 2)).is_ok()
+            {
+                break (held, port);
+            }
+        };
+        let range = format!("127.0.0.1:{port}-{}", port + 2);
+        let (first, a) = serve(&range, endpoint()).await.unwrap();
+        let (second, b) = serve(&range, endpoint()).await.unwrap();
+        assert_eq!(first.port(), port + 1);
+        assert_eq!(second.port(), port + 2);
+        let err = serve(&range, endpoint()).await.unwrap_err();
+        assert!(err.to_string().contains("widen the range"), "{err}");
+        drop(held);
+        a.abort();
+        b.abort();
+    }
+
+    #[test]
+    fn a_listen_address_that_is_not_one_is_refused_with_the_forms_it_takes() {
+        assert_eq!(addresses("127.0.0.1:9464").unwrap(), ["127.0.0.1:9464"]);
+        assert_eq!(
+            addresses("[::1]:9464-9465").unwrap(),
+            ["[::1]:9464", "[::1]:9465"]
+        );
+        for bad in [
+            "9464",
+            "127.0.0.1:94a",
+            "127.0.0.1:9465-9464",
+            "127.0.0.1:1-9999",
+            ":1-2",
+        ] {
+            let err = addresses(bad).unwrap_err().to_string();
+            assert!(err.contains("host:first-last"), "{bad}: {err}");
+        }
     }
 }

@@ -8,7 +8,7 @@
 pub mod http;
 pub mod metrics;
 
-pub use http::{get, serve, Endpoint, HttpError};
+pub use http::{addresses, get, serve, Endpoint, HttpError};
 pub use metrics::Metrics;
 
 /// `[metrics]` of a publisher or subscriber configuration.
@@ -16,7 +16,10 @@ pub use metrics::Metrics;
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
     /// Address the process serves `/metrics` and `/status` on (`"127.0.0.1:9464"`;
-    /// `"0.0.0.0:9464"` for a scraper on another host). Default: no endpoint (the
-    /// subscriber's status still reaches `kausal status` through its store).
+    /// `"0.0.0.0:9464"` for a scraper on another host). Several processes on one host
+    /// with one configuration: a range (`"127.0.0.1:9464-9471"`, each takes the first
+    /// free port) or port 0 (any free port); the port taken is logged and shown by
+    /// `kausal status`. Default: no endpoint (the subscriber's status still reaches
+    /// `kausal status` through its store).
     pub listen: Option<String>,
 }

@@ -240,7 +240,14 @@ pub struct Tuning {
     /// Wire format major version written (1 or 2). 2 carries each table schema once
     /// per message; 1 is for subscribers built before format 2 (they refuse it).
     pub wire_format: u8,
+    /// Bootstrap requests answered at once (each holds one source connection while
+    /// it reads); more wait in the control queue, in order.
+    pub bootstrap_requests: usize,
 }
+
+/// Two or three apps bootstrapping together is the common case (a new service and
+/// its search index, say); each request costs a source connection.
+pub const DEFAULT_BOOTSTRAP_REQUESTS: usize = 4;
 
 impl Default for Tuning {
     fn default() -> Self {
@@ -251,6 +258,7 @@ impl Default for Tuning {
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             wire_format: kausal_bus::envelope::FORMAT_MAJOR,
+            bootstrap_requests: DEFAULT_BOOTSTRAP_REQUESTS,
         }
     }
 }
@@ -383,6 +391,7 @@ impl PublisherConfig {
             ("max_batch_envelopes", self.tuning.max_batch_envelopes),
             ("max_batch_bytes", self.tuning.max_batch_bytes),
             ("max_in_flight", self.tuning.max_in_flight),
+            ("bootstrap_requests", self.tuning.bootstrap_requests),
         ] {
             if v == 0 {
                 return Err(ConfigError::ZeroTuning { name });

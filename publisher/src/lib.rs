@@ -137,6 +137,7 @@ async fn run_once(
         .with_signer(signer);
     let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
     let (durable_tx, durable) = watch::channel(0u64);
+    let bootstrap_stats = stats.clone();
     let publisher = PublishLoop {
         bus,
         routing_keys: (0..SLOTS)
@@ -165,6 +166,7 @@ async fn run_once(
                 Arc::new(cfg.clone()),
                 conn,
                 windows.clone(),
+                bootstrap_stats,
             ));
             let streamed = tokio::select! {
                 s = source::postgres::stream(cfg, pg, checkpoint, wiring, &windows) => s,

@@ -29,6 +29,22 @@ pub struct PublisherStatus {
     /// Age of the oldest transaction published but not yet confirmed by RabbitMQ; 0 when
     /// everything is confirmed.
     pub lag_s: f64,
+    /// Bootstrap requests taken from the control queue and not yet answered (more may
+    /// wait in the queue: `kausal status` shows its depth).
+    #[serde(default)]
+    pub bootstrap_requests: Vec<BootstrapRequestStatus>,
+}
+
+/// A bootstrap request the publisher holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct BootstrapRequestStatus {
+    pub request: String,
+    /// The subscriber's queue the chunks go to.
+    pub queue: String,
+    pub tables: Vec<String>,
+    /// `answering`, or `waiting` (a request of the same name is being answered).
+    pub state: String,
+    pub since_ms: i64,
 }
 
 struct Published {
@@ -131,6 +147,11 @@ pub fn track(
             s.confirmed_seq = confirmed;
             s.envelopes_per_s = rate;
             s.lag_s = lag;
+            s.bootstrap_requests = stats
+                .bootstrap
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
             s.checkpointed_position = if postgres {
                 format!("{:X}/{:X}", position >> 32, position & 0xffff_ffff)
             } else {

@@ -44,6 +44,8 @@ pub struct Stats {
     /// Commit time (µs) of the oldest published transaction RabbitMQ has not confirmed
     /// yet; 0 when none is waiting.
     pub oldest_unconfirmed_us: AtomicI64,
+    /// Bootstrap requests held by the bootstrap task, for the status.
+    pub bootstrap: std::sync::Mutex<Vec<crate::ops::BootstrapRequestStatus>>,
 }
 
 type Pending =

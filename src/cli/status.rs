@@ -33,6 +33,10 @@ pub struct PublisherView {
     pub lag_s: Option<f64>,
     pub envelopes_per_s: Option<f64>,
     pub confirmed_seq: Option<u64>,
+    /// Bootstrap requests the running publisher holds (answering or waiting).
+    pub bootstrap_requests: Vec<kausal::publisher::ops::BootstrapRequestStatus>,
+    /// Requests still in the control queue, not yet taken by the publisher.
+    pub bootstrap_queued: Option<u32>,
     pub problems: Vec<String>,
 }
 
@@ -44,6 +48,9 @@ pub struct SubscriberView {
     pub consumers: Option<u32>,
     pub dead_letters: Option<u32>,
     pub streams: Vec<StreamView>,
+    /// Each table's bootstrap: `done` 0 while chunks come, 1 once all are applied, 2
+    /// once its bookkeeping is gone too (scripts wait for `done >= 1`).
+    pub bootstraps: Vec<kausal::subscriber::sink::sql::BootstrapState>,
     pub workers: Vec<WorkerView>,
     pub problems: Vec<String>,
 }
@@ -112,23 +119,24 @@ pub async fn publisher(cfg: &PublisherConfig) -> PublisherView {
             }
         }
     }
-    if let Some(addr) = &cfg.metrics.listen {
-        match kausal::ops::get(addr, "/status").await {
-            Ok(body) => {
-                if let Ok(live) =
-                    serde_json::from_str::<kausal::publisher::ops::PublisherStatus>(&body)
-                {
-                    v.running = Some(true);
-                    v.envelopes_per_s = Some(live.envelopes_per_s);
-                    v.confirmed_seq = Some(live.confirmed_seq);
-                    v.lag_s = Some(v.lag_s.unwrap_or(0.0).max(live.lag_s));
-                    if v.confirmed_position.is_none() {
-                        v.confirmed_position = Some(live.checkpointed_position);
-                    }
+    let control = kausal::bus::bootstrap::control_queue(&cfg.namespace);
+    if let Ok(Some((ready, _))) = kausal::bus::amqp::queue_depth(&cfg.broker.url, &control).await {
+        v.bootstrap_queued = Some(ready);
+    }
+    if let Some(listen) = &cfg.metrics.listen {
+        match live_publisher(listen, &cfg.namespace).await {
+            Some(live) => {
+                v.running = Some(true);
+                v.envelopes_per_s = Some(live.envelopes_per_s);
+                v.confirmed_seq = Some(live.confirmed_seq);
+                v.bootstrap_requests = live.bootstrap_requests;
+                v.lag_s = Some(v.lag_s.unwrap_or(0.0).max(live.lag_s));
+                if v.confirmed_position.is_none() {
+                    v.confirmed_position = Some(live.checkpointed_position);
                 }
             }
             // Not running is a state, not a problem; the slot shows what it costs.
-            Err(_) => {
+            None => {
                 if v.running.is_none() {
                     v.running = Some(false);
                 }
@@ -136,6 +144,24 @@ pub async fn publisher(cfg: &PublisherConfig) -> PublisherView {
         }
     }
     v
+}
+
+/// The live status of the namespace's publisher at `listen` (each port of a range
+/// is asked: other processes of the host may hold some of them).
+async fn live_publisher(
+    listen: &str,
+    namespace: &str,
+) -> Option<kausal::publisher::ops::PublisherStatus> {
+    for addr in kausal::ops::addresses(listen).ok()? {
+        let Ok(body) = kausal::ops::get(&addr, "/status").await else {
+            continue;
+        };
+        match serde_json::from_str::<kausal::publisher::ops::PublisherStatus>(&body) {
+            Ok(live) if live.namespace == namespace => return Some(live),
+            _ => continue,
+        }
+    }
+    None
 }
 
 async fn postgres_position(
@@ -278,6 +304,9 @@ async fn store_view(cfg: &SubscriberConfig, v: &mut SubscriberView) -> Result<()
     let workers = sql::read_statuses(&pool)
         .await
         .map_err(|e| format!("reading the workers' status: {e}"))?;
+    v.bootstraps = sql::read_bootstraps(&pool)
+        .await
+        .map_err(|e| format!("reading the store's bootstraps: {e}"))?;
     pool.close().await;
     let now = now_ms();
     v.workers = workers
@@ -363,6 +392,18 @@ fn render(r: &Report) -> String {
         if let Some(seq) = p.confirmed_seq {
             out += &format!("  confirmed seq       {seq}\n");
         }
+        for b in &p.bootstrap_requests {
+            out += &format!(
+                "  bootstrap           {} for {} ({}): {}\n",
+                b.request,
+                b.queue,
+                b.tables.join(", "),
+                b.state
+            );
+        }
+        if let Some(n) = p.bootstrap_queued.filter(|n| *n > 0) {
+            out += &format!("  bootstrap queued    {n} request(s) waiting in the control queue\n");
+        }
         for problem in &p.problems {
             out += &format!("  problem: {problem}\n");
         }
@@ -384,6 +425,17 @@ fn render(r: &Report) -> String {
                 st.lag_s.map_or("-".into(), |l| format!("{l:.1}"))
             );
         }
+        for b in &s.bootstraps {
+            let state = match b.done {
+                0 => "chunks coming",
+                1 => "every chunk applied",
+                _ => "finished",
+            };
+            out += &format!(
+                "  bootstrap           {}/{}: {} rows, {state}\n",
+                b.namespace, b.table, b.rows_applied
+            );
+        }
         for w in &s.workers {
             let st = &w.status;
             out += &format!(
@@ -391,6 +443,9 @@ fn render(r: &Report) -> String {
                 st.worker, w.state, w.last_seen_s, st.held_deliveries, st.in_flight,
                 st.waiting_count, st.applied, st.dead_lettered
             );
+            if let Some(endpoint) = &st.endpoint {
+                out += &format!("    serves /metrics and /status at {endpoint}\n");
+            }
             if !st.partitions.is_empty() {
                 let list: Vec<String> = st.partitions.iter().map(u32::to_string).collect();
                 out += &format!("    consumes partitions {}\n", list.join(", "));

@@ -43,6 +43,10 @@ pub struct WorkerStatus {
     pub store_commits: u64,
     #[serde(default)]
     pub coord_round_trips: u64,
+    /// Where this process serves `/metrics` and `/status` (the port it took of a
+    /// `[metrics] listen` range), if it does.
+    #[serde(default)]
+    pub endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -313,16 +313,35 @@ impl Process {
         Process::logged("subscribe", config, lines)
     }
 
+    /// `kausal subscribe` logging at `level` (`info`: what a user sees by default),
+    /// its stderr collected into `lines`.
+    pub fn subscriber_logged_at(
+        config: &std::path::Path,
+        lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        level: &str,
+    ) -> Process {
+        Process::logged_at("subscribe", config, lines, level)
+    }
+
     /// `kausal <command> --config <config>`, its stderr collected into `lines`.
     fn logged(
         command: &str,
         config: &std::path::Path,
         lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     ) -> Process {
+        Process::logged_at(command, config, lines, &child_log())
+    }
+
+    fn logged_at(
+        command: &str,
+        config: &std::path::Path,
+        lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+        level: &str,
+    ) -> Process {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kausal"))
             .args([command, "--config"])
             .arg(config)
-            .env("RUST_LOG", child_log())
+            .env("RUST_LOG", level)
             .env("NO_COLOR", "1")
             .stderr(std::process::Stdio::piped())
             .spawn()

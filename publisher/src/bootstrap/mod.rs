@@ -12,6 +12,7 @@
 //! the snapshot missed a transaction the stream decoded before the low watermark
 //! (`windows`): then the chunk is read again.
 
+mod held;
 mod reader;
 mod windows;
 
@@ -19,7 +20,9 @@ pub use windows::{PgSnapshot, Windows};
 
 use crate::config::PublisherConfig;
 use crate::error::{PublisherError, SourceError};
+use crate::publish::Stats;
 use crate::source::postgres::catalog::ConnInfo;
+use held::Held;
 use kausal_bus::amqp::AmqpConsumer;
 use kausal_bus::bootstrap::{control_queue_spec, BootstrapRequest, TableRequest};
 use kausal_bus::Snapshot;
@@ -28,6 +31,7 @@ use serde_json::{Map, Value};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
+use tokio::task::JoinSet;
 use windows::{Mark, Outcome, Window};
 
 /// Prefix of the watermark messages in the WAL.
@@ -44,60 +48,74 @@ const FLOOR_INTERVAL: Duration = Duration::from_secs(10);
 /// Rows of a chunk: (key, row), published names.
 type Rows = Vec<(Map<String, Value>, Map<String, Value>)>;
 
-/// Takes bootstrap requests from the namespace's control queue and answers them one at
-/// a time, until the stream ends (the caller aborts this task). A request is acked
-/// when its last chunk went out, so a publisher crash leaves it for the next start.
+/// Takes bootstrap requests from the namespace's control queue and answers up to
+/// `tuning.bootstrap_requests` of them at once, each over a source connection of its
+/// own, until the stream ends (the caller aborts this task; the answers in progress
+/// end with it). A request is acked when its last chunk went out, so a publisher crash
+/// leaves it for the next start.
 pub async fn serve(
     cfg: Arc<PublisherConfig>,
     conn: ConnInfo,
     windows: Arc<Windows>,
+    stats: Arc<Stats>,
 ) -> Result<(), PublisherError> {
     // Nothing is declared before the stream passed its checks: a publisher refused at
     // preflight (a table without a key, say) leaves no control queue behind. Requests
     // sent meanwhile wait in the queue if it exists, and subscribers ask again otherwise.
     windows.until_stream_started().await;
-    let spec = control_queue_spec(&cfg.namespace);
+    let mut spec = control_queue_spec(&cfg.namespace);
+    // The prefetch window is the bound: the broker hands out no more requests than are
+    // answered (or wait for a namesake) at once, the rest stay queued in order.
+    spec.prefetch = u16::try_from(cfg.tuning.bootstrap_requests).unwrap_or(u16::MAX);
     let mut consumer = AmqpConsumer::connect(&cfg.broker.url, &cfg.broker.exchange, &spec).await?;
     let client = conn.connect().await?;
+    let conn = Arc::new(conn);
+    let mut held = Held::new(stats);
+    let mut answering: JoinSet<Result<(), PublisherError>> = JoinSet::new();
     let mut reported: std::collections::HashMap<String, std::time::Instant> = Default::default();
+    let mut tick = tokio::time::interval(FLOOR_INTERVAL);
     loop {
-        // Between requests, tell the stream which transaction ids every later chunk's
-        // snapshot will show, so it forgets them.
-        set_floor(&client, &windows).await?;
-        // A published table dropped (or renamed) at the source sends nothing through the
-        // WAL: say so loudly, once a minute, while the other tables keep flowing. A
-        // restart refuses to start until the configuration no longer lists it.
-        for table in crate::source::postgres::catalog::missing_tables(&client, &cfg).await? {
-            if reported
-                .get(&table)
-                .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
-            {
-                continue;
+        tokio::select! {
+            _ = tick.tick() => {
+                // Tell the stream which transaction ids every later chunk's snapshot
+                // will show, so it forgets them.
+                set_floor(&client, &windows).await?;
+                report_missing_tables(&client, &cfg, &mut reported).await?;
             }
-            tracing::error!(
-                table = %table,
-                "a published table no longer exists at the source (dropped or renamed): \
-                 its changes up to the drop are published; remove it from [[table]] (or \
-                 publish the new name) before the next restart, and drop or keep its \
-                 rows at the subscribers"
-            );
-            reported.insert(table, std::time::Instant::now());
-        }
-        let Ok(next) = tokio::time::timeout(FLOOR_INTERVAL, consumer.next()).await else {
-            continue;
-        };
-        let Some(delivery) = next else { break };
-        let delivery = delivery?;
-        match serde_json::from_slice::<BootstrapRequest>(&delivery.body) {
-            Ok(request) => {
-                tracing::info!(request = %request.request, queue = %request.queue,
-                    tables = request.tables.len(), "bootstrap requested");
-                // A request that fails is dead-lettered with the reason, not retried at
-                // every start: the stream goes on (the subscriber asks again).
-                let answered = answer(&cfg, &client, &windows, &request).await;
+            next = consumer.next() => {
+                let Some(delivery) = next else { break };
+                let delivery = delivery?;
+                match serde_json::from_slice::<BootstrapRequest>(&delivery.body) {
+                    Ok(request) => {
+                        tracing::info!(request = %request.request, queue = %request.queue,
+                            tables = request.tables.len(), "bootstrap requested");
+                        held.push(delivery, request);
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %error, "not a bootstrap request; dead-lettered");
+                        consumer
+                            .send_to_dead_letters(delivery.body.clone(), &error.to_string())
+                            .await?;
+                        delivery.ack().await?;
+                    }
+                }
+            }
+            Some(joined) = answering.join_next_with_id() => {
+                let (id, answered) = match joined {
+                    Ok((id, answered)) => (id, answered),
+                    Err(e) if e.is_panic() => (e.id(), Err(SourceError::Bootstrap {
+                        table: String::new(),
+                        reason: "the task answering it panicked".into(),
+                    }.into())),
+                    Err(e) => (e.id(), Ok(())),
+                };
+                let Some((delivery, request)) = held.finish(id) else { continue };
                 windows.end_request(&request.request);
                 match answered {
                     Ok(()) => tracing::info!(request = %request.request, "bootstrap sent"),
+                    // A request that fails is dead-lettered with the reason, not
+                    // retried at every start: the stream goes on (the subscriber asks
+                    // again).
                     Err(error) => {
                         tracing::error!(request = %request.request, error = %error,
                             "bootstrap request failed; dead-lettered");
@@ -106,15 +124,46 @@ pub async fn serve(
                             .await?;
                     }
                 }
-            }
-            Err(error) => {
-                tracing::warn!(error = %error, "not a bootstrap request; dead-lettered");
-                consumer
-                    .send_to_dead_letters(delivery.body.clone(), &error.to_string())
-                    .await?;
+                delivery.ack().await?;
             }
         }
-        delivery.ack().await?;
+        // Start every held request whose name is not being answered already (a
+        // subscriber that asked again reuses the name, and chunk ids carry it).
+        for (request, wait) in held.startable() {
+            let (cfg, conn, windows) = (cfg.clone(), conn.clone(), windows.clone());
+            let task = answering.spawn(async move {
+                let client = conn.connect().await?;
+                answer(&cfg, &client, &windows, &request).await
+            });
+            held.started(wait, task.id());
+        }
+    }
+    Ok(())
+}
+
+/// A published table dropped (or renamed) at the source sends nothing through the WAL:
+/// say so loudly, once a minute, while the other tables keep flowing. A restart refuses
+/// to start until the configuration no longer lists it.
+async fn report_missing_tables(
+    client: &tokio_postgres::Client,
+    cfg: &PublisherConfig,
+    reported: &mut std::collections::HashMap<String, std::time::Instant>,
+) -> Result<(), SourceError> {
+    for table in crate::source::postgres::catalog::missing_tables(client, cfg).await? {
+        if reported
+            .get(&table)
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+        {
+            continue;
+        }
+        tracing::error!(
+            table = %table,
+            "a published table no longer exists at the source (dropped or renamed): \
+             its changes up to the drop are published; remove it from [[table]] (or \
+             publish the new name) before the next restart, and drop or keep its \
+             rows at the subscribers"
+        );
+        reported.insert(table, std::time::Instant::now());
     }
     Ok(())
 }

@@ -160,6 +160,24 @@ pub(super) struct Mark {
     pub(super) high: bool,
 }
 
+impl State {
+    /// Forgets the decoded transactions before `floor` that no open chunk may need:
+    /// stops at the oldest snapshot of an open chunk, and forgets nothing while a chunk
+    /// is being read (requests are answered concurrently: its snapshot, not known yet,
+    /// may be older than `floor`).
+    fn prune_below(&mut self, floor: u32) {
+        let mut floor = floor;
+        for w in self.windows.values() {
+            match &w.rows {
+                None => return,
+                Some((_, snapshot)) if precedes(snapshot.xmin, floor) => floor = snapshot.xmin,
+                Some(_) => {}
+            }
+        }
+        self.recent.prune(floor);
+    }
+}
+
 impl Windows {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
@@ -205,10 +223,10 @@ impl Windows {
         }
     }
 
-    /// Transactions with ids before `xmin` are shown by every snapshot from now on:
-    /// forgets them. Only while no chunk is being read.
+    /// Transactions with ids before `xmin` (of a snapshot just taken) are shown by every
+    /// snapshot taken from now on: forgets them, as far as the chunks still open allow.
     pub(super) fn set_floor(&self, xmin: u32) {
-        self.lock().recent.prune(xmin);
+        self.lock().prune_below(xmin);
     }
 
     /// The stream decoded the start of transaction `xid`. Called for every
@@ -294,8 +312,9 @@ impl Windows {
         let stale = state.recent.entries.iter().any(|e| {
             e.order < low && e.tables.contains(&w.snapshot.table) && !snapshot.shows(e.xid)
         });
-        // Every later chunk's snapshot is taken after this one's.
-        state.recent.prune(snapshot.xmin);
+        // Every chunk read from now on takes its snapshot after this one's; the chunks
+        // of other requests still open may have older ones.
+        state.prune_below(snapshot.xmin);
         if stale {
             if let Some(done) = w.done.take() {
                 let _ = done.send(Outcome::Stale);
@@ -451,6 +470,50 @@ mod tests {
             outcome_with(50, "messages", "50:51:50"),
             (Outcome::Published, true)
         );
+    }
+
+    #[test]
+    fn a_chunk_answered_meanwhile_for_another_request_leaves_what_an_older_snapshot_needs() {
+        let windows = Windows::default();
+        let (a_tx, mut a_rx) = oneshot::channel();
+        let (b_tx, mut b_rx) = oneshot::channel();
+        windows.open("a", window(a_tx));
+        windows.open("b", window(b_tx));
+        windows.begin(50);
+        windows.record(&[change("users", 1)]);
+        windows.mark(&mark("a", false), "ns", 1, 1);
+        windows.mark(&mark("b", false), "ns", 1, 1);
+        let rows = || vec![(change("users", 1).key, Map::new())];
+        // b was read while 50 was still ending; a later, when every snapshot showed it.
+        let b_snapshot = PgSnapshot::parse("50:51:50").expect("parses");
+        windows.set_rows("b", rows(), b_snapshot, None, true);
+        // A floor taken now must not forget 50 either.
+        windows.set_floor(60);
+        windows.set_rows(
+            "a",
+            rows(),
+            PgSnapshot::parse("60:60:").expect("parses"),
+            None,
+            true,
+        );
+        assert!(windows.mark(&mark("a", true), "ns", 1, 1).is_some());
+        assert_eq!(a_rx.try_recv().expect("answered"), Outcome::Published);
+        assert!(windows.mark(&mark("b", true), "ns", 1, 1).is_none());
+        assert_eq!(b_rx.try_recv().expect("answered"), Outcome::Stale);
+    }
+
+    #[test]
+    fn a_floor_forgets_nothing_while_a_chunk_is_being_read() {
+        let windows = Windows::default();
+        windows.begin(10);
+        windows.record(&[change("users", 1)]);
+        let (tx, _rx) = oneshot::channel();
+        windows.open("c", window(tx));
+        windows.set_floor(12);
+        assert_eq!(windows.lock().recent.entries.len(), 1);
+        windows.close("c");
+        windows.set_floor(12);
+        assert_eq!(windows.lock().recent.entries.len(), 0);
     }
 
     #[test]

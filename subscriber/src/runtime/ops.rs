@@ -123,6 +123,11 @@ impl Ops {
     pub fn status(&self) -> WorkerStatus {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    /// The process serves its endpoint at `addr` (shown in its status).
+    pub(super) fn serving_at(&self, addr: std::net::SocketAddr) {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).endpoint = Some(addr.to_string());
+    }
 }
 
 impl Worker {

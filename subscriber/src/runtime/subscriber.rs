@@ -81,9 +81,10 @@ impl Subscriber {
                         serde_json::to_value(live.status()).unwrap_or_default()
                     }),
                 };
-                let (_, task) = kausal_ops::serve(addr, endpoint)
+                let (bound, task) = kausal_ops::serve(addr, endpoint)
                     .await
                     .map_err(crate::error::ConfigError::Metrics)?;
+                ops.serving_at(bound);
                 Some(AbortOnDrop(task))
             }
             None => None,

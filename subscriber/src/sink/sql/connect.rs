@@ -24,7 +24,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Creates the bookkeeping tables if missing. On Postgres in one transaction under an
 /// advisory lock: `CREATE TABLE IF NOT EXISTS` is not safe against itself, and worker
 /// processes started together would otherwise fail on the catalog's unique index (and
-/// retry their start). MySQL and SQLite serialize DDL themselves.
+/// retry their start). MySQL and SQLite serialize DDL themselves. Quietly: Postgres
+/// answers every `IF NOT EXISTS` on an existing table with a NOTICE, which the driver
+/// logs at info level, six lines per start that look like a problem and are not.
 async fn create_bookkeeping(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx::Error> {
     if dialect != Dialect::Postgres {
         for ddl in dialect.bookkeeping_ddl() {
@@ -36,6 +38,9 @@ async fn create_bookkeeping(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx
     // A constant key: "kausal" in ASCII.
     (&mut *tx)
         .execute("SELECT pg_advisory_xact_lock(107971117115971)")
+        .await?;
+    (&mut *tx)
+        .execute("SET LOCAL client_min_messages = warning")
         .await?;
     for ddl in dialect.bookkeeping_ddl() {
         (&mut *tx).execute(AssertSqlSafe(ddl)).await?;

@@ -34,7 +34,7 @@ use applied::{already_applied, record_applied, RECORD_CHUNK};
 
 pub use bootstrap::{ChunkApplied, Unfinished};
 pub use dialect::Dialect;
-pub use workers::{read_progress, read_statuses};
+pub use workers::{read_bootstraps, read_progress, read_statuses, BootstrapState};
 
 use crate::error::SinkError;
 use crate::sink::callback::{Callbacks, StoreTx};

@@ -110,6 +110,42 @@ pub async fn read_progress(
     Ok(out)
 }
 
+/// A table's bootstrap as the store records it.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct BootstrapState {
+    pub namespace: String,
+    pub table: String,
+    /// 0 while chunks come; 1 once every chunk is applied (the table is complete);
+    /// 2 once its bookkeeping is dropped too (see docs/bootstrap.md).
+    pub done: i32,
+    pub rows_applied: u64,
+}
+
+/// Every table's bootstrap in the store, for `kausal status`.
+pub async fn read_bootstraps(pool: &AnyPool) -> Result<Vec<BootstrapState>, sqlx::Error> {
+    let rows = match sqlx::query(
+        "SELECT namespace, tbl, done, rows_applied FROM kausal_bootstrap ORDER BY namespace, tbl",
+    )
+    .fetch_all(pool)
+    .await
+    {
+        Ok(rows) => rows,
+        Err(e) if is_missing_table(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut out = Vec::new();
+    for row in rows {
+        let rows_applied: i64 = row.try_get(3)?;
+        out.push(BootstrapState {
+            namespace: row.try_get(0)?,
+            table: row.try_get(1)?,
+            done: row.try_get(2)?,
+            rows_applied: rows_applied.max(0) as u64,
+        });
+    }
+    Ok(out)
+}
+
 /// The table is missing (a store no worker ever ran on): by SQLSTATE on Postgres
 /// (42P01) and MySQL/MariaDB (42S02); SQLite reports only its generic error code, so
 /// there the message decides.
