@@ -143,7 +143,7 @@ async fn setup(label: &str, tuning: &str) -> Setup {
 
 impl Setup {
     /// `kausal bootstrap` of the users table for app `<ns>_<app>` in chunks of
-    /// `chunk_rows`, and its store.
+    /// `chunk_rows` (the process has its config), and its store.
     fn bootstrap(&self, app: &str, chunk_rows: usize) -> (Process, String) {
         let app = format!("{}_{app}", self.ns);
         let store = sqlite_url(&app);
@@ -195,7 +195,7 @@ async fn users_in(store: &str) -> i64 {
 async fn an_app_asking_for_a_bootstrap_while_another_is_served_is_answered_at_once() {
     let s = setup("bootboth", "").await;
     // A long bootstrap: hundreds of chunks, each waiting for its watermarks.
-    let (mut slow, slow_store) = s.bootstrap("slow", 40);
+    let (mut slow, slow_store) = s.bootstrap("slow", 20);
     let p = s
         .requests_until(|r| r.len() == 1 && r[0]["state"] == "answering")
         .await;
@@ -203,19 +203,25 @@ async fn an_app_asking_for_a_bootstrap_while_another_is_served_is_answered_at_on
     let (mut quick, quick_store) = s.bootstrap("quick", 50_000);
     // The second app is not queued behind the first: it ends while the first still
     // reads its chunks.
-    let status = quick
+    let exit = quick
         .exit_within(Duration::from_secs(120), "the quick bootstrap")
         .await;
-    assert!(status.success(), "{status}");
+    assert!(exit.success(), "{exit}");
     assert!(
         slow.exited().is_none(),
         "the long bootstrap ended before the one asked for after it"
     );
     assert_eq!(users_in(&quick_store).await, USERS);
-    let status = slow
+    // What a script waiting for the bootstrap reads.
+    let report = status(&[quick.config.as_path()]);
+    let b = &report["subscribers"][0]["bootstraps"][0];
+    assert_eq!(b["table"], "users", "{report:#}");
+    assert!(b["done"].as_i64().is_some_and(|d| d >= 1), "{report:#}");
+    assert_eq!(b["rows_applied"], USERS, "{report:#}");
+    let exit = slow
         .exit_within(Duration::from_secs(300), "the slow bootstrap")
         .await;
-    assert!(status.success(), "{status}");
+    assert!(exit.success(), "{exit}");
     assert_eq!(users_in(&slow_store).await, USERS);
     s.requests_until(|r| r.is_empty()).await;
     s.finish(&["slow", "quick"]).await;
@@ -224,7 +230,7 @@ async fn an_app_asking_for_a_bootstrap_while_another_is_served_is_answered_at_on
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_beyond_the_bound_wait_in_order_and_status_shows_them_queued() {
     let s = setup("bootbound", "[tuning]\nbootstrap_requests = 1").await;
-    let (mut first, first_store) = s.bootstrap("first", 40);
+    let (mut first, first_store) = s.bootstrap("first", 20);
     s.requests_until(|r| r.len() == 1).await;
     let (mut second, second_store) = s.bootstrap("second", 50_000);
     // The second request stays in the control queue while the first is answered.

@@ -36,6 +36,8 @@ use windows::{Mark, Outcome, Window};
 
 /// Prefix of the watermark messages in the WAL.
 pub const WATERMARK_PREFIX: &str = "kausal-bootstrap";
+/// Prefix of the (empty) transactional message that makes a high watermark flushed.
+const FLUSH_PREFIX: &str = "kausal-flush";
 /// How long a chunk may wait for the stream to reach its high watermark before it is
 /// read again (the stream restarted in between, say).
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -310,5 +312,23 @@ async fn emit(client: &tokio_postgres::Client, chunk: &str, high: bool) -> Resul
             context: "write a bootstrap watermark",
             source,
         })?;
+    if high {
+        // A non-transactional message is not flushed by itself: on a quiet source the
+        // walsender sends it only when the WAL writer next flushes (`wal_writer_delay`,
+        // 200 ms), and every chunk waits that long for its high watermark. A commit
+        // flushes the WAL up to it, so one tiny transaction follows (a transactional
+        // message gets an id; the stream sees an empty transaction and skips it).
+        // `local`: a synchronous standby that lags must not hold the bootstrap.
+        client
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL synchronous_commit = local; \
+                 SELECT pg_logical_emit_message(true, '{FLUSH_PREFIX}', ''); COMMIT"
+            ))
+            .await
+            .map_err(|source| SourceError::Query {
+                context: "flush a bootstrap watermark",
+                source,
+            })?;
+    }
     Ok(())
 }

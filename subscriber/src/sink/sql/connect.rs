@@ -21,16 +21,25 @@ const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
 /// How long to wait for a connection (a server that does not answer is unreachable).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Creates the bookkeeping tables if missing. On Postgres in one transaction under an
-/// advisory lock: `CREATE TABLE IF NOT EXISTS` is not safe against itself, and worker
-/// processes started together would otherwise fail on the catalog's unique index (and
-/// retry their start). MySQL and SQLite serialize DDL themselves. Quietly: Postgres
-/// answers every `IF NOT EXISTS` on an existing table with a NOTICE, which the driver
-/// logs at info level, six lines per start that look like a problem and are not.
+/// Creates the bookkeeping tables if missing.
 async fn create_bookkeeping(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx::Error> {
+    create_tables(pool, dialect, &dialect.bookkeeping_ddl()).await
+}
+
+/// Runs `CREATE TABLE IF NOT EXISTS` statements. On Postgres in one transaction under
+/// an advisory lock: `CREATE TABLE IF NOT EXISTS` is not safe against itself, and
+/// worker processes started together would otherwise fail on the catalog's unique index
+/// (and retry their start). MySQL and SQLite serialize DDL themselves. Quietly:
+/// Postgres answers every `IF NOT EXISTS` on an existing table with a NOTICE, which the
+/// driver logs at info level, lines that look like a problem and are not.
+pub(super) async fn create_tables(
+    pool: &AnyPool,
+    dialect: Dialect,
+    ddl: &[String],
+) -> Result<(), sqlx::Error> {
     if dialect != Dialect::Postgres {
-        for ddl in dialect.bookkeeping_ddl() {
-            pool.execute(AssertSqlSafe(ddl)).await?;
+        for statement in ddl {
+            pool.execute(AssertSqlSafe(statement.clone())).await?;
         }
         return Ok(());
     }
@@ -42,8 +51,8 @@ async fn create_bookkeeping(pool: &AnyPool, dialect: Dialect) -> Result<(), sqlx
     (&mut *tx)
         .execute("SET LOCAL client_min_messages = warning")
         .await?;
-    for ddl in dialect.bookkeeping_ddl() {
-        (&mut *tx).execute(AssertSqlSafe(ddl)).await?;
+    for statement in ddl {
+        (&mut *tx).execute(AssertSqlSafe(statement.clone())).await?;
     }
     tx.commit().await
 }

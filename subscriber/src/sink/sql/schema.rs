@@ -134,8 +134,14 @@ async fn mirror(
                 key.join(", "),
                 dialect.table_options()
             );
-            execute(pool, sql, "create mirrored table").await?;
-            tracing::info!(table = %shape.name, "created mirrored table");
+            // Workers starting together may all find it missing.
+            super::connect::create_tables(pool, dialect, &[sql])
+                .await
+                .map_err(|source| SinkError::Store {
+                    operation: "create mirrored table",
+                    source,
+                })?;
+            tracing::debug!(table = %shape.name, "mirrored table created (unless another worker just did)");
             read_columns(pool, dialect, &shape.name)
                 .await?
                 .unwrap_or_default()
