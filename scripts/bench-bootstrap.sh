@@ -3,7 +3,8 @@
 # SQLite and Postgres stores, while pgbench keeps updating the same table at a steady
 # rate. Not a test; part of scripts/bench.sh --full.
 # Usage: scripts/bench-bootstrap.sh [scale, default 10 (1M rows)]
-# Environment: STORES (default "sqlite pg"), RATE (pgbench txn/s during it, default 200),
+# Environment: STORES (default "sqlite pg"), RATE (pgbench txn/s during it, default 200;
+# 0: a quiet source, nothing writes),
 # CHUNK_ROWS (default 2000), BOOT_LOG (RUST_LOG of `kausal bootstrap`, default warn; e.g.
 # `warn,sqlx::query=debug` logs every store statement with its time into
 # $BOOT_LOG_FILE, default /tmp/bench-bootstrap-<store>.log).
@@ -56,7 +57,10 @@ slot_active() { $PSQL -d $DB -c "SELECT count(*) FROM pg_replication_slots WHERE
 RUST_LOG=warn $BIN publish --config "$WORK/pub.toml" & PUB=$!
 until [ "$(slot_active)" = 1 ]; do sleep 0.2; done
 # A steady writer on the same rows throughout.
-pgbench -h 127.0.0.1 -U postgres -n -c 2 -j 1 -R "$RATE" -T 3600 -b simple-update $DB >/dev/null 2>&1 & WRITER=$!
+WRITER=
+if [ "$RATE" -gt 0 ]; then
+  pgbench -h 127.0.0.1 -U postgres -n -c 2 -j 1 -R "$RATE" -T 3600 -b simple-update $DB >/dev/null 2>&1 & WRITER=$!
+fi
 
 for store in $STORES; do
   app="bench-boot-$store"

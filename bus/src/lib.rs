@@ -16,6 +16,7 @@ pub mod deps;
 pub mod envelope;
 pub mod error;
 pub mod signing;
+pub mod sql_errors;
 pub mod tls;
 
 pub use envelope::{

@@ -183,22 +183,18 @@ impl SourceError {
     pub fn class(&self) -> ErrorClass {
         use SourceError::*;
         match self {
-            Query { source, .. } => {
-                let code = source
-                    .code()
-                    .map(|c| c.code().to_string())
-                    .unwrap_or_default();
-                if source.is_closed()
-                    || code.starts_with("08")
-                    || code.starts_with("57")
-                    || code == "40001"
-                    || code == "55006"
+            // Fail-safe (see `kausal_bus::sql_errors`): by SQLSTATE; without one, a
+            // closed connection or I/O is retried, a conversion of a value is definite.
+            Query { source, .. } => match source.code() {
+                Some(code) => kausal_bus::sql_errors::postgres_class(code.code()),
+                None if source.is_closed() => ErrorClass::Transient,
+                None if std::error::Error::source(source)
+                    .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some()) =>
                 {
                     ErrorClass::Transient
-                } else {
-                    ErrorClass::Definite
                 }
-            }
+                None => ErrorClass::Definite,
+            },
             Unreachable { .. } | UnknownRelation { .. } | PublisherGone | Bootstrap { .. } => {
                 ErrorClass::Transient
             }
@@ -227,16 +223,14 @@ fn replication_server_class(text: &str) -> ErrorClass {
     }
 }
 
-/// Connection problems and server shutdowns are transient; SQL errors are definite,
-/// except the ones a restart or retry cures (lock wait timeout, deadlock, server
-/// shutting down, too many connections).
+/// Connection problems are transient; a server error by its number, fail-safe (see
+/// `kausal_bus::sql_errors::mysql_class`); anything else (a bad URL, a value that does
+/// not convert) is definite.
 fn mysql_class(e: &mysql_async::Error) -> ErrorClass {
     match e {
         mysql_async::Error::Io(_) => ErrorClass::Transient,
         mysql_async::Error::Driver(_) => ErrorClass::Transient,
-        mysql_async::Error::Server(s) if matches!(s.code, 1040 | 1053 | 1205 | 1213 | 1927) => {
-            ErrorClass::Transient
-        }
+        mysql_async::Error::Server(s) => kausal_bus::sql_errors::mysql_class(s.code),
         _ => ErrorClass::Definite,
     }
 }

@@ -108,34 +108,48 @@ fn ddl_race(error: &sqlx::Error) -> bool {
     }
 }
 
-/// Database errors that name the data (a constraint, a type) are definite; everything
-/// else (I/O, pool timeouts, deadlocks, serialization failures) is worth a retry.
+/// Fail-safe: a database error is definite only when the same write of the same data
+/// is proven to fail again (a constraint, a value the column cannot hold, a table that
+/// does not exist: see [`kausal_bus::sql_errors`]); disk full, out of memory, too many
+/// connections, a missing privilege (an operator grants it), a code never met, I/O and
+/// pool timeouts are retried. Dead-lettering a valid transaction is the worse mistake.
 pub fn sqlx_class(error: &sqlx::Error) -> ErrorClass {
+    use kausal_bus::sql_errors::{
+        mysql_class, postgres_class, MYSQL_PRIVILEGE, POSTGRES_INSUFFICIENT_PRIVILEGE,
+    };
     match error {
         sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            // Postgres: 40001 serialization, 40P01 deadlock, 57P01 admin shutdown, 08*
-            // connection. MySQL: 1213 deadlock, 1205 lock wait timeout. SQLite: 5 busy,
-            // 6 locked.
-            let transient = code.starts_with("40")
-                || code.starts_with("08")
-                || code.starts_with("57P")
-                || code == "1213"
-                || code == "1205"
-                || code == "5"
-                || code == "6"
-                || code == "517";
-            if transient {
-                ErrorClass::Transient
-            } else {
-                ErrorClass::Definite
+            if let Some(my) = db.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+                let number = my.number();
+                if MYSQL_PRIVILEGE.contains(&number) {
+                    return ErrorClass::Transient;
+                }
+                return mysql_class(number);
             }
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                return sqlite_class(code.parse().unwrap_or(0));
+            }
+            if code == POSTGRES_INSUFFICIENT_PRIVILEGE {
+                return ErrorClass::Transient;
+            }
+            postgres_class(&code)
         }
         sqlx::Error::ColumnDecode { .. }
         | sqlx::Error::Decode(_)
         | sqlx::Error::TypeNotFound { .. }
         | sqlx::Error::ColumnNotFound(_)
         | sqlx::Error::Configuration(_) => ErrorClass::Definite,
+        _ => ErrorClass::Transient,
+    }
+}
+
+/// A SQLite error by its (extended) result code: definite for 1 SQL error (no such
+/// table, syntax), 18 too big, 19 constraint, 20 type mismatch, 23 authorization, 25
+/// range; busy, locked, full, I/O, out of memory and read-only are retried.
+fn sqlite_class(code: i32) -> ErrorClass {
+    match code & 0xff {
+        1 | 18 | 19 | 20 | 23 | 25 => ErrorClass::Definite,
         _ => ErrorClass::Transient,
     }
 }
