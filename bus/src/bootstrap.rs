@@ -27,6 +27,7 @@ pub fn control_queue_spec(namespace: &str) -> crate::amqp::QueueSpec {
         message_ttl_ms: None,
         expires_ms: Some(CONTROL_QUEUE_EXPIRES_MS),
         partition: None,
+        quorum: false,
     }
 }
 

@@ -69,6 +69,7 @@ pub async fn run(args: TailArgs, mut shutdown: watch::Receiver<bool>) -> anyhow:
         message_ttl_ms: None,
         expires_ms: None,
         partition: None,
+        quorum: false,
     };
     let mut consumer = AmqpConsumer::connect(&args.broker, &args.exchange, &spec).await?;
     eprintln!("following namespace {:?} (Ctrl-C to stop)", args.namespace);

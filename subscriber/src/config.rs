@@ -119,6 +119,23 @@ pub struct BrokerConfig {
     /// Default: never.
     #[serde(default)]
     pub queue_expires: Option<String>,
+    /// `classic` (the default) or `quorum`: the app's queues and their dead-letter queue
+    /// replicated over a RabbitMQ cluster's nodes (RabbitMQ 3.8+), so losing the node
+    /// that holds a queue loses nothing. Chosen when a queue is first declared: RabbitMQ
+    /// cannot change the type of an existing queue.
+    #[serde(default)]
+    pub queue_type: QueueType,
+}
+
+/// The RabbitMQ queue type of an app's queues.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Not replicated. The default: an existing app's queues keep working after an
+    /// upgrade (a queue's type cannot change), and a single-node broker gains nothing.
+    #[default]
+    Classic,
+    Quorum,
 }
 
 impl BrokerConfig {
@@ -304,6 +321,7 @@ impl SubscriberConfig {
                 prefetch: DEFAULT_PREFETCH,
                 partitions: None,
                 queue_expires: None,
+                queue_type: QueueType::Classic,
             },
             store: StoreConfig {
                 url: store_url.to_string(),

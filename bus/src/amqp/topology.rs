@@ -25,6 +25,9 @@ pub struct QueueSpec {
     /// One of several partition queues of an app (see [`Partition`]); `None`: the app's
     /// only queue, bound to everything of its namespaces.
     pub partition: Option<Partition>,
+    /// A quorum queue (replicated over the cluster's nodes; its dead-letter queue too)
+    /// instead of a classic one. Not for temporary queues.
+    pub quorum: bool,
 }
 
 /// A partition queue: bound to the slots `j` with `j % of == index` (routing keys
@@ -61,6 +64,7 @@ impl QueueSpec {
             message_ttl_ms: None,
             expires_ms: None,
             partition: None,
+            quorum: false,
         }
     }
 
@@ -190,6 +194,27 @@ fn passive<T>(
     }
 }
 
+/// A refused declaration of `queue` (of `spec`): 406 means it exists with other
+/// arguments (expiry, queue type), which RabbitMQ cannot change.
+fn mismatch(spec: &QueueSpec, queue: &str, source: lapin::Error) -> BusError {
+    if is_soft_error(&source, 406) {
+        let expires = spec
+            .expires_ms
+            .map_or("no expiry".to_string(), |ms| format!("x-expires {ms} ms"));
+        let kind = if spec.quorum { "quorum" } else { "classic" };
+        BusError::QueueMismatch {
+            queue: queue.to_string(),
+            asked: format!("{kind} queue, {expires}"),
+            source,
+        }
+    } else {
+        BusError::Amqp {
+            operation: "queue.declare",
+            source,
+        }
+    }
+}
+
 /// Declares the exchange, the queue with its bindings, and the dead-letter path.
 /// Idempotent; safe to call from every worker.
 pub async fn declare_queue(
@@ -216,6 +241,12 @@ pub async fn declare_queue(
             .map_err(amqp("exchange.declare"))?;
         let dlq = spec.dead_letter_queue();
         let mut dlq_args = FieldTable::default();
+        if spec.quorum {
+            dlq_args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
         if let Some(ms) = spec.expires_ms {
             dlq_args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
         }
@@ -226,7 +257,7 @@ pub async fn declare_queue(
                 dlq_args,
             )
             .await
-            .map_err(amqp("queue.declare"))?;
+            .map_err(|source| mismatch(spec, &dlq, source))?;
         channel
             .queue_bind(
                 dlq.as_str().into(),
@@ -244,6 +275,12 @@ pub async fn declare_queue(
         args.insert(
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(spec.dead_letter_key().into()),
+        );
+    }
+    if spec.quorum && !spec.temporary {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
         );
     }
     if let Some(ttl) = spec.message_ttl_ms {
@@ -264,23 +301,7 @@ pub async fn declare_queue(
     channel
         .queue_declare(spec.name.as_str().into(), options, args)
         .await
-        .map_err(|source| {
-            if is_soft_error(&source, 406) {
-                let expires = spec
-                    .expires_ms
-                    .map_or("no expiry".to_string(), |ms| format!("x-expires {ms} ms"));
-                BusError::QueueMismatch {
-                    queue: spec.name.clone(),
-                    asked: expires,
-                    source,
-                }
-            } else {
-                BusError::Amqp {
-                    operation: "queue.declare",
-                    source,
-                }
-            }
-        })?;
+        .map_err(|source| mismatch(spec, &spec.name, source))?;
     for key in spec.bindings() {
         channel
             .queue_bind(

@@ -29,6 +29,7 @@ pub(super) fn specs(cfg: &SubscriberConfig, namespaces: &[&str]) -> Vec<QueueSpe
                 QueueSpec::partition(&base, namespaces, i, of)
             };
             spec.prefetch = cfg.broker.prefetch;
+            spec.quorum = cfg.broker.queue_type == crate::config::QueueType::Quorum;
             spec
         })
         .collect()
