@@ -158,12 +158,13 @@ name = "users"
 columns = ["id", "name"]
 "#;
 
+    /// A file of its own per call: tests run in parallel, and one rewriting the file
+    /// another reads makes it read a truncated file.
     fn write(text: &str) -> PathBuf {
-        let path = std::env::temp_dir().join(format!(
-            "kausal-config-{}-{}.toml",
-            std::process::id(),
-            text.len()
-        ));
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("kausal-config-{}-{n}.toml", std::process::id()));
         std::fs::write(&path, text).unwrap();
         path
     }
