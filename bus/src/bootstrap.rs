@@ -60,21 +60,26 @@ fn default_chunk_rows() -> usize {
     DEFAULT_CHUNK_ROWS
 }
 
-/// Sends `request` to the control queue of `namespace` (declaring it, so a request sent
-/// while the publisher is down waits for it), with a publisher confirm.
+/// Sends `request` to the control queue of `namespace` (declaring it as a `queue_type`
+/// queue if it does not exist, so a request sent while the publisher is down waits for
+/// it; an existing one is used as it is, whatever its type), with a publisher confirm.
 pub async fn send_request(
     url: &str,
     exchange: &str,
     namespace: &str,
     request: &BootstrapRequest,
+    queue_type: crate::amqp::QueueType,
 ) -> Result<(), crate::BusError> {
     let queue = control_queue(namespace);
-    let spec = control_queue_spec(namespace);
-    let (conn, channel) = crate::amqp::open_channel(url).await?;
-    let declared = crate::amqp::declare_queue(&channel, exchange, &spec).await;
-    let _ = channel.close(200, "bye".into()).await;
-    let _ = conn.close(200, "bye".into()).await;
-    declared?;
+    if !crate::amqp::queue_exists(url, &queue).await? {
+        let mut spec = control_queue_spec(namespace);
+        spec.quorum = queue_type == crate::amqp::QueueType::Quorum;
+        let (conn, channel) = crate::amqp::open_channel(url).await?;
+        let declared = crate::amqp::declare_queue(&channel, exchange, &spec).await;
+        let _ = channel.close(200, "bye".into()).await;
+        let _ = conn.close(200, "bye".into()).await;
+        declared?;
+    }
     let publisher = crate::amqp::AmqpPublisher::connect(url, exchange).await?;
     let body = serde_json::to_vec(request).unwrap_or_default();
     let sent = async {

@@ -190,6 +190,11 @@ pub struct BrokerConfig {
     pub url: String,
     #[serde(default = "default_exchange")]
     pub exchange: String,
+    /// Type of the bootstrap control queue `kausal.control.<namespace>` (and its
+    /// dead-letter queue): `quorum` on a RabbitMQ cluster, so losing a node loses no
+    /// request. Fixed when the queue is first declared.
+    #[serde(default)]
+    pub queue_type: kausal_bus::amqp::QueueType,
 }
 
 impl std::fmt::Debug for BrokerConfig {
@@ -197,6 +202,7 @@ impl std::fmt::Debug for BrokerConfig {
         f.debug_struct("BrokerConfig")
             .field("url", &kausal_bus::amqp::redact_url(&self.url))
             .field("exchange", &self.exchange)
+            .field("queue_type", &self.queue_type)
             .finish()
     }
 }

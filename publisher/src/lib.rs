@@ -162,7 +162,7 @@ async fn run_once(
             // the stream reaches their high watermarks.
             let windows = Arc::new(bootstrap::Windows::default());
             let conn = source::postgres::catalog::ConnInfo::parse(&pg.url, pg.password()?)?;
-            let mut serving = tokio::spawn(bootstrap::serve(
+            let mut serving = tokio::spawn(bootstrap::serve_while_streaming(
                 Arc::new(cfg.clone()),
                 conn,
                 windows.clone(),

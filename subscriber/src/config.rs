@@ -127,16 +127,7 @@ pub struct BrokerConfig {
     pub queue_type: QueueType,
 }
 
-/// The RabbitMQ queue type of an app's queues.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum QueueType {
-    /// Not replicated. The default: an existing app's queues keep working after an
-    /// upgrade (a queue's type cannot change), and a single-node broker gains nothing.
-    #[default]
-    Classic,
-    Quorum,
-}
+pub use kausal_bus::amqp::QueueType;
 
 impl BrokerConfig {
     /// `queue_expires` in milliseconds.

@@ -20,6 +20,7 @@ pub mod faults;
 pub mod my_workload;
 pub mod mysql;
 pub mod order;
+pub mod rabbit_cluster;
 pub mod source;
 pub mod sub;
 pub mod workload;

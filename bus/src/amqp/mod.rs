@@ -29,7 +29,7 @@ pub use inbox::Inbox;
 pub use memory::MemoryQueue;
 pub use publisher::{AmqpPublisher, PendingConfirm};
 pub use topology::{
-    declare_queue, exchange_exists, queue_depth, queue_exists, Partition, QueueSpec,
+    declare_queue, exchange_exists, queue_depth, queue_exists, Partition, QueueSpec, QueueType,
 };
 
 use crate::error::BusError;
@@ -53,8 +53,12 @@ pub fn slot_routing_key(namespace: &str, slot: u32) -> String {
     format!("{namespace}.changes.{slot}")
 }
 
-/// The broker URL with any password replaced, for logs and errors.
+/// The broker URL (or each of a comma-separated list) with any password replaced, for
+/// logs and errors.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(',') {
+        return url.split(',').map(redact_url).collect::<Vec<_>>().join(",");
+    }
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
@@ -78,7 +82,42 @@ pub(crate) async fn open_channel(url: &str) -> Result<(Connection, lapin::Channe
     Ok((conn, channel))
 }
 
-async fn connect(url: &str) -> Result<Connection, BusError> {
+/// Which URL of a list connected last: the next connection tries it first (a node that
+/// is down costs its connect timeout once, not at every reconnect).
+static LAST_GOOD: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Connects to the broker at `url`, or to the first node of a cluster that answers when
+/// `url` lists several, comma-separated (`amqp://h1:5672/%2f,amqp://h2:5672/%2f`): a
+/// node that is down or unreachable is skipped; a refused login, a TLS or URL problem
+/// is an answer (every node has the same users) and ends the attempt.
+async fn connect(urls: &str) -> Result<Connection, BusError> {
+    let list: Vec<&str> = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if list.len() <= 1 {
+        return connect_one(list.first().copied().unwrap_or(urls)).await;
+    }
+    let start = LAST_GOOD.load(std::sync::atomic::Ordering::Relaxed) % list.len();
+    let mut last = None;
+    for i in (0..list.len()).map(|k| (start + k) % list.len()) {
+        match connect_one(list[i]).await {
+            Ok(conn) => {
+                LAST_GOOD.store(i, std::sync::atomic::Ordering::Relaxed);
+                return Ok(conn);
+            }
+            Err(e @ BusError::Unreachable { .. }) => {
+                tracing::warn!(error = %e, "broker node unreachable; trying the next one");
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("a list of two or more URLs was tried"))
+}
+
+async fn connect_one(url: &str) -> Result<Connection, BusError> {
     crate::tls::install_crypto_provider();
     // `cacertfile` is RabbitMQ's own URI query parameter for the CA file (its URI spec);
     // lapin does not read it, so it comes off the URL here.
@@ -145,5 +184,9 @@ mod tests {
             "amqp://guest:***@127.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("amqp://127.0.0.1"), "amqp://127.0.0.1");
+        assert_eq!(
+            redact_url("amqp://u:a@h1:5672/%2f,amqp://u:b@h2:5672/%2f"),
+            "amqp://u:***@h1:5672/%2f,amqp://u:***@h2:5672/%2f"
+        );
     }
 }

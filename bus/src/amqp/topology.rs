@@ -30,6 +30,18 @@ pub struct QueueSpec {
     pub quorum: bool,
 }
 
+/// The RabbitMQ queue type of an app's queues (`[broker] queue_type`), and of a
+/// publisher's control queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Not replicated. The default: an existing app's queues keep working after an
+    /// upgrade (a queue's type cannot change), and a single-node broker gains nothing.
+    #[default]
+    Classic,
+    Quorum,
+}
+
 /// A partition queue: bound to the slots `j` with `j % of == index` (routing keys
 /// `<namespace>.changes.<j>`, see [`super::SLOTS`]); partition 0 is the app's queue
 /// itself and also takes the unslotted `<namespace>.changes` of older publishers, and

@@ -55,9 +55,48 @@ type Rows = Vec<(Map<String, Value>, Map<String, Value>)>;
 /// own, until the stream ends (the caller aborts this task; the answers in progress
 /// end with it). A request is acked when its last chunk went out, so a publisher crash
 /// leaves it for the next start.
-pub async fn serve(
+/// Serves bootstrap requests for as long as the stream runs. A transient failure (the
+/// broker node holding the control queue lost, the source connection dropped) ends
+/// the requests in progress (they are redelivered) and serving starts again after a
+/// backoff, while the stream goes on: the changes keep flowing when bootstraps cannot.
+pub async fn serve_while_streaming(
     cfg: Arc<PublisherConfig>,
     conn: ConnInfo,
+    windows: Arc<Windows>,
+    stats: Arc<Stats>,
+) -> Result<(), PublisherError> {
+    let conn = Arc::new(conn);
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = std::time::Instant::now();
+        let served = serve(cfg.clone(), conn.clone(), windows.clone(), stats.clone()).await;
+        // The tasks answering requests ended with `serve`: their chunks never complete.
+        windows.forget_requests();
+        stats
+            .bootstrap
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        match served {
+            Ok(()) => return Ok(()),
+            Err(error) if error.class() == crate::ErrorClass::Definite => return Err(error),
+            Err(error) => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_millis(250);
+                }
+                tracing::warn!(error = %kausal_bus::error_chain(&error),
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "cannot serve bootstrap requests; the stream goes on, serving starts again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+async fn serve(
+    cfg: Arc<PublisherConfig>,
+    conn: Arc<ConnInfo>,
     windows: Arc<Windows>,
     stats: Arc<Stats>,
 ) -> Result<(), PublisherError> {
@@ -66,12 +105,12 @@ pub async fn serve(
     // sent meanwhile wait in the queue if it exists, and subscribers ask again otherwise.
     windows.until_stream_started().await;
     let mut spec = control_queue_spec(&cfg.namespace);
+    spec.quorum = cfg.broker.queue_type == kausal_bus::amqp::QueueType::Quorum;
     // The prefetch window is the bound: the broker hands out no more requests than are
     // answered (or wait for a namesake) at once, the rest stay queued in order.
     spec.prefetch = u16::try_from(cfg.tuning.bootstrap_requests).unwrap_or(u16::MAX);
     let mut consumer = AmqpConsumer::connect(&cfg.broker.url, &cfg.broker.exchange, &spec).await?;
     let client = conn.connect().await?;
-    let conn = Arc::new(conn);
     let mut held = Held::new(stats);
     let mut answering: JoinSet<Result<(), PublisherError>> = JoinSet::new();
     let mut reported: std::collections::HashMap<String, std::time::Instant> = Default::default();

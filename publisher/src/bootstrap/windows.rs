@@ -203,6 +203,14 @@ impl Windows {
         self.lock().windows.remove(id);
     }
 
+    /// Every request in progress ended unanswered (serving restarts): forgets their
+    /// chunks and join points.
+    pub(super) fn forget_requests(&self) {
+        let mut state = self.lock();
+        state.windows.clear();
+        state.joins.clear();
+    }
+
     /// The request is answered: forget its join point.
     pub(super) fn end_request(&self, request: &str) {
         self.lock().joins.remove(request);

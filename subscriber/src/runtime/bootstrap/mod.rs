@@ -254,6 +254,7 @@ impl Worker {
             &self.cfg.broker.exchange,
             namespace,
             &request,
+            self.cfg.broker.queue_type,
         )
         .await?;
         self.note_pending(namespace, names);
