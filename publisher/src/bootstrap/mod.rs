@@ -50,11 +50,6 @@ const FLOOR_INTERVAL: Duration = Duration::from_secs(10);
 /// Rows of a chunk: (key, row), published names.
 type Rows = Vec<(Map<String, Value>, Map<String, Value>)>;
 
-/// Takes bootstrap requests from the namespace's control queue and answers up to
-/// `tuning.bootstrap_requests` of them at once, each over a source connection of its
-/// own, until the stream ends (the caller aborts this task; the answers in progress
-/// end with it). A request is acked when its last chunk went out, so a publisher crash
-/// leaves it for the next start.
 /// Serves bootstrap requests for as long as the stream runs. A transient failure (the
 /// broker node holding the control queue lost, the source connection dropped) ends
 /// the requests in progress (they are redelivered) and serving starts again after a
@@ -78,7 +73,12 @@ pub async fn serve_while_streaming(
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         match served {
-            Ok(()) => return Ok(()),
+            // The broker ended the consumer (the control queue deleted): declare it
+            // again, as after any other lost connection.
+            Ok(()) => tracing::warn!(
+                retry_in_ms = backoff.as_millis() as u64,
+                "the broker ended the bootstrap control queue's consumer; serving starts again"
+            ),
             Err(error) if error.class() == crate::ErrorClass::Definite => return Err(error),
             Err(error) => {
                 if started.elapsed() > Duration::from_secs(60) {
@@ -87,13 +87,18 @@ pub async fn serve_while_streaming(
                 tracing::warn!(error = %kausal_bus::error_chain(&error),
                     retry_in_ms = backoff.as_millis() as u64,
                     "cannot serve bootstrap requests; the stream goes on, serving starts again");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 
+/// Takes bootstrap requests from the namespace's control queue and answers up to
+/// `tuning.bootstrap_requests` of them at once, each over a source connection of its
+/// own, until the stream ends (the caller aborts this task; the answers in progress
+/// end with it). A request is acked when its last chunk went out, so a publisher crash
+/// leaves it for the next start.
 async fn serve(
     cfg: Arc<PublisherConfig>,
     conn: Arc<ConnInfo>,
