@@ -198,6 +198,8 @@ pub enum CoordError {
     },
     #[error("TLS to Redis at {endpoint}: {detail}")]
     Tls { endpoint: String, detail: String },
+    #[error("{reason}")]
+    Url { reason: String },
     #[error("redis {operation} failed")]
     Redis {
         operation: &'static str,
@@ -237,7 +239,9 @@ impl SubscriberError {
                 kausal_bus::ErrorClass::Definite => ErrorClass::Definite,
             },
             SubscriberError::Sink(e) => e.class(),
-            SubscriberError::Coord(CoordError::Tls { .. }) => ErrorClass::Definite,
+            SubscriberError::Coord(CoordError::Tls { .. } | CoordError::Url { .. }) => {
+                ErrorClass::Definite
+            }
             SubscriberError::Coord(_) | SubscriberError::ConsumerCancelled => ErrorClass::Transient,
         }
     }

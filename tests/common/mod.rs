@@ -21,6 +21,7 @@ pub mod my_workload;
 pub mod mysql;
 pub mod order;
 pub mod rabbit_cluster;
+pub mod redis_sentinel;
 pub mod source;
 pub mod sub;
 pub mod workload;

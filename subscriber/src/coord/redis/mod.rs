@@ -30,9 +30,15 @@ use tokio::sync::Notify;
 use lua::{APPLIED, CHECK, HOLD, INIT, JOIN, MEMBERS, PLAN};
 
 mod lua;
+mod sentinel;
+
+use sentinel::{master_may_have_moved, Sentinels};
 
 pub struct RedisCoord {
-    conn: ConnectionManager,
+    /// The connection to the master; replaced when the sentinels name another one.
+    conn: std::sync::Mutex<ConnectionManager>,
+    /// Set when `coordination.url` names sentinels.
+    sentinels: Option<Arc<Sentinels>>,
     base: String,
     channel: String,
     pub(crate) wake: Arc<Notify>,
@@ -69,10 +75,20 @@ impl RedisCoord {
             endpoint: endpoint.clone(),
             detail,
         };
-        let client = crate::tls::redis_client(url).map_err(|e| match e {
-            crate::tls::RedisClientError::Settings(e) => tls_failed(e.to_string()),
-            crate::tls::RedisClientError::Redis(e) => unreachable(e),
-        })?;
+        let sentinels = match Sentinels::parse(url) {
+            Some(Ok(s)) => Some(Arc::new(s)),
+            Some(Err(reason)) => {
+                return Err(CoordError::Url { reason });
+            }
+            None => None,
+        };
+        let client = match &sentinels {
+            Some(s) => s.master().await.map_err(unreachable)?,
+            None => crate::tls::redis_client(url).map_err(|e| match e {
+                crate::tls::RedisClientError::Settings(e) => tls_failed(e.to_string()),
+                crate::tls::RedisClientError::Redis(e) => unreachable(e),
+            })?,
+        };
         let conn = ConnectionManager::new(client.clone()).await.map_err(|e| {
             let detail = kausal_bus::tls::describe(&e);
             match kausal_bus::tls::hint(&detail) {
@@ -82,14 +98,46 @@ impl RedisCoord {
         })?;
         let wake = Arc::new(Notify::new());
         let channel = format!("{prefix}:{app}:wake");
-        tokio::spawn(listen(client, channel.clone(), wake.clone()));
+        tokio::spawn(listen(
+            client,
+            sentinels.clone(),
+            channel.clone(),
+            wake.clone(),
+        ));
         Ok(RedisCoord {
-            conn,
+            conn: std::sync::Mutex::new(conn),
+            sentinels,
             base: format!("{prefix}:{app}"),
             channel,
             wake,
             hot: Arc::new(Hot::new()),
         })
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// After a failure a failover explains: connects to the master the sentinels name
+    /// now (the caller's retry then reaches it). Without sentinels, or when they cannot
+    /// say, the connection stays (it reconnects to its address by itself).
+    async fn follow_master(&self, error: &redis::RedisError) {
+        let Some(sentinels) = &self.sentinels else {
+            return;
+        };
+        if !master_may_have_moved(error) {
+            return;
+        }
+        match sentinels.master().await {
+            Ok(client) => match ConnectionManager::new(client).await {
+                Ok(conn) => {
+                    *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = conn;
+                    tracing::info!("connected to the master the Redis sentinels name");
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot reach the master the sentinels name"),
+            },
+            Err(e) => tracing::warn!(error = %e, "the Redis sentinels name no master yet"),
+        }
     }
 
     /// Runs a pipeline of `EVALSHA`s; when Redis does not know a script (it restarted,
@@ -103,7 +151,7 @@ impl RedisCoord {
     ) -> Result<T, CoordError> {
         let mut round = 0;
         loop {
-            match pipe.query_async(&mut self.conn.clone()).await {
+            match pipe.query_async(&mut self.conn()).await {
                 Err(e)
                     if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
                         && round < 5 =>
@@ -115,7 +163,11 @@ impl RedisCoord {
                             .await?;
                     }
                 }
-                other => return other.map_err(|source| CoordError::Redis { operation, source }),
+                Err(source) => {
+                    self.follow_master(&source).await;
+                    return Err(CoordError::Redis { operation, source });
+                }
+                Ok(answer) => return Ok(answer),
             }
         }
     }
@@ -126,9 +178,13 @@ impl RedisCoord {
         cmd: &redis::Cmd,
         operation: &'static str,
     ) -> Result<T, CoordError> {
-        cmd.query_async(&mut self.conn.clone())
-            .await
-            .map_err(|source| CoordError::Redis { operation, source })
+        match cmd.query_async(&mut self.conn()).await {
+            Ok(answer) => Ok(answer),
+            Err(source) => {
+                self.follow_master(&source).await;
+                Err(CoordError::Redis { operation, source })
+            }
+        }
     }
 
     fn keys(&self, namespace: &str, generation: u64) -> [String; 4] {
@@ -368,7 +424,7 @@ impl RedisCoord {
         let _: Result<i64, _> = redis::cmd("PUBLISH")
             .arg(&self.channel)
             .arg(1)
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await;
     }
 
@@ -429,15 +485,21 @@ impl RedisCoord {
         generation: u64,
     ) -> Result<Option<u64>, CoordError> {
         let [i, w, _, _] = self.keys(namespace, generation);
-        let (init, w): (Option<String>, Option<u64>) = redis::pipe()
+        let (init, w): (Option<String>, Option<u64>) = match redis::pipe()
             .get(i)
             .get(w)
-            .query_async(&mut self.conn.clone())
+            .query_async(&mut self.conn())
             .await
-            .map_err(|source| CoordError::Redis {
-                operation: "watermark",
-                source,
-            })?;
+        {
+            Ok(answer) => answer,
+            Err(source) => {
+                self.follow_master(&source).await;
+                return Err(CoordError::Redis {
+                    operation: "watermark",
+                    source,
+                });
+            }
+        };
         Ok(init.map(|_| w.unwrap_or(0)))
     }
 }
@@ -452,9 +514,23 @@ fn kind(k: DepKind) -> &'static str {
 /// Forwards wake-ups from other workers. Pub/sub is at-most-once (a reconnect loses
 /// messages), so the runtime also re-checks on a slow timer; this only makes the common
 /// case immediate.
-async fn listen(client: redis::Client, channel: String, wake: Arc<Notify>) {
+async fn listen(
+    mut client: redis::Client,
+    sentinels: Option<Arc<Sentinels>>,
+    channel: String,
+    wake: Arc<Notify>,
+) {
     use futures_util::StreamExt;
+    let mut first = true;
     loop {
+        // Behind sentinels, the master may have changed since the last subscription:
+        // wake-ups are published there.
+        if let (Some(s), false) = (&sentinels, first) {
+            if let Ok(master) = s.master().await {
+                client = master;
+            }
+        }
+        first = false;
         match client.get_async_pubsub().await {
             Ok(mut pubsub) => {
                 if pubsub.subscribe(&channel).await.is_ok() {

@@ -1,0 +1,81 @@
+//! Redis behind Sentinel (a primary, a replica, three sentinels, started by the test):
+//! the primary is killed mid-stream, the sentinels promote the replica, and the worker
+//! processes follow the new primary by themselves (`coordination.url` names the
+//! sentinels). The store must end equal to the source, nothing dead-lettered — and no
+//! message committed before its user: the store's own foreign key checks that at each
+//! commit (deferred), so a causal violation would fail the commit.
+
+mod common;
+
+use common::e2e::*;
+use common::redis_sentinel::Sentinel;
+use common::sub::*;
+use common::*;
+use std::time::Duration;
+
+const STORE_SCHEMA: &str = "
+CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
+CREATE TABLE messages (id bigint PRIMARY KEY,
+  user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
+  text text NOT NULL, seen boolean NOT NULL DEFAULT false);
+";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_redis_primary_mid_stream_the_workers_follow_the_new_one() {
+    let mut sentinel = Sentinel::start();
+    let e = e2e("sentinel").await;
+    let store = e.store().await;
+    for statement in STORE_SCHEMA.split(';').filter(|s| !s.trim().is_empty()) {
+        sqlx::query(statement).execute(&store).await.unwrap();
+    }
+    let tables = format!(
+        "[[table]]\nnamespace = \"{ns}\"\nname = \"users\"\nmode = \"map\"\ncolumns = [\"id\", \"name\", \"email\"]\n\
+         [[table]]\nnamespace = \"{ns}\"\nname = \"messages\"\nmode = \"map\"\ncolumns = [\"id\", \"user_id\", \"text\", \"seen\"]\n",
+        ns = e.ns
+    );
+    let text = sub_config_text(
+        &e.ns,
+        &e.store_url,
+        &format!(
+            "appliers = 2\n[coordination]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"\n{tables}",
+            sentinel.url(),
+            e.ns
+        ),
+    );
+    let config = write_config(&text, &format!("{}.sub", e.ns));
+    let mut workers = [Process::subscriber(&config), Process::subscriber(&config)];
+    let url = e.db.url.clone();
+    let writing = tokio::spawn(async move { workload::run(&url, 8_000, 2, 91).await });
+    eventually(
+        Duration::from_secs(120),
+        "the first rows applied",
+        || async {
+            sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM users")
+                .fetch_one(&store)
+                .await
+                .is_ok_and(|(n,)| n > 200)
+        },
+    )
+    .await;
+    let before = sentinel.master_port();
+    sentinel.kill_primary();
+    eventually(Duration::from_secs(60), "a new primary", || async {
+        sentinel.master_port().is_some_and(|p| Some(p) != before)
+    })
+    .await;
+    assert_eq!(sentinel.master_port(), Some(sentinel.replica_port));
+    writing.await.unwrap();
+    workload::converge(&e.db.url, &store, Duration::from_secs(240)).await;
+    for w in &mut workers {
+        assert!(w.exited().is_none(), "a worker stopped");
+    }
+    let dead = kausal::bus::amqp::queue_depth(AMQP, &format!("kausal.{}.dlq", e.ns))
+        .await
+        .unwrap();
+    assert_eq!(dead.map(|d| d.0), Some(0), "dead letters: a commit failed");
+    for w in &mut workers {
+        w.terminate();
+    }
+    store.close().await;
+    e.finish().await;
+}
