@@ -6,6 +6,7 @@ mod common;
 
 use common::order::*;
 use common::sub::*;
+use common::AMQP;
 use kausal::subscriber::{CallbackError, Event, Subscriber};
 use serde_json::{json, Value};
 use sqlx::Row as _;
@@ -230,4 +231,53 @@ async fn a_split_transaction_the_store_rejects_is_dead_lettered_whole() {
         "the dead-lettered transaction's parts stay staged"
     );
     delete_queues(&s.app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_rabbitmq_dead_letters_itself_is_listed_with_rabbitmqs_reason() {
+    // A queue whose messages expire at once (as a laptop's `x-message-ttl` does after
+    // its time): RabbitMQ moves the message to the dead-letter queue itself, recording
+    // why in `x-death`, not Kausal's `x-kausal-reason`.
+    let app = common::unique("ttl");
+    let mut spec = kausal::bus::amqp::QueueSpec::durable(&format!("kausal.{app}"), &[&app]);
+    spec.message_ttl_ms = Some(1);
+    let declaring =
+        kausal::bus::amqp::AmqpConsumer::open(AMQP, "kausal", 1, spec.dead_letter_key())
+            .await
+            .unwrap();
+    declaring.declare(&spec).await.unwrap();
+    declaring.close().await;
+    let publisher = kausal::bus::amqp::AmqpPublisher::connect(AMQP, "kausal")
+        .await
+        .unwrap();
+    publisher
+        .publish_to_queue(&spec.name, b"expires")
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    publisher.close().await;
+    let dlq = spec.dead_letter_queue();
+    let mut letters = Vec::new();
+    for _ in 0..100 {
+        letters = kausal::bus::amqp::peek_dead_letters(AMQP, &dlq, 1)
+            .await
+            .unwrap();
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reason = letters
+        .first()
+        .and_then(|l| l.reason.clone())
+        .unwrap_or_default();
+    assert!(
+        reason.contains("dead-lettered by RabbitMQ")
+            && reason.contains("expired")
+            && reason.contains(&spec.name),
+        "{reason:?}"
+    );
+    delete_queues(&app).await;
 }

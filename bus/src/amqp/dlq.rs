@@ -6,7 +6,7 @@
 //! changes nothing, and a crash halfway through a retry loses nothing (a message is
 //! acked only after its copy is confirmed in the app's queue).
 
-use super::headers::{REASON_HEADER, RETRY_HEADER};
+use super::headers::RETRY_HEADER;
 use crate::error::BusError;
 use lapin::options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -68,16 +68,8 @@ impl DeadLetterQueue {
                 .map_err(amqp("basic.get"))?;
             let Some(message) = got else { break };
             let delivery = message.delivery;
-            let reason = delivery
-                .properties
-                .headers()
-                .as_ref()
-                .and_then(|h| h.inner().get(REASON_HEADER).cloned())
-                .and_then(|v| match v {
-                    AMQPValue::LongString(s) => Some(s.to_string()),
-                    _ => None,
-                });
             let headers = delivery.properties.headers().as_ref();
+            let reason = super::headers::dead_letter_reason(headers);
             let signature = super::headers::read_signature(headers);
             let only = super::headers::header_text(headers, super::headers::ONLY_HEADER)
                 .map(|o| o.split(',').map(str::to_string).collect());
@@ -242,16 +234,8 @@ pub async fn peek_dead_letters(
                 source,
             })?;
         let Some(message) = got else { break };
-        let reason = message
-            .delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-kausal-reason").cloned())
-            .and_then(|v| match v {
-                AMQPValue::LongString(s) => Some(s.to_string()),
-                _ => None,
-            });
+        let reason =
+            super::headers::dead_letter_reason(message.delivery.properties.headers().as_ref());
         out.push(DeadLetter {
             reason,
             body: message.delivery.data.clone(),

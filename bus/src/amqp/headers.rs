@@ -52,6 +52,41 @@ pub(super) fn header_text(headers: Option<&FieldTable>, name: &str) -> Option<St
     }
 }
 
+/// Why a dead letter is in the dead-letter queue: the reason Kausal recorded
+/// (`x-kausal-reason`), or else the one RabbitMQ recorded when it dead-lettered the
+/// message itself (`x-death`: a message TTL expired, a queue length limit, a quorum
+/// queue's delivery limit).
+pub(super) fn dead_letter_reason(headers: Option<&FieldTable>) -> Option<String> {
+    if let Some(reason) = header_text(headers, super::REASON_HEADER) {
+        return Some(reason);
+    }
+    let AMQPValue::FieldArray(deaths) = headers?.inner().get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(death) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let text = |name: &str| match death.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    };
+    let reason = text("reason")?;
+    let queue = text("queue").unwrap_or_else(|| "?".into());
+    let why = match reason.as_str() {
+        "expired" => "its message TTL expired",
+        "maxlen" => "the queue's length limit was reached",
+        "delivery_limit" => "it was delivered more often than the quorum queue's delivery limit",
+        "rejected" => "a consumer rejected it",
+        _ => "",
+    };
+    Some(if why.is_empty() {
+        format!("dead-lettered by RabbitMQ from {queue}: {reason}")
+    } else {
+        format!("dead-lettered by RabbitMQ from {queue}: {reason} ({why})")
+    })
+}
+
 /// The headers that travel with a delivery when it is moved or retried.
 pub(super) fn kausal_headers(
     control: Option<&str>,
