@@ -13,26 +13,12 @@ use common::sub::*;
 use common::*;
 use std::time::Duration;
 
-const STORE_SCHEMA: &str = "
-CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
-CREATE TABLE messages (id bigint PRIMARY KEY,
-  user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
-  text text NOT NULL, seen boolean NOT NULL DEFAULT false);
-";
-
 #[tokio::test(flavor = "multi_thread")]
 async fn killing_the_redis_primary_mid_stream_the_workers_follow_the_new_one() {
     let mut sentinel = Sentinel::start();
     let e = e2e("sentinel").await;
     let store = e.store().await;
-    for statement in STORE_SCHEMA.split(';').filter(|s| !s.trim().is_empty()) {
-        sqlx::query(statement).execute(&store).await.unwrap();
-    }
-    let tables = format!(
-        "[[table]]\nnamespace = \"{ns}\"\nname = \"users\"\nmode = \"map\"\ncolumns = [\"id\", \"name\", \"email\"]\n\
-         [[table]]\nnamespace = \"{ns}\"\nname = \"messages\"\nmode = \"map\"\ncolumns = [\"id\", \"user_id\", \"text\", \"seen\"]\n",
-        ns = e.ns
-    );
+    let tables = e.map_store(&store, FK_STORE_SCHEMA).await;
     let text = sub_config_text(
         &e.ns,
         &e.store_url,

@@ -13,30 +13,13 @@ use std::time::Duration;
 
 const TXNS: u64 = 20_000;
 
-/// The workload's tables as the application's own (`map` mode), with the foreign key
-/// the source has: deferred, so it is checked at each store commit. A message
-/// committed before its user, or a user's delete committed before a message that
-/// referenced it, fails the commit and would be dead-lettered.
-const STORE_SCHEMA: &str = "
-CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
-CREATE TABLE messages (id bigint PRIMARY KEY,
-  user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
-  text text NOT NULL, seen boolean NOT NULL DEFAULT false);
-CREATE TABLE notified (message_id bigint NOT NULL);
-";
-
 #[tokio::test(flavor = "multi_thread")]
 async fn workers_joining_leaving_and_redis_losing_its_state_keep_order_and_lose_nothing() {
     let e = e2e("scaleout").await;
     let store = e.store().await;
-    for statement in STORE_SCHEMA.split(';').filter(|s| !s.trim().is_empty()) {
-        sqlx::query(statement).execute(&store).await.unwrap();
-    }
-    let tables = format!(
-        "[[table]]\nnamespace = \"{ns}\"\nname = \"users\"\nmode = \"map\"\ncolumns = [\"id\", \"name\", \"email\"]\n\
-         [[table]]\nnamespace = \"{ns}\"\nname = \"messages\"\nmode = \"map\"\ncolumns = [\"id\", \"user_id\", \"text\", \"seen\"]\n",
-        ns = e.ns
-    );
+    // The observer records each callback's effect in `notified`.
+    let schema = format!("{FK_STORE_SCHEMA}; CREATE TABLE notified (message_id bigint NOT NULL)");
+    let tables = e.map_store(&store, &schema).await;
     let text = sub_config_text(
         &e.ns,
         &e.store_url,

@@ -58,7 +58,34 @@ pub fn redis_config(ns: &str, store_url: &str, extra: &str) -> std::path::PathBu
     write_config(&text, &format!("{ns}.sub"))
 }
 
+/// The workload's tables as the application's own (`map` mode), with the foreign key
+/// the source has: deferred, so it is checked at each store commit. A message
+/// committed before its user, or a user's delete committed before a message that
+/// referenced it, fails the commit and would be dead-lettered.
+pub const FK_STORE_SCHEMA: &str = "
+CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, email text NOT NULL);
+CREATE TABLE messages (id bigint PRIMARY KEY,
+  user_id bigint NOT NULL REFERENCES users(id) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
+  text text NOT NULL, seen boolean NOT NULL DEFAULT false);
+";
+
 impl E2e {
+    /// Creates `schema` (statements separated by `;`) in the store, and answers the
+    /// subscriber's `[[table]]` entries mapping the workload's tables onto it.
+    pub async fn map_store(&self, store: &sqlx::AnyPool, schema: &str) -> String {
+        for statement in schema.split(';').filter(|s| !s.trim().is_empty()) {
+            sqlx::query(sqlx::AssertSqlSafe(statement.to_string()))
+                .execute(store)
+                .await
+                .unwrap();
+        }
+        format!(
+            "[[table]]\nnamespace = \"{ns}\"\nname = \"users\"\nmode = \"map\"\ncolumns = [\"id\", \"name\", \"email\"]\n\
+             [[table]]\nnamespace = \"{ns}\"\nname = \"messages\"\nmode = \"map\"\ncolumns = [\"id\", \"user_id\", \"text\", \"seen\"]\n",
+            ns = self.ns
+        )
+    }
+
     /// A config file for worker processes sharing the queue through Redis.
     pub fn redis_config(&self, extra: &str) -> std::path::PathBuf {
         redis_config(&self.ns, &self.store_url, extra)

@@ -67,14 +67,11 @@ impl SqlStore {
 /// Every worker row of a store, for `kausal status` (which opens the store read-only:
 /// a store no worker ever started has no rows, not an error).
 pub async fn read_statuses(pool: &AnyPool) -> Result<Vec<WorkerStatus>, sqlx::Error> {
-    let rows = match sqlx::query("SELECT body FROM kausal_workers ORDER BY worker")
-        .fetch_all(pool)
-        .await
-    {
-        Ok(rows) => rows,
-        Err(e) if is_missing_table(&e) => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
+    let rows = rows_if_any(
+        pool,
+        "SELECT body FROM kausal_workers ORDER BY worker".into(),
+    )
+    .await?;
     let mut out = Vec::new();
     for row in rows {
         let body: String = row.try_get(0)?;
@@ -95,11 +92,7 @@ pub async fn read_progress(
     let sql = format!(
         "SELECT namespace, generation, {through} FROM kausal_progress ORDER BY namespace, generation"
     );
-    let rows = match sqlx::query(AssertSqlSafe(sql)).fetch_all(pool).await {
-        Ok(rows) => rows,
-        Err(e) if is_missing_table(&e) => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
+    let rows = rows_if_any(pool, sql).await?;
     let mut out = Vec::new();
     for row in rows {
         let ns: String = row.try_get(0)?;
@@ -123,16 +116,9 @@ pub struct BootstrapState {
 
 /// Every table's bootstrap in the store, for `kausal status`.
 pub async fn read_bootstraps(pool: &AnyPool) -> Result<Vec<BootstrapState>, sqlx::Error> {
-    let rows = match sqlx::query(
-        "SELECT namespace, tbl, done, rows_applied FROM kausal_bootstrap ORDER BY namespace, tbl",
-    )
-    .fetch_all(pool)
-    .await
-    {
-        Ok(rows) => rows,
-        Err(e) if is_missing_table(&e) => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
+    let sql = "SELECT namespace, tbl, done, rows_applied FROM kausal_bootstrap \
+               ORDER BY namespace, tbl";
+    let rows = rows_if_any(pool, sql.into()).await?;
     let mut out = Vec::new();
     for row in rows {
         let rows_applied: i64 = row.try_get(3)?;
@@ -144,6 +130,15 @@ pub async fn read_bootstraps(pool: &AnyPool) -> Result<Vec<BootstrapState>, sqlx
         });
     }
     Ok(out)
+}
+
+/// The rows `sql` answers; none when its table is missing (a store no worker ever ran
+/// on), which `kausal status` reads as "nothing yet", not as an error.
+async fn rows_if_any(pool: &AnyPool, sql: String) -> Result<Vec<sqlx::any::AnyRow>, sqlx::Error> {
+    match sqlx::query(AssertSqlSafe(sql)).fetch_all(pool).await {
+        Err(e) if is_missing_table(&e) => Ok(Vec::new()),
+        answer => answer,
+    }
 }
 
 /// The table is missing (a store no worker ever ran on): by SQLSTATE on Postgres
