@@ -110,6 +110,28 @@ impl Progress {
         seq <= self.watermark || self.above.contains(&seq)
     }
 
+    /// Marks seqs the store recorded as applied (everything through `through`, and
+    /// `applied`) that this state missed; their counter updates are lost, so counters
+    /// become unknown unless learned. Returns whether anything changed.
+    pub fn merge(&mut self, through: u64, applied: &[u64]) -> bool {
+        let before = (self.watermark, self.above.len());
+        if through > self.watermark {
+            self.above.retain(|s| *s > through);
+            self.watermark = through;
+            while self.above.remove(&(self.watermark + 1)) {
+                self.watermark += 1;
+            }
+        }
+        for s in applied {
+            self.mark(*s);
+        }
+        let changed = before != (self.watermark, self.above.len());
+        if changed {
+            self.complete = false;
+        }
+        changed
+    }
+
     /// `None` when the transaction may be applied now, else the first thing it waits for.
     pub fn check(&self, mode: Mode, seq: u64, deps: &[Dep], table_keys: &[u32]) -> Option<Wait> {
         check_in(self, mode, seq, deps, table_keys)

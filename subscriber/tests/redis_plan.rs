@@ -95,7 +95,8 @@ async fn a_chain_planned_in_redis_equals_the_chain_planned_in_process() {
             (t, vec![t + 2 + rng.below(3)])
         };
         memory.init(&ns, 1, through, &extra);
-        redis.init(&ns, 1, through, &extra).await.unwrap();
+        let epoch = redis.epoch().await.unwrap();
+        redis.init(&epoch, &ns, 1, through, &extra).await.unwrap();
         // Apply a random set of ready transactions to both, as workers would.
         let ids: Vec<TxId> = (1..=deps.len() as u64)
             .map(|seq| TxId {
@@ -162,7 +163,8 @@ async fn a_redis_that_forgot_its_scripts_is_given_them_again() {
     let coord = RedisCoord::connect(&url, "kausal_test_scripts", "app")
         .await
         .unwrap();
-    coord.init("shop", 1, 0, &[]).await.unwrap();
+    let epoch = coord.epoch().await.unwrap();
+    coord.init(&epoch, "shop", 1, 0, &[]).await.unwrap();
     let id = |seq| TxId {
         namespace: Arc::from("shop"),
         generation: 1,

@@ -182,7 +182,7 @@ impl Pipeline {
             .join("examples/observer");
         let mut child = std::process::Command::new(&exe)
             .arg(&self.worker_config)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", super::child_log())
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .spawn()

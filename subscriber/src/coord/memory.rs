@@ -78,6 +78,19 @@ impl MemoryCoord {
             .or_insert_with(|| Progress::from_store(through, applied.iter().copied()));
     }
 
+    /// Marks what the store recorded as applied; false when the state does not exist.
+    pub fn merge(&self, namespace: &str, generation: u64, through: u64, applied: &[u64]) -> bool {
+        let mut state = self.lock();
+        let Some(p) = state.get_mut(&(namespace.into(), generation)) else {
+            return false;
+        };
+        if p.merge(through, applied) {
+            drop(state);
+            self.wake.notify_waiters();
+        }
+        true
+    }
+
     pub fn join(&self, namespace: &str, generation: u64, through: u64) {
         if let Some(p) = self.lock().get_mut(&(namespace.into(), generation)) {
             if p.watermark == 0 && through > 0 {

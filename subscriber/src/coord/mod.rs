@@ -24,6 +24,19 @@ pub enum Check {
     Unknown,
 }
 
+/// An incarnation of the coordinator's state ([`Coordinator::epoch`]).
+#[derive(Debug, Clone)]
+pub struct Epoch(Option<String>);
+
+/// What [`Coordinator::init`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seeded {
+    /// The state exists now (seeded by this call or another).
+    Done,
+    /// The state was lost after the epoch was taken: nothing was seeded.
+    Stale,
+}
+
 /// A transaction to check: its id, its dependencies and the table keys it reads.
 pub struct Query<'a> {
     pub id: &'a TxId,
@@ -62,22 +75,57 @@ impl Coordinator {
         }
     }
 
+    /// The coordinator's current incarnation, taken before reading the store for
+    /// [`Coordinator::init`]: state lost between the read and the seeding (a Redis
+    /// restart or flush) would otherwise be replaced by a read older than what the lost
+    /// state had recorded, and the transactions applied in between would never count as
+    /// applied again (their deliveries are acked).
+    pub async fn epoch(&self) -> Result<Epoch, CoordError> {
+        match self {
+            Coordinator::Memory(_) => Ok(Epoch(None)),
+            Coordinator::Redis(c) => Ok(Epoch(Some(c.epoch().await?))),
+        }
+    }
+
     /// Seeds the state of a namespace/generation from what the store recorded (the
-    /// contiguous `through` and the applied sequence numbers above it). A no-op when the
-    /// state exists.
+    /// contiguous `through` and the applied sequence numbers above it), read after
+    /// `epoch` was taken. A no-op when the state exists. [`Seeded::Stale`] when the
+    /// state was lost since `epoch`: take a new epoch and read the store again.
     pub async fn init(
+        &self,
+        epoch: &Epoch,
+        namespace: &str,
+        generation: u64,
+        through: u64,
+        applied: &[u64],
+    ) -> Result<Seeded, CoordError> {
+        match self {
+            Coordinator::Memory(c) => {
+                c.init(namespace, generation, through, applied);
+                Ok(Seeded::Done)
+            }
+            Coordinator::Redis(c) => {
+                let epoch = epoch.0.as_deref().unwrap_or_default();
+                c.init(epoch, namespace, generation, through, applied).await
+            }
+        }
+    }
+
+    /// Adds what the store recorded as applied (read at any time) to existing state:
+    /// raises the watermark to `through`, marks `applied`. Always sound, since the store
+    /// is the truth and only grows; it heals state that missed applies (recorded in a
+    /// Redis that then lost them, or seeded from an older read). False when the state
+    /// does not exist (nothing to heal: it is seeded on first sight).
+    pub async fn merge(
         &self,
         namespace: &str,
         generation: u64,
         through: u64,
         applied: &[u64],
-    ) -> Result<(), CoordError> {
+    ) -> Result<bool, CoordError> {
         match self {
-            Coordinator::Memory(c) => {
-                c.init(namespace, generation, through, applied);
-                Ok(())
-            }
-            Coordinator::Redis(c) => c.init(namespace, generation, through, applied).await,
+            Coordinator::Memory(c) => Ok(c.merge(namespace, generation, through, applied)),
+            Coordinator::Redis(c) => c.merge(namespace, generation, through, applied).await,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Appliers: take groups of ready transactions, apply them in one store transaction,
 //! record them with the coordinator, report back to the worker loop.
 
-use crate::coord::Coordinator;
+use crate::coord::{Coordinator, Seeded};
 use crate::error::{ErrorClass, SinkError};
 use crate::sink::Callbacks;
 use crate::store::Store;
@@ -169,15 +169,31 @@ pub async fn seed(
     namespace: &str,
     generation: u64,
 ) -> Result<(), crate::error::SubscriberError> {
-    let (through, applied) = store.progress(namespace, generation).await?;
-    coord.init(namespace, generation, through, &applied).await?;
-    tracing::info!(
-        namespace,
-        generation,
-        through,
-        above = applied.len(),
-        "gate state seeded from the store"
-    );
+    // A few rounds: the state may be lost again between a read and its seeding (a
+    // Redis restarting in a loop); then the next check finds it unknown and seeds.
+    for _ in 0..5 {
+        let epoch = coord.epoch().await?;
+        let (through, applied) = store.progress(namespace, generation).await?;
+        if coord
+            .init(&epoch, namespace, generation, through, &applied)
+            .await?
+            == Seeded::Done
+        {
+            tracing::info!(
+                namespace,
+                generation,
+                through,
+                above = applied.len(),
+                "gate state seeded from the store"
+            );
+            return Ok(());
+        }
+        tracing::info!(
+            namespace,
+            generation,
+            "coordination state was lost while reading the store; reading again"
+        );
+    }
     Ok(())
 }
 

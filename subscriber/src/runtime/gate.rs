@@ -192,7 +192,8 @@ mod tests {
     #[tokio::test]
     async fn a_dependent_transaction_waits_for_its_dependency_unless_chained_after_it() {
         let coord = Coordinator::Memory(MemoryCoord::new());
-        coord.init("shop", 1, 0, &[]).await.unwrap();
+        let epoch = coord.epoch().await.unwrap();
+        coord.init(&epoch, "shop", 1, 0, &[]).await.unwrap();
         // Seq 2 writes key 7 after seq 1 did.
         let mut gate = Gate::new(1 << 20);
         gate.enter(tx(2, 7, 2, 1));
@@ -213,7 +214,8 @@ mod tests {
     #[tokio::test]
     async fn a_failed_transaction_enters_again_and_leaves_applying() {
         let coord = Coordinator::Memory(MemoryCoord::new());
-        coord.init("shop", 1, 0, &[]).await.unwrap();
+        let epoch = coord.epoch().await.unwrap();
+        coord.init(&epoch, "shop", 1, 0, &[]).await.unwrap();
         let mut gate = Gate::new(1 << 20);
         gate.enter(tx(1, 7, 1, 0));
         let (mut units, _) = gate.ready(&coord, Mode::Causal, false, 8).await.unwrap();

@@ -23,12 +23,12 @@ pub use subscriber::{run, Subscriber};
 
 use crate::config::{Coordination, SubscriberConfig};
 use crate::coord::{memory::MemoryCoord, redis::RedisCoord, Coordinator};
-use crate::error::SubscriberError;
+use crate::error::{CoordError, SubscriberError};
 use crate::mapping::Mapping;
 use crate::sink::{Callbacks, SqlStore};
 use crate::store::Store;
 use crate::txn::{Transaction, TxId};
-use apply::{seed, Applier, Outcome};
+use apply::{error_chain, seed, Applier, Outcome};
 use kausal_bus::amqp::{Inbox, MemoryQueue};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -41,6 +41,14 @@ const RECHECK: Duration = Duration::from_millis(500);
 /// A full window with nothing applied for this long hands back its highest deliveries so
 /// the lower transactions they wait for can be delivered (docs/subscriber.md).
 const HAND_BACK_AFTER: Duration = Duration::from_secs(3);
+/// A full window with nothing applied for this long takes more messages of its queue
+/// (up to [`WIDEN_MAX`] windows) before anything is handed back: see
+/// [`Worker::widen_stuck_windows`].
+const WIDEN_AFTER: Duration = Duration::from_secs(1);
+/// At most this many windows' worth of one queue's messages held at once.
+const WIDEN_MAX: usize = 8;
+/// A Redis error pauses checking for this long at first, doubling up to 2 s.
+const COORD_PAUSE: Duration = Duration::from_millis(100);
 /// A subscriber whose store has nothing of a namespace/generation, and whose lowest held
 /// transaction (above 1) has waited this long, joins the stream there: see
 /// [`Worker::join_if_stuck`].
@@ -68,6 +76,9 @@ struct Streams {
     highest: HashMap<Stream, u64>,
     /// Streams whose gate state this worker seeded from the store.
     seeded: HashSet<Stream>,
+    /// The coordinator's watermark at the last compaction round: a stream whose
+    /// watermark stands still while transactions wait is healed from the store.
+    last_watermark: HashMap<Stream, u64>,
 }
 
 struct Worker {
@@ -101,6 +112,11 @@ struct Worker {
     verifier: Option<kausal_bus::signing::Verifier>,
     ticks: u32,
     last_progress: Instant,
+    /// When a stuck window last took more messages.
+    last_widened: Instant,
+    /// Checking paused after a Redis error until then, and the next pause's length.
+    coord_paused: Option<Instant>,
+    coord_pause: Duration,
 }
 
 impl Worker {
@@ -173,6 +189,9 @@ impl Worker {
             },
             ticks: 0,
             last_progress: Instant::now(),
+            last_widened: Instant::now(),
+            coord_paused: None,
+            coord_pause: COORD_PAUSE,
             boot: bootstrap::Boot::default(),
         })
     }
@@ -215,8 +234,13 @@ impl Worker {
             match self.chunk_due().await {
                 Err(e) => break Err(e),
                 Ok(true) => {}
+                Ok(false)
+                    if self
+                        .coord_paused
+                        .is_some_and(|until| Instant::now() < until) => {}
                 Ok(false) => {
-                    if let Err(e) = self.dispatch(&group_tx).await {
+                    let dispatched = self.dispatch(&group_tx).await;
+                    if let Some(e) = self.pause_on_redis_error(dispatched) {
                         break Err(e);
                     }
                 }
@@ -255,8 +279,10 @@ impl Worker {
                         self.write_status().await;
                     }
                     self.report_waits();
-                    if let Err(e) = self.rebalance(false).await { break Err(e); }
+                    let rebalanced = self.rebalance(false).await;
+                    if let Some(e) = self.pause_on_redis_error(rebalanced) { break Err(e); }
                     if let Err(e) = self.join_if_stuck().await { break Err(e); }
+                    if let Err(e) = self.widen_stuck_windows().await { break Err(e); }
                     if let Err(e) = self.hand_back().await { break Err(e); }
                     if let Err(e) = self.re_request_if_silent().await { break Err(e); }
                     if self.boot.finished { break Ok(()); }
@@ -264,7 +290,8 @@ impl Worker {
                 _ = compact.tick() => {
                     self.compact().await;
                     if let Err(e) = self.follow_bootstraps_in_store().await { break Err(e); }
-                    if let Err(e) = self.drive_bootstraps().await { break Err(e); }
+                    let driven = self.drive_bootstraps().await;
+                    if let Some(e) = self.pause_on_redis_error(driven) { break Err(e); }
                     if self.boot.finished { break Ok(()); }
                     if let Err(e) = self.recover_staged().await { break Err(e); }
                 }
@@ -303,6 +330,38 @@ impl Worker {
             tracing::debug!(error = %error, "cannot remove the worker's status row");
         }
         result
+    }
+
+    /// A Redis that is restarting, failing over or briefly unreachable pauses checking
+    /// (with a backoff) instead of stopping the worker. A restart would hand every held
+    /// message back to its queue, and messages requeued while another worker's window
+    /// holds later ones of the same queue come *behind* them: that window then waits
+    /// for them and cannot take them (seen as minutes of waits after Redis restarts).
+    /// Answers the error that must stop the worker, if any.
+    fn pause_on_redis_error(
+        &mut self,
+        result: Result<(), SubscriberError>,
+    ) -> Option<SubscriberError> {
+        match result {
+            Ok(()) => {
+                if self.coord_paused.take().is_some() {
+                    tracing::info!("coordination back");
+                }
+                self.coord_pause = COORD_PAUSE;
+                None
+            }
+            Err(SubscriberError::Coord(
+                e @ (CoordError::Redis { .. } | CoordError::Unreachable { .. }),
+            )) => {
+                if self.coord_paused.is_none() {
+                    tracing::warn!(error = %error_chain(&e), "coordination unavailable; holding what we have and retrying");
+                }
+                self.coord_paused = Some(Instant::now() + self.coord_pause);
+                self.coord_pause = (self.coord_pause * 2).min(Duration::from_secs(2));
+                None
+            }
+            Err(e) => Some(e),
+        }
     }
 
     /// Checks every waiting transaction and hands the ready ones to appliers in groups.

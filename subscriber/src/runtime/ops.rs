@@ -33,6 +33,7 @@ pub struct Ops {
     pub(super) dead_lettered: Counter,
     pub(super) released: Counter,
     pub(super) hand_backs: Counter,
+    pub(super) widenings: Counter,
     pub(super) messages: Counter,
     pub(super) commits: Counter,
     pub(super) coord_calls: Counter,
@@ -78,6 +79,10 @@ impl Ops {
             hand_backs: m.counter(
                 "subscriber_hand_backs",
                 "Deliveries moved to the tail of the queue because the window was full of waiting transactions.",
+            ),
+            widenings: m.counter(
+                "subscriber_window_widenings",
+                "Times a queue's full window of waiting transactions took another window's worth of messages.",
             ),
             messages: m.counter(
                 "subscriber_messages_received",
@@ -288,9 +293,11 @@ impl Worker {
     }
 
     async fn applied_through(&self, ns: &str, generation: u64) -> Result<u64, SubscriberError> {
-        match self.coord.watermark(ns, generation).await? {
-            Some(w) => Ok(w),
-            None => Ok(self.store.progress(ns, generation).await?.0),
+        // The store when the coordinator has no state or cannot answer (Redis away: a
+        // delivery is not refused, nor the worker stopped, for that).
+        match self.coord.watermark(ns, generation).await {
+            Ok(Some(w)) => Ok(w),
+            Ok(None) | Err(_) => Ok(self.store.progress(ns, generation).await?.0),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! expiry; refused when the app's queue vanished under a store that followed it. Which
 //! partitions this process consumes is worked out by [`Worker::rebalance`].
 
-use super::Worker;
+use super::{Worker, WIDEN_AFTER, WIDEN_MAX};
 use crate::config::{Coordination, SubscriberConfig};
 use crate::coord::Coordinator;
 use crate::error::SubscriberError;
@@ -140,6 +140,52 @@ impl Worker {
             }
         }
         self.owned = wanted.into_iter().collect();
+        Ok(())
+    }
+
+    /// A window full of transactions that wait, with nothing applied for
+    /// [`WIDEN_AFTER`]: the transactions they wait for are behind them in the queue
+    /// (requeued there when another worker stopped while this one's window held later
+    /// messages, or redelivered after a crash). Consuming the queue again under a new
+    /// consumer takes another window's worth from the queue's head, where those are,
+    /// while the held messages stay held: no copy, no reordering (unlike a hand-back,
+    /// which is left for a queue holding [`WIDEN_MAX`] windows already).
+    pub(super) async fn widen_stuck_windows(&mut self) -> Result<(), SubscriberError> {
+        if !self.gate.applying.is_empty()
+            || self.last_progress.elapsed() < WIDEN_AFTER
+            || self.last_widened.elapsed() < WIDEN_AFTER
+        {
+            return Ok(());
+        }
+        let Inbox::Amqp(consumer) = &mut self.consumer else {
+            return Ok(());
+        };
+        let window = usize::from(window(&self.cfg));
+        let mut per_queue: std::collections::HashMap<&str, usize> = Default::default();
+        for h in self.deliveries.held.values() {
+            *per_queue.entry(&h.delivery.queue).or_default() += 1;
+        }
+        let consuming: BTreeSet<String> = consumer.consuming().into_iter().collect();
+        let mut widened = 0;
+        for spec in &self.queues {
+            let held = per_queue.get(spec.name.as_str()).copied().unwrap_or(0);
+            // Full by the window of the current consumer: `held` counts those of
+            // earlier ones too.
+            if !consuming.contains(&spec.name) || held < window || held >= window * WIDEN_MAX {
+                continue;
+            }
+            consumer.cancel(&spec.name).await?;
+            consumer.consume(spec).await?;
+            widened += 1;
+        }
+        if widened > 0 {
+            self.last_widened = std::time::Instant::now();
+            self.ops.widenings.inc_by(widened);
+            tracing::info!(
+                queues = widened,
+                "window full of waiting transactions: took more messages of its queue"
+            );
+        }
         Ok(())
     }
 

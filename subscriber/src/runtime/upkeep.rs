@@ -100,8 +100,13 @@ impl Worker {
     /// them in the queue, e.g. redelivered after another worker crashed): move the higher
     /// half of what we hold to the tail of the queue, so the missing ones arrive.
     pub(super) async fn hand_back(&mut self) -> Result<(), SubscriberError> {
-        // Per queue: each partition queue has a window of its own.
-        let window = usize::from(super::queue::window(&self.cfg));
+        // Per queue: each partition queue has a window of its own. A broker's queue
+        // widens its window first (`widen_stuck_windows`): only one holding the most it
+        // may is handed back.
+        let mut window = usize::from(super::queue::window(&self.cfg));
+        if matches!(self.consumer, kausal_bus::amqp::Inbox::Amqp(_)) {
+            window *= super::WIDEN_MAX;
+        }
         let mut per_queue: HashMap<&str, usize> = HashMap::new();
         for h in self.deliveries.held.values() {
             *per_queue.entry(&h.delivery.queue).or_default() += 1;
@@ -164,11 +169,29 @@ impl Worker {
         Ok(())
     }
 
+    /// Compacts the store's bookkeeping up to the coordinator's watermark, and heals a
+    /// stalled stream: when its watermark has not moved since the last round while this
+    /// worker holds transactions of it waiting, the coordinator may have missed applies
+    /// (state lost and seeded from an older read, or a Redis failover that lost recent
+    /// writes) and waits for deliveries that were acked long ago: the store's record is
+    /// merged in. Sound at any time (the store only grows), so no race to guard.
     pub(super) async fn compact(&mut self) {
-        let keys: Vec<(Arc<str>, u64)> = self.streams.seeded.iter().cloned().collect();
+        let mut keys: HashSet<(Arc<str>, u64)> = self.streams.seeded.iter().cloned().collect();
+        let waiting: HashSet<(Arc<str>, u64)> = self
+            .gate
+            .waiting
+            .keys()
+            .map(|id| (id.namespace.clone(), id.generation))
+            .collect();
+        keys.extend(waiting.iter().cloned());
         for (ns, generation) in keys {
             match self.coord.watermark(&ns, generation).await {
                 Ok(Some(w)) => {
+                    let key = (ns.clone(), generation);
+                    let stalled = self.streams.last_watermark.insert(key.clone(), w) == Some(w);
+                    if stalled && waiting.contains(&key) {
+                        self.heal(&ns, generation).await;
+                    }
                     if w > 0 {
                         if let Err(error) = self.store.compact(&ns, generation, w).await {
                             tracing::warn!(error = %error, "cannot compact bookkeeping");
@@ -182,6 +205,19 @@ impl Worker {
                 Ok(_) => {}
                 Err(error) => tracing::warn!(error = %error, "cannot read the watermark"),
             }
+        }
+    }
+
+    async fn heal(&self, ns: &str, generation: u64) {
+        let merged = match self.store.progress(ns, generation).await {
+            Ok((through, applied)) => self.coord.merge(ns, generation, through, &applied).await,
+            Err(error) => {
+                tracing::warn!(error = %error, "cannot read the store's progress");
+                return;
+            }
+        };
+        if let Err(error) = merged {
+            tracing::warn!(error = %error, "cannot merge the store's progress");
         }
     }
 }

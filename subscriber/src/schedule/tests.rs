@@ -332,3 +332,24 @@ fn lost_counters_fall_back_to_the_watermark_and_are_relearned() {
         })
     );
 }
+
+#[test]
+fn merging_the_stores_record_marks_missed_applies_and_forgets_counters() {
+    let mut p = Progress::from_store(0, []);
+    assert!(p.complete);
+    p.applied(1, Some(&[]));
+    // The store applied 2 and 4 without this state hearing of it.
+    assert!(p.merge(2, &[4]));
+    assert_eq!(p.watermark, 2);
+    assert!(p.is_applied(4) && !p.is_applied(3));
+    assert!(
+        !p.complete,
+        "counters the missed applies moved are unknown now"
+    );
+    assert_eq!(p.counter(9), None);
+    p.applied(3, None);
+    assert_eq!(p.watermark, 4);
+    // An older record changes nothing.
+    assert!(!p.merge(1, &[2, 3]));
+    assert_eq!(p.watermark, 4);
+}

@@ -59,12 +59,16 @@ end
 return 1
 "#;
 
+/// Seeds a stream's state from a store read taken after the epoch ARGV[3] was read
+/// (KEYS[4]): -2, and nothing written, when the epoch changed since (the state the
+/// read should replace may have recorded applies the read does not show).
 pub(super) const INIT: &str = r#"
+if redis.call('GET', KEYS[4]) ~= ARGV[3] then return -2 end
 if redis.call('GET', KEYS[1]) then return 0 end
 local w = tonumber(ARGV[1])
 local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
 if cur > w then w = cur end
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local s = tonumber(ARGV[i])
   if s > w then redis.call('ZADD', KEYS[3], s, ARGV[i]) end
 end
@@ -75,6 +79,46 @@ end
 redis.call('SET', KEYS[2], tostring(w))
 redis.call('SET', KEYS[1], ARGV[2])
 return 1
+"#;
+
+/// The app's epoch: created (from Redis's clock, so a new incarnation gets a new one)
+/// when missing.
+pub(super) const EPOCH: &str = r#"
+local e = redis.call('GET', KEYS[1])
+if e then return e end
+local t = redis.call('TIME')
+e = t[1] .. '.' .. t[2]
+redis.call('SET', KEYS[1], e)
+return e
+"#;
+
+/// Marks what a store recorded as applied in existing state: ARGV the store's
+/// watermark, then seqs applied above it. -1 without state; 1 when something changed
+/// (then absent counters are unknown: the missed applies did not move them).
+pub(super) const MERGE: &str = r#"
+if not redis.call('GET', KEYS[1]) then return -1 end
+local w = tonumber(redis.call('GET', KEYS[2]) or '0')
+local changed = 0
+local through = tonumber(ARGV[1])
+if through > w then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', through)
+  w = through
+  changed = 1
+end
+for i = 2, #ARGV do
+  local s = tonumber(ARGV[i])
+  if s > w and not redis.call('ZSCORE', KEYS[3], ARGV[i]) then
+    redis.call('ZADD', KEYS[3], s, ARGV[i])
+    changed = 1
+  end
+end
+while redis.call('ZSCORE', KEYS[3], tostring(w + 1)) do
+  redis.call('ZREM', KEYS[3], tostring(w + 1))
+  w = w + 1
+end
+redis.call('SET', KEYS[2], tostring(w))
+if changed == 1 then redis.call('SET', KEYS[1], '0') end
+return changed
 "#;
 
 pub(super) const JOIN: &str = r#"

@@ -7,16 +7,21 @@
 //! - `<p>:a` — sorted set of applied sequence numbers above the watermark;
 //! - `<p>:c` — hash of known counters.
 //!
-//! and `<prefix>:<app>:members`, the live worker processes (sorted set by last
-//! heartbeat), from which each works out its share of the partition queues.
+//! and, per app, `<prefix>:<app>:epoch`, created when missing (seeding from a store read
+//! taken under another epoch is refused: state lost in between may have recorded
+//! applies the read does not show), and `<prefix>:<app>:members`, the live worker
+//! processes (sorted set by last heartbeat), from which each works out its share of the
+//! partition queues.
 //!
 //! Checks and updates are Lua scripts (atomic per transaction) sent in one pipeline per
 //! batch. After a flush `<p>:i` is gone, a script answers "unknown", and the worker seeds
 //! the state again from its store: the watermark and applied set are exact, counters
-//! start unknown and are re-learned (see [`crate::schedule`]). Wake-ups go through a
-//! pub/sub channel, `<prefix>:<app>:wake`.
+//! start unknown and are re-learned (see [`crate::schedule`]). Applies that a Redis lost
+//! without losing the rest (a failover to a replica that lagged) are healed by merging
+//! the store's record into the state when a stream stalls ([`RedisCoord::merge`]).
+//! Wake-ups go through a pub/sub channel, `<prefix>:<app>:wake`.
 
-use super::{Check, Query};
+use super::{Check, Query, Seeded};
 use crate::config::Mode;
 use crate::error::CoordError;
 use crate::schedule::{relevant, Wait};
@@ -27,7 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-use lua::{APPLIED, CHECK, HOLD, INIT, JOIN, MEMBERS, PLAN};
+use lua::{APPLIED, CHECK, EPOCH, HOLD, INIT, JOIN, MEMBERS, MERGE, PLAN};
 
 mod lua;
 mod sentinel;
@@ -339,29 +344,74 @@ impl RedisCoord {
         Ok((chain, checks))
     }
 
+    /// The app's epoch (`<prefix>:<app>:epoch`): gone with the rest of the state when
+    /// Redis restarts empty or the app's keys are deleted, and then created anew.
+    pub async fn epoch(&self) -> Result<String, CoordError> {
+        self.query(
+            redis::cmd("EVAL")
+                .arg(EPOCH)
+                .arg(1)
+                .arg(format!("{}:epoch", self.base)),
+            "epoch",
+        )
+        .await
+    }
+
     pub async fn init(
+        &self,
+        epoch: &str,
+        namespace: &str,
+        generation: u64,
+        through: u64,
+        applied: &[u64],
+    ) -> Result<Seeded, CoordError> {
+        let [i, w, a, _] = self.keys(namespace, generation);
+        let complete = through == 0 && applied.is_empty();
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(INIT)
+            .arg(4)
+            .arg(i)
+            .arg(w)
+            .arg(a)
+            .arg(format!("{}:epoch", self.base))
+            .arg(through)
+            .arg(if complete { "1" } else { "0" })
+            .arg(epoch);
+        for s in applied {
+            cmd.arg(*s);
+        }
+        let answer: i64 = self.query(&cmd, "init").await?;
+        if answer == -2 {
+            return Ok(Seeded::Stale);
+        }
+        self.wake.notify_waiters();
+        Ok(Seeded::Done)
+    }
+
+    pub async fn merge(
         &self,
         namespace: &str,
         generation: u64,
         through: u64,
         applied: &[u64],
-    ) -> Result<(), CoordError> {
+    ) -> Result<bool, CoordError> {
         let [i, w, a, _] = self.keys(namespace, generation);
-        let complete = through == 0 && applied.is_empty();
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(INIT)
-            .arg(3)
-            .arg(i)
-            .arg(w)
-            .arg(a)
-            .arg(through)
-            .arg(if complete { "1" } else { "0" });
+        cmd.arg(MERGE).arg(3).arg(i).arg(w).arg(a).arg(through);
         for s in applied {
             cmd.arg(*s);
         }
-        let _: i64 = self.query(&cmd, "init").await?;
-        self.wake.notify_waiters();
-        Ok(())
+        let answer: i64 = self.query(&cmd, "merge").await?;
+        if answer == 1 {
+            tracing::warn!(
+                namespace,
+                generation,
+                "coordination state had missed applied transactions (Redis lost writes); healed from the store"
+            );
+            self.wake_others().await;
+            self.wake.notify_waiters();
+        }
+        Ok(answer >= 0)
     }
 
     pub async fn applied(&self, done: &[(&TxId, Option<&[Dep]>)]) -> Result<Vec<TxId>, CoordError> {
