@@ -387,14 +387,40 @@ pub async fn ensure_publication(
         .is_some();
     if !exists {
         tracing::info!(publication = name, "creating publication");
+        // Via the partition root: a partitioned table's changes come under its own
+        // name (and relation), whichever partition holds the row, also partitions
+        // created later; without it they would come under each partition's name.
         client
             .batch_execute(&format!(
-                "CREATE PUBLICATION {} FOR TABLE {list}",
+                "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
                 ident(name)
             ))
             .await
             .map_err(q("create publication"))?;
         return Ok(());
+    }
+    let via_root: bool = client
+        .query_one(
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(q("read publication"))?
+        .get(0);
+    if !via_root {
+        // A publication created by an earlier version: partitioned tables published
+        // under their partitions' names would not match the configuration.
+        tracing::info!(
+            publication = name,
+            "publishing partitioned tables via their root"
+        );
+        client
+            .batch_execute(&format!(
+                "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                ident(name)
+            ))
+            .await
+            .map_err(q("alter publication"))?;
     }
     let mut have: Vec<(String, String)> = client
         .query(
