@@ -65,6 +65,12 @@ pub enum SourceError {
     #[error("table {table} has no column {column:?}: fix `columns` of that [[table]]")]
     MissingColumn { table: String, column: String },
     #[error(
+        "column {column:?} of table {table} is a stored generated column, which Postgres does \
+         not send to logical replication (before version 18): remove it from `columns` and \
+         compute it in the read model from the columns it is made of"
+    )]
+    GeneratedColumn { table: String, column: String },
+    #[error(
         "key column {column:?} of table {table} is not published: subscribers need the key \
          to apply changes; add it to `columns`"
     )]

@@ -35,8 +35,10 @@ impl Reader {
             })?;
         let rows = client
             .query(
+                // Not the stored generated columns: the stream does not carry them.
                 "SELECT a.attname::text, a.atttypid FROM pg_attribute a WHERE a.attrelid = $1 \
-                 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+                 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+                 ORDER BY a.attnum",
                 &[&meta.oid],
             )
             .await

@@ -24,6 +24,9 @@ pub struct TableMeta {
     pub json_columns: Vec<String>,
     /// MySQL `BOOLEAN` columns (`tinyint(1)`): published as booleans.
     pub bool_columns: Vec<String>,
+    /// Postgres: stored generated columns, which logical replication does not carry
+    /// (before Postgres 18): never published. MySQL / MariaDB: empty.
+    pub generated_columns: Vec<String>,
 }
 
 /// One column value of a row, borrowed from the source's buffer (the pgoutput message,

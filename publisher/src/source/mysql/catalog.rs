@@ -447,6 +447,8 @@ pub async fn table_meta(
         columns,
         json_columns,
         bool_columns,
+        // The binlog's row images carry generated columns like any other.
+        generated_columns: Vec::new(),
     }))
 }
 

@@ -185,8 +185,8 @@ pub async fn table_meta(
         .map_err(q("read foreign keys"))?;
     let col_rows = client
         .query(
-            "SELECT attname::text FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 \
-             AND NOT attisdropped ORDER BY attnum",
+            "SELECT attname::text, attgenerated::text FROM pg_attribute WHERE attrelid = $1 \
+             AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&oid],
         )
         .await
@@ -202,6 +202,11 @@ pub async fn table_meta(
         columns: col_rows.iter().map(|r| r.get(0)).collect(),
         json_columns: Vec::new(),
         bool_columns: Vec::new(),
+        generated_columns: col_rows
+            .iter()
+            .filter(|r| r.get::<_, String>(1) == "s")
+            .map(|r| r.get(0))
+            .collect(),
     }))
 }
 
@@ -235,12 +240,19 @@ impl TypeCache {
         if missing.is_empty() {
             return Ok(());
         }
+        // A domain is published as the type it is defined over (a domain over a domain
+        // as the base of the chain): its values are that type's.
         let rows = client
             .query(
-                "SELECT t.oid, t.typname::text, t.typcategory::text, e.typname::text, \
+                "WITH RECURSIVE d(oid, base) AS ( \
+                   SELECT t.oid, t.oid FROM pg_type t WHERE t.oid = ANY($1) \
+                   UNION ALL \
+                   SELECT d.oid, b.typbasetype FROM d JOIN pg_type b ON b.oid = d.base \
+                   WHERE b.typtype = 'd') \
+                 SELECT d.oid, t.typname::text, t.typcategory::text, e.typname::text, \
                    e.typcategory::text \
-                 FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A' \
-                 WHERE t.oid = ANY($1)",
+                 FROM d JOIN pg_type t ON t.oid = d.base AND t.typtype <> 'd' \
+                 LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'",
                 &[&missing],
             )
             .await
@@ -362,6 +374,26 @@ pub async fn preflight(
             let target = split_name(r);
             cfg.tables.iter().any(|o| o.qualified() == target)
         })?;
+        if let Some(column) = meta
+            .generated_columns
+            .iter()
+            .find(|c| t.columns.contains(c))
+        {
+            return Err(SourceError::GeneratedColumn {
+                table: display,
+                column: column.clone(),
+            });
+        }
+        if !meta.generated_columns.is_empty() {
+            // (Not `display` inside the macro: it names tracing's own `display` there.)
+            let name = display.as_str();
+            tracing::warn!(
+                table = name,
+                columns = ?meta.generated_columns,
+                "stored generated columns are not published: Postgres does not send them to \
+                 logical replication (before version 18); compute them in the read model"
+            );
+        }
         out.insert((schema, table), meta);
     }
     Ok(out)
