@@ -294,18 +294,8 @@ impl RedisCoord {
                 .arg(c)
                 .arg(a);
             cmd.arg(if mode == Mode::Serial { "s" } else { "c" })
-                .arg(max);
-            for q in &queries[r.clone()] {
-                cmd.arg(q.id.seq).arg(q.deps.len());
-                for d in q.deps {
-                    let on = mode != Mode::Serial && relevant(mode, d, q.table_keys);
-                    cmd.arg(d.k)
-                        .arg(d.v)
-                        .arg(kind(d.kind))
-                        .arg(d.after)
-                        .arg(if on { "1" } else { "0" });
-                }
-            }
+                .arg(max)
+                .arg(pack_plan(mode, &queries[r.clone()]));
         }
         let answers: Vec<Vec<i64>> = self.run(&pipe, "plan").await?;
         let mut chain = Vec::new();
@@ -552,6 +542,25 @@ impl RedisCoord {
         };
         Ok(init.map(|_| w.unwrap_or(0)))
     }
+}
+
+/// The transactions of one stream for `PLAN`, in the layout its doc comment gives.
+fn pack_plan(mode: Mode, queries: &[Query<'_>]) -> Vec<u8> {
+    let deps: usize = queries.iter().map(|q| q.deps.len()).sum();
+    let mut blob = Vec::with_capacity(queries.len() * 12 + deps * 22);
+    for q in queries {
+        blob.extend_from_slice(&q.id.seq.to_le_bytes());
+        blob.extend_from_slice(&(q.deps.len() as u32).to_le_bytes());
+        for d in q.deps {
+            let on = mode != Mode::Serial && relevant(mode, d, q.table_keys);
+            blob.extend_from_slice(&d.k.to_le_bytes());
+            blob.extend_from_slice(&d.v.to_le_bytes());
+            blob.extend_from_slice(&d.after.to_le_bytes());
+            blob.push(u8::from(d.kind == DepKind::Write));
+            blob.push(u8::from(on));
+        }
+    }
+    blob
 }
 
 fn kind(k: DepKind) -> &'static str {
