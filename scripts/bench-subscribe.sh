@@ -38,7 +38,7 @@ esac
 DB=kausal_bench_sub
 PSQL="psql -h 127.0.0.1 -U postgres -qAt"
 cargo build --release --quiet --features search,mongo --bin kausal --example latency_probe
-BIN=target/release/kausal
+BIN=${BIN:-target/release/kausal}  # BIN=<wrapper> e.g. to run it under perf
 WORK=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 
@@ -81,8 +81,13 @@ sub_config() { # app store-url mode workers namespace [redis]
   if [ "${4%r}" -gt 1 ] || [ "${4%r}" != "$4" ]; then
     coord=$'[coordination]\nkind = "redis"\nurl = "redis://127.0.0.1:6379"\n'"prefix = \"bench$$\""$'\n'
   fi
-  printf 'app = "%s"\n[broker]\nurl = "amqp://guest:guest@127.0.0.1:5672/%%2f"\n[store]\nurl = "%s"\n[ordering]\nmode = "%s"\n%s%s' \
-    "$1" "$2" "$3" "$coord" "$subs"
+  # PARTITIONS=<n>: the app's partition queues (default: 8 with Redis, 1 without).
+  local parts=""
+  [ -n "${PARTITIONS:-}" ] && parts="partitions = $PARTITIONS"$'\n'
+  # PREFETCH=<n>: broker.prefetch (default 256, split over the partitions, 32 at least).
+  [ -n "${PREFETCH:-}" ] && parts+="prefetch = $PREFETCH"$'\n'
+  printf 'app = "%s"\n[broker]\nurl = "amqp://guest:guest@127.0.0.1:5672/%%2f"\n%s[store]\nurl = "%s"\n[ordering]\nmode = "%s"\n%s%s' \
+    "$1" "$parts" "$2" "$3" "$coord" "$subs"
 }
 depth() { rabbitmqctl -q list_queues name messages 2>/dev/null | awk -v q="$1" '$1 == q {print $2}'; }
 # Transactions of namespace benchsub a store has applied (compacted watermark plus the

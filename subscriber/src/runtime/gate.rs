@@ -81,6 +81,24 @@ impl Gate {
     ) -> Result<Ready, CoordError> {
         let mut ids: Vec<TxId> = self.waiting.keys().cloned().collect();
         ids.sort();
+        // The lowest `2 × max` of each stream: enough to fill a chain (or a round of
+        // groups), and the lowest transaction of the stream held here, which is the one
+        // that can always go, is among them. Checking every held transaction each time
+        // cost more than it found once windows grew (with Redis, each one's
+        // dependencies travel to the script): the others wait for the next round,
+        // which every applied group starts.
+        let per_stream = max.saturating_mul(2).max(1);
+        let mut last: Option<(Arc<str>, u64)> = None;
+        let mut taken = 0;
+        ids.retain(|id| {
+            let stream = (id.namespace.clone(), id.generation);
+            if last.as_ref() != Some(&stream) {
+                last = Some(stream);
+                taken = 0;
+            }
+            taken += 1;
+            taken <= per_stream
+        });
         let (planned, checks) = {
             let queries: Vec<Query<'_>> = ids
                 .iter()

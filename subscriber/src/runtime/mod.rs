@@ -46,7 +46,7 @@ const HAND_BACK_AFTER: Duration = Duration::from_secs(3);
 /// [`Worker::widen_stuck_windows`].
 const WIDEN_AFTER: Duration = Duration::from_secs(1);
 /// At most this many windows' worth of one queue's messages held at once.
-const WIDEN_MAX: usize = 8;
+const WIDEN_MAX: usize = 4;
 /// A Redis error pauses checking for this long at first, doubling up to 2 s.
 const COORD_PAUSE: Duration = Duration::from_millis(100);
 /// A subscriber whose store has nothing of a namespace/generation, and whose lowest held

@@ -84,18 +84,18 @@ pub(super) async fn open(
     Ok(Inbox::Amqp(Box::new(consumer)))
 }
 
-/// Unacked messages per queue: `broker.prefetch` split over the partitions, so that a
-/// process consuming every partition holds what one queue's window held. Per queue,
+/// Unacked messages per queue: `broker.prefetch` for each partition queue. Per queue,
 /// because the lowest transaction not applied yet is always at the head of its
 /// partition's unacked messages (everything before it in that queue is applied and
 /// acked), so a window of its own always delivers it; a shared window could be full
-/// of other partitions' messages waiting for it.
-///
-/// At least 32 (or the whole prefetch if smaller): a window of a few messages fills
-/// with transactions waiting for other partitions at once.
+/// of other partitions' messages waiting for it. Not split over the partitions: the
+/// publisher keeps a chain of dependent transactions in one partition, so a busy
+/// stream often flows through one queue, and a split window (32 of 256 with 8
+/// partitions) made every group small: 2,128 against 4,809 transactions/s on the
+/// pgbench backlog with one process and Redis (BENCHMARKS.md). A process holds at most
+/// `partitions × prefetch` messages (more only while a stuck window widens).
 pub(super) fn window(cfg: &SubscriberConfig) -> u16 {
-    let prefetch = u32::from(cfg.broker.prefetch);
-    (prefetch / cfg.partitions()).max(prefetch.min(32)).max(1) as u16
+    cfg.broker.prefetch.max(1)
 }
 
 /// The partitions worker `me` consumes among the live `members` (sorted): every
