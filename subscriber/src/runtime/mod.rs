@@ -112,8 +112,10 @@ struct Worker {
     verifier: Option<kausal_bus::signing::Verifier>,
     ticks: u32,
     last_progress: Instant,
-    /// When a stuck window last took more messages.
+    /// When a stuck window last took more messages, and per queue how many of its
+    /// messages were held then.
     last_widened: Instant,
+    widened_at: HashMap<String, usize>,
     /// Checking paused after a Redis error until then, and the next pause's length.
     coord_paused: Option<Instant>,
     coord_pause: Duration,
@@ -190,6 +192,7 @@ impl Worker {
             ticks: 0,
             last_progress: Instant::now(),
             last_widened: Instant::now(),
+            widened_at: HashMap::new(),
             coord_paused: None,
             coord_pause: COORD_PAUSE,
             boot: bootstrap::Boot::default(),

@@ -169,13 +169,22 @@ impl Worker {
         let mut widened = 0;
         for spec in &self.queues {
             let held = per_queue.get(spec.name.as_str()).copied().unwrap_or(0);
-            // Full by the window of the current consumer: `held` counts those of
-            // earlier ones too.
-            if !consuming.contains(&spec.name) || held < window || held >= window * WIDEN_MAX {
+            // Full again since the last widening: the newest consumer's window filled
+            // (a queue that had no more to give is not consumed anew every second).
+            let before = self.widened_at.get(&spec.name).copied().unwrap_or(0);
+            if held < before {
+                self.widened_at.remove(&spec.name);
+            }
+            let before = before.min(held);
+            if !consuming.contains(&spec.name)
+                || held < before + window
+                || held >= window * WIDEN_MAX
+            {
                 continue;
             }
             consumer.cancel(&spec.name).await?;
             consumer.consume(spec).await?;
+            self.widened_at.insert(spec.name.clone(), held);
             widened += 1;
         }
         if widened > 0 {
