@@ -22,31 +22,7 @@ async fn killing_the_redis_primary_mid_stream_the_workers_follow_the_new_one() {
     let mut sentinel = Sentinel::start();
     let e = e2e("sentinel").await;
     let store = e.store().await;
-    let tables = e.map_store(&store, FK_STORE_SCHEMA).await;
-    let text = sub_config_text(
-        &e.ns,
-        &e.store_url,
-        &format!(
-            "appliers = 2\n[coordination]\nkind = \"redis\"\nurl = \"{}\"\nprefix = \"{}\"\n{tables}",
-            sentinel.url(),
-            e.ns
-        ),
-    );
-    let config = write_config(&text, &format!("{}.sub", e.ns));
-    let mut workers = [Process::subscriber(&config), Process::subscriber(&config)];
-    let url = e.db.url.clone();
-    let writing = tokio::spawn(async move { workload::run(&url, 8_000, 2, 91).await });
-    eventually(
-        Duration::from_secs(120),
-        "the first rows applied",
-        || async {
-            sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM users")
-                .fetch_one(&store)
-                .await
-                .is_ok_and(|(n,)| n > 200)
-        },
-    )
-    .await;
+    let (workers, writing) = fk_workers_under_load(&e, &store, &sentinel.url(), 8_000, 91).await;
     let before = sentinel.master_port();
     sentinel.kill_primary();
     eventually(Duration::from_secs(60), "a new primary", || async {
@@ -54,50 +30,14 @@ async fn killing_the_redis_primary_mid_stream_the_workers_follow_the_new_one() {
     })
     .await;
     assert_eq!(sentinel.master_port(), Some(sentinel.replica_port));
-    writing.await.unwrap();
-    workload::converge(&e.db.url, &store, Duration::from_secs(240)).await;
-    for w in &mut workers {
-        assert!(w.exited().is_none(), "a worker stopped");
-    }
-    let dead = kausal::bus::amqp::queue_depth(AMQP, &format!("kausal.{}.dlq", e.ns))
-        .await
-        .unwrap();
-    assert_eq!(dead.map(|d| d.0), Some(0), "dead letters: a commit failed");
-    for w in &mut workers {
-        w.terminate();
-    }
-    store.close().await;
-    e.finish().await;
+    ends_equal_with_no_dead_letter(e, store, workers, writing, Duration::from_secs(240)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_forgetting_its_newest_marks_is_healed_from_the_store() {
     let e = e2e("rewind").await;
     let store = e.store().await;
-    let tables = e.map_store(&store, FK_STORE_SCHEMA).await;
-    let text = sub_config_text(
-        &e.ns,
-        &e.store_url,
-        &format!(
-            "appliers = 2\n[coordination]\nkind = \"redis\"\nurl = \"{REDIS}\"\nprefix = \"{}\"\n{tables}",
-            e.ns
-        ),
-    );
-    let config = write_config(&text, &format!("{}.sub", e.ns));
-    let mut workers = [Process::subscriber(&config), Process::subscriber(&config)];
-    let url = e.db.url.clone();
-    let writing = tokio::spawn(async move { workload::run(&url, 4_000, 2, 93).await });
-    eventually(
-        Duration::from_secs(120),
-        "the first rows applied",
-        || async {
-            sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM users")
-                .fetch_one(&store)
-                .await
-                .is_ok_and(|(n,)| n > 200)
-        },
-    )
-    .await;
+    let (workers, writing) = fk_workers_under_load(&e, &store, REDIS, 4_000, 93).await;
     // What a replica 100 transactions behind holds: the watermark lower, the marks above
     // it and the counters gone. Those transactions are in the store and their messages
     // acked: nothing will record them again, and what depends on them waits on them.
@@ -133,8 +73,57 @@ async fn redis_forgetting_its_newest_marks_is_healed_from_the_store() {
             .await
             .unwrap();
     }
+    ends_equal_with_no_dead_letter(e, store, workers, writing, Duration::from_secs(120)).await;
+}
+
+/// Two worker processes on the deferred-FK map store of `e`, coordinated through the
+/// Redis at `redis`, and a workload of `txns` transactions writing meanwhile; returns
+/// once the first rows are applied.
+async fn fk_workers_under_load(
+    e: &E2e,
+    store: &sqlx::AnyPool,
+    redis: &str,
+    txns: u64,
+    seed: u64,
+) -> ([Process; 2], tokio::task::JoinHandle<u64>) {
+    let tables = e.map_store(store, FK_STORE_SCHEMA).await;
+    let text = sub_config_text(
+        &e.ns,
+        &e.store_url,
+        &format!(
+            "appliers = 2\n[coordination]\nkind = \"redis\"\nurl = \"{redis}\"\nprefix = \"{}\"\n{tables}",
+            e.ns
+        ),
+    );
+    let config = write_config(&text, &format!("{}.sub", e.ns));
+    let workers = [Process::subscriber(&config), Process::subscriber(&config)];
+    let url = e.db.url.clone();
+    let writing = tokio::spawn(async move { workload::run(&url, txns, 2, seed).await });
+    eventually(
+        Duration::from_secs(120),
+        "the first rows applied",
+        || async {
+            sqlx::query_as::<_, (i64,)>("SELECT COUNT(*) FROM users")
+                .fetch_one(store)
+                .await
+                .is_ok_and(|(n,)| n > 200)
+        },
+    )
+    .await;
+    (workers, writing)
+}
+
+/// After the workload: the store equals the source, no worker stopped, nothing was
+/// dead-lettered (a commit failing its foreign key would be); then everything stops.
+async fn ends_equal_with_no_dead_letter(
+    e: E2e,
+    store: sqlx::AnyPool,
+    mut workers: [Process; 2],
+    writing: tokio::task::JoinHandle<u64>,
+    timeout: Duration,
+) {
     writing.await.unwrap();
-    workload::converge(&e.db.url, &store, Duration::from_secs(120)).await;
+    workload::converge(&e.db.url, &store, timeout).await;
     for w in &mut workers {
         assert!(w.exited().is_none(), "a worker stopped");
     }

@@ -84,6 +84,15 @@ impl Deliveries {
             .collect()
     }
 
+    /// How many deliveries are held per queue.
+    pub(super) fn per_queue(&self) -> HashMap<&str, usize> {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for h in self.held.values() {
+            *counts.entry(&h.delivery.queue).or_default() += 1;
+        }
+        counts
+    }
+
     /// Takes delivery `d` back (to move it to the tail of its queue), with the
     /// transactions no other held delivery has envelopes of: they come back with it.
     pub(super) fn give_back(&mut self, d: u64) -> Option<(Held, Vec<TxId>)> {

@@ -161,10 +161,7 @@ impl Worker {
             return Ok(());
         };
         let window = usize::from(window(&self.cfg));
-        let mut per_queue: std::collections::HashMap<&str, usize> = Default::default();
-        for h in self.deliveries.held.values() {
-            *per_queue.entry(&h.delivery.queue).or_default() += 1;
-        }
+        let per_queue = self.deliveries.per_queue();
         let consuming: BTreeSet<String> = consumer.consuming().into_iter().collect();
         let mut widened = 0;
         for spec in &self.queues {

@@ -5,7 +5,7 @@ use super::{Worker, HAND_BACK_AFTER, JOIN_AFTER};
 use crate::config::Coordination;
 use crate::error::SubscriberError;
 use crate::schedule::Wait;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -107,10 +107,7 @@ impl Worker {
         if matches!(self.consumer, kausal_bus::amqp::Inbox::Amqp(_)) {
             window *= super::WIDEN_MAX;
         }
-        let mut per_queue: HashMap<&str, usize> = HashMap::new();
-        for h in self.deliveries.held.values() {
-            *per_queue.entry(&h.delivery.queue).or_default() += 1;
-        }
+        let per_queue = self.deliveries.per_queue();
         let full: HashSet<Arc<str>> = self
             .deliveries
             .held
